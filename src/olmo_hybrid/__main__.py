@@ -1,0 +1,5 @@
+import sys
+
+from olmo_hybrid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,382 @@
+"""Configuration: plain dataclasses, named presets, and dotted command-line overrides.
+
+Every config in the project (model, data, optimizer, trainer, ...) is a dataclass handled by the
+helpers here, so there is one way to build a config from a dict or JSON file, one way to override a
+field from the command line (``model.layer_pattern=GGGA``), and one error style: an unknown or
+ill-typed field is rejected with its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, has the wrong type, or contradicts another field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict machinery
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert ``value`` (from JSON or a command-line string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        last_err = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                last_err = e
+        raise last_err or ConfigError(f"{path}: cannot interpret {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if "e" in value.lower() else int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ``ConfigError`` naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ConfigError(f"unknown config field '{full}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """Return a copy of ``cfg`` with ``a.b.c=value`` overrides applied (validated again)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for i, key in enumerate(keys[:-1]):
+            if not isinstance(node, dict) or key not in node or not isinstance(node[key], dict):
+                raise ConfigError(f"unknown config section '{'.'.join(keys[: i + 1])}' in override {item!r}")
+            node = node[key]
+        if keys[-1] not in node:
+            raise ConfigError(f"unknown config field '{dotted}' in override {item!r}")
+        node[keys[-1]] = raw
+    return from_dict(type(cfg), data)
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e}") from e
+    return from_dict(cls, data)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+GDN, ATTN = "G", "A"
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a hybrid GDN / attention language model.
+
+    ``layer_pattern`` is a string over {G, A} (Gated DeltaNet, softmax attention). A pattern shorter
+    than ``n_layers`` is repeated; "GGGA" gives OLMo Hybrid's 3:1 interleave with attention at
+    ``i % 4 == 3``; "A" is a transformer, "G" pure GDN, and any full-length string places layers freely.
+    """
+
+    vocab_size: int = 100352
+    d_model: int = 3840
+    n_layers: int = 32
+    layer_pattern: str = "GGGA"
+    # softmax attention
+    n_heads: int = 30
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
+    rope_theta: float | None = None  # None: no positional encoding (NoPE), as the released 7B
+    # Gated DeltaNet
+    gdn_heads: int = 30
+    gdn_v_heads: int | None = None  # None: same as gdn_heads; more gives grouped value heads
+    gdn_head_k: int = 96
+    gdn_head_v: int = 192
+    gdn_conv_size: int = 4
+    gdn_allow_neg_eigval: bool = True  # beta = 2*sigmoid in (0, 2)
+    # MLP and the rest
+    mlp_hidden: int = 11008
+    norm_eps: float = 1e-6
+    max_seq_len: int = 65536
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- derived shapes ------------------------------------------------------------------------------
+    @property
+    def layer_types(self) -> list[str]:
+        p = self.layer_pattern
+        if len(p) == self.n_layers:
+            return list(p)
+        return [p[i % len(p)] for i in range(self.n_layers)]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def gdn_value_heads(self) -> int:
+        return self.gdn_v_heads or self.gdn_heads
+
+    @property
+    def n_gdn_layers(self) -> int:
+        return self.layer_types.count(GDN)
+
+    @property
+    def n_attn_layers(self) -> int:
+        return self.layer_types.count(ATTN)
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ConfigError(f"model.{name}: {why}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "gdn_heads", "gdn_head_k",
+                     "gdn_head_v", "gdn_conv_size", "mlp_hidden", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, f"must be a positive integer, got {v!r}")
+        p = self.layer_pattern
+        if not p or set(p) - {GDN, ATTN}:
+            bad("layer_pattern", f"must be a non-empty string of 'G' (GDN) and 'A' (attention), got {p!r}")
+        if len(p) != self.n_layers and self.n_layers % len(p) != 0:
+            bad("layer_pattern", f"length {len(p)} neither equals n_layers={self.n_layers} nor divides it")
+        if ATTN in self.layer_types:
+            if self.d_model % self.n_heads:
+                bad("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+                bad("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+            if self.rope_theta is not None and self.head_dim % 2:
+                bad("rope_theta", f"RoPE needs an even head dim, got {self.head_dim}")
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            bad("rope_theta", f"must be positive or null (no RoPE), got {self.rope_theta}")
+        if self.gdn_value_heads % self.gdn_heads:
+            bad("gdn_v_heads", f"{self.gdn_value_heads} is not a multiple of gdn_heads={self.gdn_heads}")
+        if not self.norm_eps > 0:
+            bad("norm_eps", f"must be positive, got {self.norm_eps}")
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def gdn_mixer_params(self) -> int:
+        d, h, hv = self.d_model, self.gdn_heads, self.gdn_value_heads
+        key, val = h * self.gdn_head_k, hv * self.gdn_head_v
+        proj = d * (2 * key + 2 * val) + val * d + 2 * d * hv  # q k v g, o, a b
+        conv = (2 * key + val) * self.gdn_conv_size
+        return proj + conv + self.gdn_head_v + 2 * hv  # o_norm, A_log, dt_bias
+
+    def attn_mixer_params(self) -> int:
+        d, hd = self.d_model, self.head_dim
+        q, kv = self.n_heads * hd, self.kv_heads * hd
+        return d * q + 2 * d * kv + q * d + q + kv  # q k v o projections, q/k norms
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count. ``embeddings=False`` drops the input embedding only (the LM head counts)."""
+        mlp = 3 * self.d_model * self.mlp_hidden
+        block = mlp + 2 * self.d_model
+        n = self.n_gdn_layers * (block + self.gdn_mixer_params())
+        n += self.n_attn_layers * (block + self.attn_mixer_params())
+        n += self.d_model  # final norm
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        emb = self.vocab_size * self.d_model
+        return n + head + (emb if embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward) at context ``seq_len``.
+
+        Dense matmuls count 6 per parameter (embedding lookup excluded). Attention adds the causal
+        score and value matmuls (2 * 2 * T/2 * d per layer forward). GDN adds the chunked
+        algorithm's forward work, 6CK + 4CV + 6KV per token-head with chunk C=64 (kernels.md 1.4).
+        """
+        dense = 6 * (self.num_params(embeddings=False) - self.d_model)
+        attn = self.n_attn_layers * 3 * (2 * 2 * (seq_len / 2) * self.n_heads * self.head_dim)
+        c, k, v = 64, self.gdn_head_k, self.gdn_head_v
+        gdn = self.n_gdn_layers * 3 * self.gdn_value_heads * (6 * c * k + 4 * c * v + 6 * k * v)
+        return float(dense + attn + gdn)
+
+    def inference_bytes_per_sequence(self, context: int, kv_bytes: int = 2) -> dict[str, int]:
+        """Cache memory for one sequence at ``context`` tokens: KV (bf16 by default) + fp32 GDN state."""
+        kv = self.n_attn_layers * 2 * self.kv_heads * self.head_dim * context * kv_bytes
+        key, val = self.gdn_heads * self.gdn_head_k, self.gdn_value_heads * self.gdn_head_v
+        state = self.n_gdn_layers * self.gdn_value_heads * self.gdn_head_k * self.gdn_head_v * 4
+        conv = self.n_gdn_layers * (2 * key + val) * (self.gdn_conv_size - 1) * kv_bytes
+        return {"kv_cache": kv, "gdn_state": state, "conv_state": conv, "total": kv + state + conv}
+
+    def with_pattern(self, pattern: str) -> "ModelConfig":
+        return dataclasses.replace(self, layer_pattern=pattern)
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _olmo3_mlp_hidden(d_model: int, multiplier: float = 1.0) -> int:
+    """OLMo-core's SwiGLU width: int(8d/3), times the multiplier, rounded up to a multiple of 256."""
+    hidden = int(multiplier * int(8 * d_model / 3))
+    return 256 * math.ceil(hidden / 256)
+
+
+def _ladder(d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
+    """A scaling-ladder hybrid derived from the OLMo 3 transformer of the same size.
+
+    Rule (OLMo-core ``hybrid-ladders`` branch): keep the OLMo 3 ladder's width, depth, heads and MLP
+    (SwiGLU multiplier 1.5 for the ladder); swap 3 of every 4 attention layers for GDN with one GDN head
+    per attention head, key head dim 0.75 * d_model / heads rounded up to a multiple of 128, value
+    head dim 2x that. This reproduces the ladder's published non-embedding counts (60M: 72.9M, 190M:
+    254.4M, 760M: 947.9M, 1B: 1.48B). The 7B was derived the same way except that it keeps the exact
+    key dim int(0.75 * d / heads) = 96 and drops two heads (d_model 4096 -> 3840) to match OLMo 3 7B.
+    """
+    head_k = 128 * math.ceil(0.75 * d_model / n_heads / 128)
+    return ModelConfig(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, gdn_heads=n_heads,
+        gdn_head_k=head_k, gdn_head_v=2 * head_k, mlp_hidden=_olmo3_mlp_hidden(d_model, 1.5),
+        rope_theta=500_000.0, max_seq_len=8192,
+    )
+
+
+def _olmo_hybrid_7b() -> ModelConfig:
+    return ModelConfig()  # the defaults are the released model
+
+
+def _tiny() -> ModelConfig:
+    # Sized for the 10-minute CPU job on the bundled corpus with a small BPE vocabulary.
+    return ModelConfig(
+        vocab_size=4096, d_model=256, n_layers=4, n_heads=4, gdn_heads=4, gdn_head_k=48,
+        gdn_head_v=96, mlp_hidden=768, rope_theta=10_000.0, max_seq_len=1024, init_std=0.02,
+    )
+
+
+MODEL_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+    "tiny": _tiny,
+    "60m": lambda: _ladder(384, 8, 8),
+    "100m": lambda: _ladder(512, 12, 8),
+    "190m": lambda: _ladder(768, 12, 12),
+    "370m": lambda: _ladder(1024, 16, 16),
+    "600m": lambda: _ladder(1280, 16, 16),
+    "760m": lambda: _ladder(1536, 16, 16),
+    "1b": lambda: _ladder(2048, 16, 16),
+    "olmo-hybrid-7b": _olmo_hybrid_7b,
+}
+
+# Named layer patterns for the paper's comparisons ("middle" is built per depth, see below).
+PATTERNS = {
+    "hybrid": "GGGA",       # 3:1, OLMo Hybrid
+    "hybrid-half": "GA",     # 1:1
+    "hybrid-eighth": "GGGGGGGA",  # 7:1
+    "transformer": "A",
+    "pure-gdn": "G",
+}
+
+
+def middle_pattern(n_layers: int, n_attn: int) -> str:
+    """``n_attn`` attention layers as one block centred in the stack, GDN elsewhere."""
+    start = (n_layers - n_attn) // 2
+    return "".join(ATTN if start <= i < start + n_attn else GDN for i in range(n_layers))
+
+
+def resolve_pattern(name_or_pattern: str, n_layers: int) -> str:
+    """Turn a named pattern (``hybrid``, ``transformer``, ``middle``...) or a literal one into a string."""
+    if name_or_pattern in PATTERNS:
+        return PATTERNS[name_or_pattern]
+    if name_or_pattern == "middle":
+        return middle_pattern(n_layers, max(1, n_layers // 4))
+    return name_or_pattern
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset '{name}' (known: {', '.join(MODEL_PRESETS)})")
+    cfg = MODEL_PRESETS[name]()
+    if "layer_pattern" in overrides:
+        overrides["layer_pattern"] = resolve_pattern(overrides["layer_pattern"], overrides.get("n_layers", cfg.n_layers))
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg

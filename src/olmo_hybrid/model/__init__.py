@@ -1,0 +1,6 @@
+"""The hybrid model: ``HybridLM`` (GDN + attention blocks), its inference cache, generation and HF I/O."""
+
+from olmo_hybrid.model.cache import HybridCache
+from olmo_hybrid.model.hybrid import HybridLM
+
+__all__ = ["HybridCache", "HybridLM"]

@@ -1,0 +1,105 @@
+"""Gated DeltaNet mixer (``linear_attn``), as in OLMo Hybrid.
+
+Per head, with a fixed-size state S [K, V]:  S <- exp(g) S;  S <- S + k (beta (v - S^T k))^T;  o = S^T q.
+q, k, v each go through their own short causal depthwise conv + SiLU; q and k are L2-normalised inside
+the op; beta = 2 sigmoid(b) when negative eigenvalues are allowed; the output is a per-head gated RMSNorm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from olmo_hybrid import ops
+from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.model.cache import GDNLayerCache
+from olmo_hybrid.model.layers import GatedRMSNorm
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv weight stored as ``[C, 1, W]``, the checkpoint's layout."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+
+    def forward(self, x, reset_mask=None, state: torch.Tensor | None = None):
+        """x [B, T, C] -> silu(conv(x)) and, when ``state`` is given, the updated state [B, C, W-1]."""
+        w = self.weight[:, 0, :]
+        if state is not None and x.shape[1] == 1 and (reset_mask is None or not reset_mask.any()):
+            y, new_state = ops.causal_conv1d_step(x[:, 0], state, w, activation="silu")
+            return y[:, None], new_state
+        y, new_state = ops.causal_conv1d(x, w, activation="silu", initial_state=state,
+                                         output_final_state=state is not None, reset_mask=reset_mask)
+        return y, new_state
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.heads, self.v_heads = c.gdn_heads, c.gdn_value_heads
+        self.head_k, self.head_v = c.gdn_head_k, c.gdn_head_v
+        self.allow_neg_eigval = c.gdn_allow_neg_eigval
+        key_dim, value_dim = self.heads * self.head_k, self.v_heads * self.head_v
+        self.q_proj = nn.Linear(c.d_model, key_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, key_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, value_dim, bias=False)
+        self.a_proj = nn.Linear(c.d_model, self.v_heads, bias=False)
+        self.b_proj = nn.Linear(c.d_model, self.v_heads, bias=False)
+        self.g_proj = nn.Linear(c.d_model, value_dim, bias=False)
+        self.o_proj = nn.Linear(value_dim, c.d_model, bias=False)
+        self.q_conv1d = ShortConv(key_dim, c.gdn_conv_size)
+        self.k_conv1d = ShortConv(key_dim, c.gdn_conv_size)
+        self.v_conv1d = ShortConv(value_dim, c.gdn_conv_size)
+        self.o_norm = GatedRMSNorm(self.head_v, eps=1e-5)
+        self.A_log = nn.Parameter(torch.empty(self.v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.v_heads))
+
+    @torch.no_grad()
+    def reset_gate_parameters(self, generator: torch.Generator | None = None,
+                              a_range=(0.0, 16.0), dt_range=(1e-3, 0.1), dt_floor=1e-4) -> None:
+        """fla / transformers init: A ~ U(0, 16) stored as log A; dt log-uniform, stored as softplus^-1(dt)."""
+        u = torch.rand(self.v_heads, generator=generator)
+        self.A_log.copy_(torch.log((a_range[0] + u * (a_range[1] - a_range[0])).clamp(min=1e-4)))
+        u = torch.rand(self.v_heads, generator=generator)
+        dt = torch.exp(u * (math.log(dt_range[1]) - math.log(dt_range[0])) + math.log(dt_range[0]))
+        dt = dt.clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: torch.Tensor, reset_mask: torch.Tensor | None = None,
+                cache: GDNLayerCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, cq = self.q_conv1d(self.q_proj(x), reset_mask, cache.conv_q if cache is not None else None)
+        k, ck = self.k_conv1d(self.k_proj(x), reset_mask, cache.conv_k if cache is not None else None)
+        v, cv = self.v_conv1d(self.v_proj(x), reset_mask, cache.conv_v if cache is not None else None)
+        q = q.view(b, t, self.heads, self.head_k)
+        k = k.view(b, t, self.heads, self.head_k)
+        v = v.view(b, t, self.v_heads, self.head_v)
+        beta = self.b_proj(x).sigmoid()
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        # Gates in fp32: A_log and dt_bias are stored in bf16 in released checkpoints.
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+
+        if cache is None:
+            o, _ = ops.gated_delta_rule(q, k, v, g, beta, reset_mask=reset_mask, use_qk_l2norm_in_kernel=True)
+        elif t == 1 and (reset_mask is None or not reset_mask.any()):
+            o, state = ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state,
+                                                 use_qk_l2norm_in_kernel=True)
+            o = o[:, None]
+            cache.state.copy_(state)
+        else:
+            o, state = ops.gated_delta_rule(q, k, v, g, beta, initial_state=cache.state, output_final_state=True,
+                                            reset_mask=reset_mask, use_qk_l2norm_in_kernel=True)
+            cache.state.copy_(state)
+        if cache is not None:
+            cache.conv_q.copy_(cq)
+            cache.conv_k.copy_(ck)
+            cache.conv_v.copy_(cv)
+        gate = self.g_proj(x).view(b, t, self.v_heads, self.head_v)
+        o = self.o_norm(o, gate).reshape(b, t, self.v_heads * self.head_v)
+        return self.o_proj(o)
