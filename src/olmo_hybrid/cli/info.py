@@ -1,0 +1,73 @@
+"""``olmo-hybrid info PRESET_OR_DIR``: sizes, training FLOPs and inference memory, beside an all-attention twin."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from olmo_hybrid.config import MODEL_PRESETS, ModelConfig, model_preset
+
+
+def resolve_config(name_or_dir: str) -> ModelConfig:
+    """A preset name, a HF checkpoint directory, or a training run directory."""
+    if name_or_dir in MODEL_PRESETS:
+        return model_preset(name_or_dir)
+    path = Path(name_or_dir)
+    if (path / "config.json").is_file():
+        from olmo_hybrid.model.hf_io import read_config
+
+        return read_config(path)
+    if path.is_dir():
+        from olmo_hybrid.train.checkpoint import model_config_from_run
+
+        return model_config_from_run(path)
+    raise SystemExit(f"olmo-hybrid info: '{name_or_dir}' is neither a preset ({', '.join(MODEL_PRESETS)}) "
+                     f"nor a checkpoint directory")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.3f} GiB" if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
+
+
+def summarize(cfg: ModelConfig, seq_len: int, context: int, kv_bytes: int) -> dict:
+    mem = cfg.inference_bytes_per_sequence(context, kv_bytes)
+    return {
+        "layer_pattern": "".join(cfg.layer_types),
+        "params_total": cfg.num_params(),
+        "params_non_embedding": cfg.num_params(embeddings=False),
+        "train_flops_per_token": cfg.flops_per_token(seq_len),
+        "inference_bytes_per_sequence": mem,
+    }
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="olmo-hybrid info", description=__doc__)
+    p.add_argument("model", help=f"preset ({', '.join(MODEL_PRESETS)}) or checkpoint directory")
+    p.add_argument("--seq-len", type=int, default=8192, help="training sequence length for FLOPs/token")
+    p.add_argument("--context", type=int, default=65536, help="context length for inference memory")
+    p.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV/conv element (2 = bf16)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    cfg = resolve_config(args.model)
+    twin = dataclasses.replace(cfg, layer_pattern="A")
+    rows = {"model": summarize(cfg, args.seq_len, args.context, args.kv_bytes),
+            "all-attention": summarize(twin, args.seq_len, args.context, args.kv_bytes)}
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    a, b = rows["model"], rows["all-attention"]
+    ma, mb = a["inference_bytes_per_sequence"], b["inference_bytes_per_sequence"]
+    print(f"{args.model}: {cfg.n_layers} layers ({cfg.n_gdn_layers} GDN, {cfg.n_attn_layers} attention), "
+          f"d_model {cfg.d_model}, vocab {cfg.vocab_size}")
+    print(f"{'':34}{'this model':>18}{'all-attention':>18}")
+    line = "{:34}{:>18}{:>18}"
+    print(line.format("parameters (total)", f"{a['params_total']:,}", f"{b['params_total']:,}"))
+    print(line.format("parameters (non-embedding)", f"{a['params_non_embedding']:,}", f"{b['params_non_embedding']:,}"))
+    print(line.format(f"train FLOPs/token @ {args.seq_len}", f"{a['train_flops_per_token']:.4g}",
+                      f"{b['train_flops_per_token']:.4g}"))
+    print(f"inference memory per sequence @ {args.context} tokens:")
+    for key in ("kv_cache", "gdn_state", "conv_state", "total"):
+        print(line.format(f"  {key}", _gib(ma[key]), _gib(mb[key])))
+    return 0
