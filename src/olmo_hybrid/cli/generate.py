@@ -14,15 +14,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model_and_tokenizer(path: str, dtype: torch.dtype | None = None, device: str | None = None):
-    """A HF checkpoint directory (with tokenizer.json, else dolma2) or a training run directory."""
+    """A HF checkpoint directory or a training run directory -> (model, tokenizer or None).
+
+    A HF directory without tokenizer.json gets the bundled dolma2 tokenizer when its vocabulary has
+    dolma2's padded size, and no tokenizer otherwise.
+    """
     from olmo_hybrid.data import load_tokenizer
     from olmo_hybrid.model import HybridLM
 
     p = Path(path)
     if (p / "config.json").is_file():
         model = HybridLM.from_pretrained(p, dtype=dtype, device=device)
-        tok = load_tokenizer(p if (p / "tokenizer.json").is_file() else "dolma2")
-        return model, tok
+        if (p / "tokenizer.json").is_file():
+            return model, load_tokenizer(p)
+        dolma2 = load_tokenizer("dolma2")
+        return model, dolma2 if model.config.vocab_size == dolma2.padded_vocab_size() else None
     if p.is_dir():
         from olmo_hybrid.train.checkpoint import load_model_from_run
 
@@ -46,6 +52,9 @@ def main(argv: list[str]) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model, tok = load_model_and_tokenizer(args.checkpoint, dtype, args.device)
     model.eval()
+    if tok is None:
+        raise SystemExit(f"olmo-hybrid generate: {args.checkpoint} has no tokenizer.json and its vocabulary "
+                         f"({model.config.vocab_size}) is not dolma2's")
     ids = torch.tensor([tok.encode(args.prompt)], device=args.device)
     if ids.shape[1] == 0:
         raise SystemExit("olmo-hybrid generate: the prompt encodes to zero tokens")
