@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from olmo_hybrid import ops
 from olmo_hybrid.config import ATTN, ModelConfig
 from olmo_hybrid.model.attention import Attention
 from olmo_hybrid.model.cache import HybridCache
@@ -160,8 +161,7 @@ class HybridLM(nn.Module):
         elif doc_ids is not None:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            reset_mask = torch.zeros_like(doc_ids, dtype=torch.bool)
-            reset_mask[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            reset_mask = ops.reset_mask_from_doc_ids(doc_ids)
             causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
             attn_mask = ((doc_ids[:, None, :] == doc_ids[:, :, None]) & causal)[:, None]
         else:
