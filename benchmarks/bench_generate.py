@@ -1,0 +1,364 @@
+"""Generation speed and memory: our engine vs transformers, hybrid vs all-attention, in one process.
+
+    python benchmarks/bench_generate.py                 # one GPU, the issue-7 shapes (1.5B OLMo-Hybrid shape)
+    python benchmarks/bench_generate.py --tiny          # tiny shapes on CPU: checks that everything runs
+    python benchmarks/bench_generate.py --cases b8 --check --out docs/benchmarks.md
+
+Systems: ``ours-hybrid`` (olmo_hybrid.serve.Engine on HybridLM, pattern GGGA), ``ours-attn`` (the same engine on
+the all-attention twin: same width, depth, heads and MLP), ``hf-hybrid`` (transformers' OlmoHybridForCausalLM,
+using fla when installed), ``hf-olmo3`` (transformers' Olmo3ForCausalLM with every layer full attention).
+All use random weights and random prompts; greedy decoding for exactly ``new`` tokens.
+
+Cases (``--cases``, comma-separated): ``b8`` batch 8 x 4096-token prompts + 128 new tokens (all four systems);
+``32k-b1`` and ``32k-b16`` 32768-token prompts (ours; ``--hf-long`` adds transformers); ``64k-fit`` the largest
+batch whose cache fits in free GPU memory at 64k context, from the memory accounting, then confirmed by running
+it (``--no-fit-run`` to skip). ``--check`` first compares the engine's greedy tokens with the model's full
+forward (teacher-forced; 8 prompts x 32 new tokens at the b8 prompt length), listing any disagreement with
+its logit gap: tiny gaps are bf16 near-ties between the flat logits of random weights, large ones are bugs.
+
+Columns: prefill s (all prompts, wall clock), decode tok/s (new tokens after the first, per second of decode),
+new tok/s (all new tokens / total time, the issue's figure), extra peak memory over the weights, and that
+peak divided by the batch beside the per-sequence cache bytes the config computes (``olmo-hybrid info``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import platform
+import time
+
+import torch
+
+from olmo_hybrid import ops
+from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.model import HybridLM
+from olmo_hybrid.serve import Engine, max_sequences
+from olmo_hybrid.serve.memory import format_bytes, workspace_bytes
+from olmo_hybrid.serve.verify import greedy_disagreements
+
+# The issue's 1.5B OLMo-Hybrid shape; MLP as the OLMo 3 ladder at this width (SwiGLU multiplier 1.5).
+FULL_SHAPE = dict(vocab_size=100352, d_model=2048, n_layers=16, n_heads=16, gdn_heads=16, gdn_head_k=96,
+                  gdn_head_v=192, mlp_hidden=8192, rope_theta=500_000.0, layer_pattern="GGGA",
+                  max_seq_len=65536 + 512)
+TINY_SHAPE = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, gdn_heads=4, gdn_head_k=12, gdn_head_v=24,
+                  mlp_hidden=128, rope_theta=10_000.0, layer_pattern="GGGA", max_seq_len=4096)
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    batch: int  # 0: find the largest batch that fits
+    prompt: int
+    new: int
+    systems: tuple[str, ...]
+
+
+def cases(tiny: bool, hf_long: bool) -> dict[str, Case]:
+    s = (lambda full, small: small) if tiny else (lambda full, small: full)
+    all4 = ("ours-hybrid", "ours-attn", "hf-hybrid", "hf-olmo3")
+    long = all4 if hf_long else ("ours-hybrid", "ours-attn")
+    return {
+        "b8": Case("b8", s(8, 2), s(4096, 64), s(128, 8), all4),
+        "32k-b1": Case("32k-b1", 1, s(32768, 256), s(128, 8), long),
+        "32k-b16": Case("32k-b16", s(16, 4), s(32768, 256), s(128, 8), long),
+        "64k-fit": Case("64k-fit", 0, s(65536, 512), s(2, 2), ("ours-hybrid", "ours-attn")),
+    }
+
+
+# -- devices, memory ------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def allocated(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+def build(system: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """A random-weight model for ``system`` on ``device`` in ``dtype``."""
+    torch.manual_seed(0)
+    if system.startswith("ours"):
+        twin = cfg if system == "ours-hybrid" else dataclasses.replace(cfg, layer_pattern="A")
+        with torch.device(device):
+            return HybridLM(twin).to(dtype).eval()
+    import transformers
+
+    from olmo_hybrid.model.hf_io import config_to_hf
+
+    hf = config_to_hf(cfg, dtype)
+    if system == "hf-hybrid":
+        config = transformers.OlmoHybridConfig(**hf)
+        cls = transformers.OlmoHybridForCausalLM
+    else:
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+                "tie_word_embeddings")
+        config = transformers.Olmo3Config(**{k: hf[k] for k in keys},
+                                          layer_types=["full_attention"] * cfg.n_layers)
+        cls = transformers.Olmo3ForCausalLM
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def random_prompts(batch: int, length: int, vocab: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+
+# -- runs -----------------------------------------------------------------------------------------------
+
+def run_ours(model, prompts: torch.Tensor, new: int, dtype, cuda_graphs: bool, prefill_chunk: int) -> dict:
+    device = prompts.device
+    b, p = prompts.shape
+    engine = Engine(model, max_batch=b, max_context=p + new, device=device, dtype=dtype,
+                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+    engine.generate([prompts[0, :16]] * b, max_new_tokens=4)  # warm-up: lazy init, kernel compilation
+    engine.stats = type(engine.stats)()
+    sync(device)
+    t0 = time.perf_counter()
+    outs = engine.generate(list(prompts), max_new_tokens=new, ignore_eos=True)
+    sync(device)
+    total = time.perf_counter() - t0
+    assert all(len(o.token_ids) == new for o in outs)
+    st = engine.stats
+    return {"prefill_s": st.prefill_seconds, "decode_tok_s": st.decode_tokens / max(st.decode_seconds, 1e-9),
+            "new_tok_s": b * new / total, "total_s": total, "engine": engine}
+
+
+def profile_engine(engine: Engine, prompts: torch.Tensor, label: str, new: int = 8) -> None:
+    """Print where the time of one prefill and ``new`` decode steps goes (torch profiler, top ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompts.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine.generate(list(prompts), max_new_tokens=new, ignore_eos=True)
+        sync(prompts.device)
+    key = "self_cuda_time_total" if prompts.device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {label} ({len(prompts)} prompts, {new} new tokens), by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+
+
+@torch.no_grad()
+def run_hf(model, prompts: torch.Tensor, new: int) -> dict:
+    device = prompts.device
+    b, p = prompts.shape
+    mask = torch.ones_like(prompts)
+    kw = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    model.generate(prompts[:, :16], attention_mask=mask[:, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    sync(device)
+    t0 = time.perf_counter()
+    model(prompts, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    sync(device)
+    prefill = time.perf_counter() - t0
+    free_memory(device)
+    t0 = time.perf_counter()
+    out = model.generate(prompts, attention_mask=mask, **kw)
+    sync(device)
+    total = time.perf_counter() - t0
+    assert out.shape[1] == p + new
+    return {"prefill_s": prefill, "decode_tok_s": b * (new - 1) / max(total - prefill, 1e-9),
+            "new_tok_s": b * new / total, "total_s": total}
+
+
+def measure(system: str, cfg: ModelConfig, case: Case, batch: int, device, dtype, args) -> dict:
+    model = build(system, cfg, device, dtype)
+    free_memory(device)
+    base = allocated(device)
+    reset_peak(device)
+    prompts = random_prompts(batch, case.prompt, cfg.vocab_size, device)
+    if system.startswith("ours"):
+        graphs = args.cuda_graphs and case.batch > 0  # the fit run decodes 2 tokens: capture is not worth it
+        row = run_ours(model, prompts, case.new, dtype, graphs, args.prefill_chunk)
+        engine = row.pop("engine")
+        if args.profile:
+            profile_engine(engine, prompts, f"{case.name} {system}")
+        del engine
+    else:
+        row = run_hf(model, prompts, case.new)
+    top = peak(device)
+    twin = cfg if system.endswith("hybrid") else dataclasses.replace(cfg, layer_pattern="A")
+    item = torch.empty((), dtype=dtype).element_size()
+    row["computed_per_seq"] = twin.inference_bytes_per_sequence(case.prompt + case.new, item)["total"]
+    row["extra_peak"] = None if top is None else top - base
+    row.update(system=system, case=case.name, batch=batch, prompt=case.prompt, new=case.new)
+    del model, prompts
+    free_memory(device)
+    return row
+
+
+def largest_fitting_batch(system: str, cfg: ModelConfig, case: Case, device, dtype, args) -> int:
+    """From the accounting: free memory after the weights, minus workspace, over the bytes per sequence."""
+    twin = cfg if system.endswith("hybrid") else dataclasses.replace(cfg, layer_pattern="A")
+    context = case.prompt + case.new
+    if device.type == "cuda":
+        loaded = [build(system, cfg, device, dtype)]  # free memory is measured with the weights in place
+        free_memory(device)
+        budget = torch.cuda.mem_get_info(device)[0]
+        loaded.clear()
+        free_memory(device)
+    else:
+        budget = args.cpu_budget_mib * 2**20
+    batch = 1
+    for _ in range(3):  # the decode workspace grows with the batch: iterate to a fixed point
+        work = workspace_bytes(twin, args.prefill_chunk, batch, dtype)
+        batch = max_sequences(twin, context, max(0, budget - work) * 95 // 100, dtype)
+    return batch
+
+
+def check_greedy(cfg: ModelConfig, device, dtype, prompt_len: int, args) -> str:
+    """Engine greedy tokens vs the model's full forward (teacher-forced), 8 prompts x 32 new tokens (issue 7)."""
+    model = build("ours-hybrid", cfg, device, dtype)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(args.head_scale)
+    new = 32 if not args.tiny else 8
+    prompts = random_prompts(8, prompt_len, cfg.vocab_size, device, seed=1)
+    engine = Engine(model, max_batch=8, max_context=prompt_len + new, prefill_chunk=args.prefill_chunk,
+                    cuda_graphs=args.cuda_graphs)
+    outs = engine.generate(list(prompts), new, ignore_eos=True)
+    found = [(i, d) for i, out in enumerate(outs) for d in greedy_disagreements(model, prompts[i], out.token_ids)]
+    del engine, model
+    free_memory(device)
+    what = f"8 prompts x {new} new tokens, prompt {prompt_len}, LM head x{args.head_scale}"
+    if not found:
+        return f"greedy check: every engine token is the full forward's argmax ({what})"
+    lines = [f"  prompt {i} token {d.index}: engine {d.token}, full forward {d.argmax}, logit gap {d.gap:.3g} "
+             f"(logit std {d.spread:.3g})" for i, d in found]
+    return f"greedy check: {len(found)} of {8 * new} tokens differ from the full forward's argmax ({what}):\n" + \
+        "\n".join(lines)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    for name in ("transformers", "fla", "triton"):
+        try:
+            mod = __import__(name)
+            parts.append(f"{name} {getattr(mod, '__version__', '?')}")
+        except ImportError:
+            parts.append(f"{name} not installed")
+    parts.append(f"GDN backends {ops.available_backends('gated_delta_rule')}")
+    return ", ".join(parts)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| case | system | batch | prompt | new | prefill s | decode tok/s | new tok/s | extra peak | "
+            "peak / seq | computed / seq |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['system']} | {r['batch']} | {r['prompt']} | {r['new']} | "
+                         f"{r['error']} |||||| ")
+            continue
+        extra = r["extra_peak"]
+        lines.append(
+            f"| {r['case']} | {r['system']} | {r['batch']} | {r['prompt']} | {r['new']} | {r['prefill_s']:.3f} | "
+            f"{r['decode_tok_s']:,.1f} | {r['new_tok_s']:,.1f} | {format_bytes(extra) if extra is not None else '-'} | "
+            f"{format_bytes(extra / r['batch']) if extra is not None else '-'} | "
+            f"{format_bytes(r['computed_per_seq'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU by default)")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--cases", default="b8,32k-b1,32k-b16,64k-fit")
+    p.add_argument("--systems", default=None, help="comma-separated subset of systems (default: each case's own)")
+    p.add_argument("--hf-long", action="store_true", help="also run transformers at 32k")
+    p.add_argument("--no-fit-run", action="store_true", help="64k-fit: report the accounting only")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="default: 4096 (128 with --tiny)")
+    p.add_argument("--check", action="store_true", help="first compare greedy tokens with full forwards")
+    p.add_argument("--profile", action="store_true", help="after each run of our engine, print a profile")
+    p.add_argument("--head-scale", type=float, default=1.0, help="--check: multiply the LM head by this")
+    p.add_argument("--cpu-budget-mib", type=int, default=8, help="64k-fit on CPU: the memory budget")
+    p.add_argument("--out", default=None, help="append the markdown report to this file")
+    args = p.parse_args(argv)
+
+    args.prefill_chunk = args.prefill_chunk or (128 if args.tiny else 4096)
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny matmuls only lose to thread synchronisation
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = ModelConfig(**(TINY_SHAPE if args.tiny else FULL_SHAPE))
+    all_cases = cases(args.tiny, args.hf_long)
+    chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in all_cases]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; known: {', '.join(all_cases)}")
+    only = set(args.systems.split(",")) if args.systems else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    header = [f"## Generation benchmark ({'tiny' if args.tiny else '1.5B OLMo-Hybrid shape'})", "",
+              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+              f"- device: {device} ({name}), dtype {str(dtype).removeprefix('torch.')}, "
+              f"CUDA graphs {'on' if args.cuda_graphs and device.type == 'cuda' else 'off'}, "
+              f"prefill chunk {args.prefill_chunk}",
+              f"- versions: {versions()}",
+              f"- model: d_model {cfg.d_model}, {cfg.n_layers} layers ({''.join(cfg.layer_types)}), "
+              f"{cfg.n_heads} heads, GDN K={cfg.gdn_head_k} V={cfg.gdn_head_v}, MLP {cfg.mlp_hidden}, "
+              f"vocab {cfg.vocab_size}; random weights, greedy", ""]
+    print("\n".join(header), flush=True)
+    notes = []
+    if args.check:
+        notes.append(check_greedy(cfg, device, dtype, all_cases["b8"].prompt, args))
+        print(notes[-1], flush=True)
+    rows = []
+    for case in (all_cases[c] for c in chosen):
+        for system in case.systems:
+            if only and system not in only:
+                continue
+            batch = case.batch
+            if batch == 0:
+                batch = largest_fitting_batch(system, cfg, case, device, dtype, args)
+                notes.append(f"{case.name}: accounting says {batch} sequences of {case.prompt + case.new} tokens "
+                             f"fit for {system}")
+                print(notes[-1], flush=True)
+                if args.no_fit_run or batch == 0:
+                    continue
+            print(f"running {case.name} {system} batch {batch} ...", flush=True)
+            try:
+                rows.append(measure(system, cfg, case, batch, device, dtype, args))
+            except (torch.OutOfMemoryError, ImportError, AttributeError) as e:
+                rows.append(dict(case=case.name, system=system, batch=batch, prompt=case.prompt, new=case.new,
+                                 error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+                free_memory(device)
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    report = "\n".join(header + [table(rows), ""] + [f"- {n}" for n in notes]) + "\n"
+    print("\n" + report)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
