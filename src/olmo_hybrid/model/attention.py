@@ -31,8 +31,12 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [B, T, head_dim] or None (NoPE)
         mask: torch.Tensor | None,  # [B, 1, T, S] bool (True = may attend) or None for plain causal
         cache: AttnLayerCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
+        span: int | None = None,
     ) -> torch.Tensor:
+        """With a cache, ``start`` is where the new tokens go: an int shared by the batch, or a LongTensor [B] of
+        per-row positions for one token per row (continuous batching), which then attends to the first ``span``
+        cached positions under ``mask``."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -40,9 +44,16 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            cache.keys[:, :, start:start + t] = k
-            cache.values[:, :, start:start + t] = v
-            k, v = cache.keys[:, :, :start + t], cache.values[:, :, :start + t]
+            if isinstance(start, torch.Tensor):
+                rows = torch.arange(b, device=x.device)
+                cache.keys[rows, :, start] = k[:, :, 0]
+                cache.values[rows, :, start] = v[:, :, 0]
+                end = span
+            else:
+                cache.keys[:, :, start:start + t] = k
+                cache.values[:, :, start:start + t] = v
+                end = start + t
+            k, v = cache.keys[:, :, :end], cache.values[:, :, :end]
         if self.kv_heads != self.n_heads:
             rep = self.n_heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -24,14 +24,16 @@ from olmo_hybrid.model.layers import MLP, GatedRMSNorm, RMSNorm, rotary_cos_sin
 
 
 @dataclass
-class _Step:
-    """What every block needs for one forward call, computed once per call."""
+class StepContext:
+    """What every block needs for one forward call, computed once per call (see ``Attention.forward`` for
+    ``start`` and ``span``; the serving engine builds its own for per-row positions)."""
 
     rope: tuple[torch.Tensor, torch.Tensor] | None
-    attn_mask: torch.Tensor | None  # [B, 1, T, S] bool, None = plain causal
+    attn_mask: torch.Tensor | None  # [B, 1, T, S] bool (or an SDPA bias), None = plain causal
     reset_mask: torch.Tensor | None  # [B, T] bool, True where a new document starts
     cache: HybridCache | None
-    start: int
+    start: int | torch.Tensor
+    span: int | None = None
 
 
 class GDNBlock(nn.Module):
@@ -42,7 +44,7 @@ class GDNBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)  # the pre-MLP norm
         self.mlp = MLP(config.d_model, config.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, step: _Step, layer_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepContext, layer_cache=None) -> torch.Tensor:
         h = x + self.linear_attn(self.input_layernorm(x), step.reset_mask, layer_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -55,8 +57,8 @@ class AttnBlock(nn.Module):
         self.mlp = MLP(config.d_model, config.mlp_hidden)
         self.post_feedforward_layernorm = RMSNorm(config.d_model, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, step: _Step, layer_cache=None) -> torch.Tensor:
-        h = x + self.post_attention_layernorm(self.self_attn(x, step.rope, step.attn_mask, layer_cache, step.start))
+    def forward(self, x: torch.Tensor, step: StepContext, layer_cache=None) -> torch.Tensor:
+        h = x + self.post_attention_layernorm(self.self_attn(x, step.rope, step.attn_mask, layer_cache, step.start, step.span))
         return h + self.post_feedforward_layernorm(self.mlp(h))
 
 
@@ -146,7 +148,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_ids has token id {lo if lo < 0 else hi} outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
 
-    def _prepare(self, input_ids, doc_ids, position_ids, cache) -> _Step:
+    def _prepare(self, input_ids, doc_ids, position_ids, cache) -> StepContext:
         b, t = input_ids.shape
         device = input_ids.device
         start = cache.length if cache is not None else 0
@@ -173,7 +175,7 @@ class HybridLM(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(start, start + t, device=device)[None].expand(b, t)
             rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        return _Step(rope, attn_mask, reset_mask, cache, start)
+        return StepContext(rope, attn_mask, reset_mask, cache, start)
 
     # -- conveniences --------------------------------------------------------------------------------
     def num_params(self, embeddings: bool = True) -> int:

@@ -2,46 +2,18 @@
 
 Prefill runs the model's own blocks on a one-row view of the cache (a chunk at a time; later chunks attend
 to earlier ones through a lower-right causal mask). Decode feeds one token per row for rows ``[0, n)`` at
-per-row positions: GDN blocks run unchanged on the row views (the single-token ops), while attention blocks
-go through :func:`attention_block_decode`, because the model's attention writes its cache at one position
-shared by the batch and continuous batching needs one position per row. Rows of free slots inside
+per-row positions: every block runs unchanged on the row views; attention writes each row's key and value at that
+row's own position (``StepContext.start`` as a tensor). Rows of free slots inside
 ``[0, n)`` compute garbage into their own (free) rows, which the next allocation resets.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from olmo_hybrid.model.cache import AttnLayerCache
-from olmo_hybrid.model.hybrid import AttnBlock, HybridLM, _Step
-from olmo_hybrid.model.layers import apply_rotary, rotary_cos_sin
+from olmo_hybrid.model.hybrid import HybridLM, StepContext
+from olmo_hybrid.model.layers import rotary_cos_sin
 from olmo_hybrid.serve.slots import SlotCache
-
-
-def attention_block_decode(block: AttnBlock, x: torch.Tensor, rope, cache: AttnLayerCache, positions: torch.Tensor,
-                           span: int, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """One token per row through an attention block (same math as ``AttnBlock.forward``), writing row r's key and
-    value at ``positions[r]`` of the full-pool ``cache`` and attending to its first ``span`` positions.
-
-    x [n, 1, d]; positions [n]; key_mask [n, 1, 1, span] bool (True = may attend), or None when every row whose
-    output is used sits at position span - 1 (no mask lets SDPA pick its fastest kernel, e.g. split-KV flash
-    decoding on CUDA).
-    """
-    attn = block.self_attn
-    n = x.shape[0]
-    q = attn.q_norm(attn.q_proj(x)).view(n, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x)).view(n, 1, attn.kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(n, 1, attn.kv_heads, attn.head_dim).transpose(1, 2)
-    if rope is not None:
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-    rows = torch.arange(n, device=x.device)
-    cache.keys[rows, :, positions] = k[:, :, 0]
-    cache.values[rows, :, positions] = v[:, :, 0]
-    o = F.scaled_dot_product_attention(q, cache.keys[:n, :, :span], cache.values[:n, :, :span], attn_mask=key_mask,
-                                       enable_gqa=attn.kv_heads != attn.n_heads)
-    h = x + block.post_attention_layernorm(attn.o_proj(o.transpose(1, 2).reshape(n, 1, -1)))
-    return h + block.post_feedforward_layernorm(block.mlp(h))
 
 
 def _lower_right_causal(queries: int, keys: int):
@@ -78,7 +50,7 @@ class ModelRunner:
             # The model's attention uses plain causal SDPA when the mask is None, which is right only when the
             # chunk starts the sequence; later chunks need the diagonal shifted to the chunk's offset.
             mask = None if pos0 == 0 else _lower_right_causal(t, pos0 + t)
-            step = _Step(rope=self._rope(positions), attn_mask=mask, reset_mask=None, cache=None, start=pos0)
+            step = StepContext(rope=self._rope(positions), attn_mask=mask, reset_mask=None, cache=None, start=pos0)
             h = m.model.embed_tokens(piece)
             for layer, view in zip(m.model.layers, views):
                 h = layer(h, step, view)
@@ -99,11 +71,8 @@ class ModelRunner:
         key_mask = None
         if not uniform:
             key_mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        step = _Step(rope=None, attn_mask=None, reset_mask=None, cache=None, start=0)
+        step = StepContext(rope=rope, attn_mask=key_mask, reset_mask=None, cache=None, start=positions, span=span)
         h = m.model.embed_tokens(tokens[:, None])
-        for layer, full, view in zip(m.model.layers, self.cache.layers, self.cache.views(rows)):
-            if isinstance(layer, AttnBlock):
-                h = attention_block_decode(layer, h, rope, full, positions, span, key_mask)
-            else:
-                h = layer(h, step, view)
+        for layer, view in zip(m.model.layers, self.cache.views(rows)):
+            h = layer(h, step, view)
         return m.lm_head(m.model.norm(h[:, 0])).float()
