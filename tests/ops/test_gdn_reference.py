@@ -259,6 +259,8 @@ def test_backend_dispatch(monkeypatch, caplog):
     monkeypatch.setattr(backend_mod, "_load_errors", {})
     monkeypatch.setattr(backend_mod, "_warned", set())
     monkeypatch.setitem(backend_mod._registry, ("gated_delta_rule", "triton"), backend_mod._Impl(fake, refuse_reset))
+    # The real Triton package may have registered its conv already (it is imported by other test modules).
+    monkeypatch.delitem(backend_mod._registry, ("causal_conv1d", "triton"), raising=False)
     torch_fn = backend_mod._registry[("gated_delta_rule", "torch")].fn
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
 

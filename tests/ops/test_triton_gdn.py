@@ -1,0 +1,261 @@
+"""Triton gated-delta-rule kernels vs the float64 token-loop reference: outputs, final states, every gradient.
+
+On a machine without a GPU the kernels run in Triton's interpreter (small shapes); the ``gpu`` tests run the
+compiled kernels at realistic head sizes (``pytest -m gpu`` on the device machine).
+
+Tolerances (relative L2 error ||x - ref|| / ||ref||): float32 inputs 1e-4 (exact fp32 dots; the interpreter and
+the GPU's IEEE fp32 path both land near 1e-6), bfloat16 inputs 5e-3 (dominated by rounding the bf16 outputs and
+gradients themselves, ~1.5e-3; the GPU kernels use tf32 products for bf16 inputs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # must precede the first import of triton (see ops/triton/_interpret.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from olmo_hybrid.ops import BackendUnavailableError, gated_delta_rule, gated_delta_rule_step  # noqa: E402
+from olmo_hybrid.ops import recurrent_gated_delta_rule  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite values"
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, HV, K, V, dtype, gate="normal", l2norm=True, n_states=None, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, HV, V)
+    if not l2norm:  # keep the unnormalised recurrence stable: unit keys, O(1) queries
+        k = F.normalize(k, dim=-1)
+        q = q / K ** 0.5
+    if gate == "normal":
+        g = F.logsigmoid(rand(B, T, HV) + 2.0)
+    elif gate == "slow":  # decay close to 1 (g close to 0): the ill-conditioned, barely gated regime
+        g = -1e-4 * torch.rand(B, T, HV, generator=gen)
+    else:  # "fast": decay close to 0 (state forgotten almost at once); exp(cumsum) underflows within a chunk
+        g = -20.0 - 10 * torch.rand(B, T, HV, generator=gen)
+    beta = 2.0 * torch.rand(B, T, HV, generator=gen)  # (0, 2): negative eigenvalues allowed
+    h0 = rand(n_states if n_states is not None else B, HV, K, V)
+    return [x.to(device) for x in (q.to(dtype), k.to(dtype), v.to(dtype), g.to(dtype), beta.to(dtype), h0)]
+
+
+def check_against_reference(inputs, dtype, use_h0=True, l2norm=True, cu_seqlens=None, reset_mask=None,
+                            tol=None, loss_on_state=True):
+    tol = TOL[dtype] if tol is None else tol
+    q, k, v, g, beta, h0 = inputs
+    h0 = h0 if use_h0 else None
+    ours = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, g, beta)]
+    h0_ours = h0.detach().clone().requires_grad_() if use_h0 else None
+    h0_ref = h0.detach().double().requires_grad_() if use_h0 else None
+    kw = dict(output_final_state=True, cu_seqlens=cu_seqlens, reset_mask=reset_mask,
+              use_qk_l2norm_in_kernel=l2norm)
+    o, s = gated_delta_rule(*ours, initial_state=h0_ours, backend="triton", **kw)
+    o_ref, s_ref = recurrent_gated_delta_rule(*ref, initial_state=h0_ref, backend="torch", **kw)
+    assert o.dtype == q.dtype and s.dtype == torch.float32
+    do = torch.randn_like(o_ref)
+    ds = torch.randn_like(s_ref)
+    if loss_on_state:
+        ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+        ((o_ref * do).sum() + (s_ref * ds).sum()).backward()
+    else:  # the final state gets no gradient at all (None, not zeros) in the backward
+        (o.double() * do).sum().backward()
+        (o_ref * do).sum().backward()
+    errs = {"o": rel_err(o, o_ref), "final_state": rel_err(s, s_ref)}
+    for name, a, b in zip("q k v g beta".split(), ours, ref):
+        errs["d" + name] = rel_err(a.grad, b.grad)
+    if use_h0:
+        errs["dh0"] = rel_err(h0_ours.grad, h0_ref.grad)
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate", ["normal", "slow", "fast"])
+def test_chunk_matches_reference(dtype, gate):
+    inputs = make_inputs(B=2, T=77, H=2, HV=2, K=32, V=16, dtype=dtype, gate=gate, seed=1)
+    check_against_reference(inputs, dtype)
+
+
+def test_chunk_no_l2norm_no_initial_state_grouped_heads():
+    inputs = make_inputs(B=1, T=130, H=1, HV=2, K=16, V=32, dtype=torch.float32, l2norm=False, seed=2)
+    check_against_reference(inputs, torch.float32, use_h0=False, l2norm=False, loss_on_state=False)
+
+
+def test_chunk_packed_documents():
+    # The interpreter is slow: the CPU suite stops at 300 tokens, the GPU run covers a 2000-token document.
+    lengths = [1, 2, 63, 64, 65, 129, 2000 if DEVICE == "cuda" else 300]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
+    inputs = make_inputs(B=1, T=sum(lengths), H=1, HV=1, K=16, V=16, dtype=torch.float32,
+                         n_states=len(lengths), seed=3)
+    check_against_reference(inputs, torch.float32, cu_seqlens=cu)
+
+
+def test_chunk_reset_mask_with_packed_documents():
+    T = 150
+    gen = torch.Generator().manual_seed(4)
+    reset = torch.rand(1, T, generator=gen) < 0.04
+    reset[0, 0] = True  # a reset at t = 0 discards the row's initial state
+    reset[0, 64] = True  # a reset exactly at a chunk start
+    cu = torch.tensor([0, 40, 41, T], device=DEVICE)
+    inputs = make_inputs(B=1, T=T, H=2, HV=2, K=16, V=16, dtype=torch.float32, n_states=3, seed=4)
+    check_against_reference(inputs, torch.float32, cu_seqlens=cu, reset_mask=reset.to(DEVICE))
+
+
+def test_inference_mode_skips_saved_states_and_matches():
+    import olmo_hybrid.ops.triton  # noqa: F401  (defines the torch.ops.olmo_hybrid custom ops)
+
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=70, H=1, HV=1, K=16, V=16, dtype=torch.float32, seed=5)
+    with torch.no_grad():
+        o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, backend="triton",
+                                use_qk_l2norm_in_kernel=True)
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                              backend="torch", use_qk_l2norm_in_kernel=True)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(s, s_ref) < 1e-4
+    states = torch.ops.olmo_hybrid.gdr_chunk_fwd(q, k, v, g, beta, 0.25, None, None, None, True, False)[5]
+    assert states.numel() == 0
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_decode_step_matches_reference(inplace):
+    from olmo_hybrid.ops.triton import gated_delta_rule_step_inplace
+
+    B, H, HV, K, V = 3, 2, 4, 32, 48
+    q, k, v, g, beta, _ = make_inputs(B=B, T=1, H=H, HV=HV, K=K, V=V, dtype=torch.float32, seed=6)
+    q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
+    state = torch.randn(B, HV, K, V, device=DEVICE)
+    o_ref, s_ref = gated_delta_rule_step(*(t.double() for t in (q, k, v, g, beta, state)), backend="torch",
+                                         use_qk_l2norm_in_kernel=True)
+    before = state.clone()
+    if inplace:
+        o = gated_delta_rule_step_inplace(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True)
+        s = state
+    else:
+        o, s = gated_delta_rule_step(q, k, v, g, beta, state, backend="triton", use_qk_l2norm_in_kernel=True)
+        assert torch.equal(state, before), "the out-of-place step must not modify its input state"
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+
+
+def test_decode_steps_continue_the_chunked_prefill():
+    """Prefill with the chunk kernel, then decode token by token: same outputs as one pass over everything."""
+    q, k, v, g, beta, h0 = make_inputs(B=2, T=40, H=1, HV=1, K=16, V=16, dtype=torch.float32, seed=7)
+    with torch.no_grad():
+        o_all, _ = gated_delta_rule(q, k, v, g, beta, initial_state=h0, backend="triton",
+                                    use_qk_l2norm_in_kernel=True)
+        _, state = gated_delta_rule(q[:, :30], k[:, :30], v[:, :30], g[:, :30], beta[:, :30], initial_state=h0,
+                                    output_final_state=True, backend="triton", use_qk_l2norm_in_kernel=True)
+        for t in range(30, 40):
+            o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state,
+                                               backend="triton", use_qk_l2norm_in_kernel=True)
+            assert rel_err(o_t, o_all[:, t]) < 1e-4
+
+
+def test_compile_fullgraph_traces_custom_ops():
+    """torch.compile traces forward and backward through the fake implementations without graph breaks."""
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=20, H=1, HV=1, K=16, V=16, dtype=torch.float32, seed=8)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+
+    def layer(q, k, v, g, beta):
+        o, s = gated_delta_rule(q, k, v, g, beta, output_final_state=True, backend="triton",
+                                use_qk_l2norm_in_kernel=True)
+        return (o * o).sum() + s.sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(layer, fullgraph=True, backend="aot_eager")(*leaves)
+    loss.backward()
+    eager = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    layer(*eager).backward()
+    assert rel_err(loss.detach(), layer(q, k, v, g, beta).detach()) < 1e-6
+    for a, b in zip(leaves, eager):
+        assert rel_err(a.grad, b.grad) < 1e-6
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas, fake (meta) implementations, autograd registration and AOT dispatch of the custom ops."""
+    import olmo_hybrid.ops.triton  # noqa: F401  (defines the torch.ops.olmo_hybrid custom ops)
+
+    q, k, v, g, beta, h0 = make_inputs(B=1, T=70, H=1, HV=1, K=16, V=16, dtype=torch.float32, n_states=2, seed=15)
+    leaves = [t.requires_grad_() for t in (q, k, v, g, beta)]
+    cu = torch.tensor([0, 5, 70], device=DEVICE)
+    step = (*(t[:, 0].detach() for t in (q, k, v, g, beta)), h0[:1].clone(), 0.25, True)  # decode: no autograd
+    cases = [
+        (torch.ops.olmo_hybrid.gdr_chunk_fwd.default, (*leaves, 0.25, None, None, None, True, True)),
+        (torch.ops.olmo_hybrid.gdr_chunk_fwd.default,  # inference: no saved states, packed documents
+         (*(t.detach() for t in leaves), 0.25, h0, cu, None, True, False)),
+        (torch.ops.olmo_hybrid.gdr_step.default, step),
+        (torch.ops.olmo_hybrid.gdr_step_.default, step),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_backend_selection():
+    q, k, v, g, beta, _ = make_inputs(B=1, T=5, H=1, HV=1, K=16, V=16, dtype=torch.float32, seed=9)
+    if DEVICE == "cpu":  # auto picks the reference on CPU tensors even though the interpreter could run them
+        o_auto, _ = gated_delta_rule(q, k, v, g, beta, backend="auto")
+        o_torch, _ = gated_delta_rule(q, k, v, g, beta, backend="torch")
+        assert torch.equal(o_auto, o_torch)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        gated_delta_rule(q.double(), k.double(), v.double(), g.double(), beta.double(), backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: realistic head sizes, bf16, the OLMo Hybrid 7B head shape, long packed documents.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128), (96, 192), (64, 256)])
+def test_gpu_chunk_head_sizes(K, V):
+    inputs = make_inputs(B=2, T=200, H=2, HV=2, K=K, V=V, dtype=torch.bfloat16, seed=10)
+    check_against_reference(inputs, torch.bfloat16)
+
+
+def test_key_dim_above_128_is_refused_with_reason():
+    q, k, v, g, beta, _ = make_inputs(B=1, T=3, H=1, HV=1, K=256, V=16, dtype=torch.float32, seed=14)
+    with pytest.raises(BackendUnavailableError, match="K=256"):
+        gated_delta_rule(q, k, v, g, beta, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["slow", "fast"])
+def test_gpu_chunk_gates_fp32(gate):
+    inputs = make_inputs(B=1, T=203, H=2, HV=4, K=128, V=128, dtype=torch.float32, gate=gate, seed=11)
+    check_against_reference(inputs, torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_chunk_packed_documents_bf16():
+    gen = torch.Generator().manual_seed(12)
+    lengths = [1, 2000] + torch.randint(1, 200, (4,), generator=gen).tolist()
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device=DEVICE)
+    inputs = make_inputs(B=1, T=sum(lengths), H=2, HV=2, K=96, V=192, dtype=torch.bfloat16,
+                         n_states=len(lengths), seed=12)
+    check_against_reference(inputs, torch.bfloat16, cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_batch():
+    from olmo_hybrid.ops.triton import gated_delta_rule_step_inplace
+
+    q, k, v, g, beta, _ = make_inputs(B=128, T=1, H=4, HV=4, K=96, V=192, dtype=torch.bfloat16, seed=13)
+    q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
+    state = torch.randn(128, 4, 96, 192, device=DEVICE)
+    o_ref, s_ref = gated_delta_rule_step(*(t.double() for t in (q, k, v, g, beta, state)), backend="torch",
+                                         use_qk_l2norm_in_kernel=True)
+    o = gated_delta_rule_step_inplace(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True)
+    assert rel_err(o, o_ref) < 5e-3 and rel_err(state, s_ref) < 1e-5
