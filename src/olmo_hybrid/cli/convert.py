@@ -12,7 +12,8 @@ import argparse
 
 import torch
 
-from olmo_hybrid.cli.generate import DTYPES, load_model_and_tokenizer
+from olmo_hybrid.cli.generate import DTYPES
+from olmo_hybrid.loading import load_checkpoint
 
 
 def _size(text: str) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--verify", action="store_true", help="reload DST and compare logits on random tokens")
     args = p.parse_args(argv)
-    model, tok = load_model_and_tokenizer(args.src, dtype=DTYPES[args.dtype])
+    model, tok = load_checkpoint(args.src, dtype=DTYPES[args.dtype], require_tokenizer=False)
     model.save_pretrained(args.dst, tokenizer=tok, max_shard_bytes=_size(args.max_shard_size))
     print(f"wrote {args.dst}: {model.num_params():,} parameters, {args.dtype}")
     if args.verify:

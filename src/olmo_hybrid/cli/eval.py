@@ -154,12 +154,12 @@ def main(argv: list[str]) -> int:
     if bad:
         print(f"olmo-hybrid eval: unknown suite(s) {', '.join(bad)} (known: {', '.join(SUITES)})", file=sys.stderr)
         return 2
-    from olmo_hybrid.eval.checkpoint import load_for_eval
+    from olmo_hybrid.loading import load_checkpoint
     from olmo_hybrid.eval.report import write_json_atomic
     from olmo_hybrid.eval.runner import ModelRunner
 
     try:
-        model, tok = load_for_eval(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
+        model, tok = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         print(f"olmo-hybrid eval: {e}", file=sys.stderr)
         return 2

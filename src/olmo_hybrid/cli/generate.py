@@ -4,37 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
+from olmo_hybrid.loading import load_checkpoint
 from olmo_hybrid.model.generate import stream_generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_model_and_tokenizer(path: str, dtype: torch.dtype | None = None, device: str | None = None):
-    """A HF checkpoint directory or a training run directory -> (model, tokenizer or None).
-
-    A HF directory without tokenizer.json gets the bundled dolma2 tokenizer when its vocabulary has
-    dolma2's padded size, and no tokenizer otherwise.
-    """
-    from olmo_hybrid.data import load_tokenizer
-    from olmo_hybrid.model import HybridLM
-
-    p = Path(path)
-    if (p / "config.json").is_file():
-        model = HybridLM.from_pretrained(p, dtype=dtype, device=device)
-        if (p / "tokenizer.json").is_file():
-            return model, load_tokenizer(p)
-        dolma2 = load_tokenizer("dolma2")
-        return model, dolma2 if model.config.vocab_size == dolma2.padded_vocab_size() else None
-    if p.is_dir():
-        from olmo_hybrid.train.checkpoint import load_model_from_run
-
-        model, tok = load_model_from_run(p)
-        return model.to(device=device or "cpu", dtype=dtype or torch.float32), tok
-    raise SystemExit(f"olmo-hybrid generate: checkpoint directory '{path}' does not exist")
 
 
 def main(argv: list[str]) -> int:
@@ -46,15 +22,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file or dir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model, tok = load_model_and_tokenizer(args.checkpoint, dtype, args.device)
-    model.eval()
-    if tok is None:
-        raise SystemExit(f"olmo-hybrid generate: {args.checkpoint} has no tokenizer.json and its vocabulary "
-                         f"({model.config.vocab_size}) is not dolma2's")
+    model, tok = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
     ids = torch.tensor([tok.encode(args.prompt)], device=args.device)
     if ids.shape[1] == 0:
         raise SystemExit("olmo-hybrid generate: the prompt encodes to zero tokens")

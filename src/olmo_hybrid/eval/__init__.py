@@ -2,10 +2,9 @@
 
 Public API (import from ``olmo_hybrid.eval``; the command line is ``olmo-hybrid eval``):
 
-Model access (``runner.py``, ``checkpoint.py``)
+Model access (``runner.py``; checkpoints load with ``olmo_hybrid.loading.load_checkpoint``)
     ModelRunner(model, batch_size, max_length, prefix_id)   .loglikelihood(pairs), .rolling_nll(ids, stride),
                                                            .generate_greedy(prompts, max_new_tokens, eos_token_id)
-    load_for_eval(path, device, tokenizer=None) -> (model, tokenizer)   HF directory or training run directory
 RULER (``ruler_tasks.py``, ``ruler.py``, ``haystack.py``)
     TASKS, SYNTHETIC_TASKS; RulerGenerator(tokenizer, haystack).samples(task, max_length, n) -> [RulerSample]
     load_haystack("bundled" | path) -> HaystackText
@@ -25,7 +24,6 @@ import importlib
 # name -> module; loaded on first use so ``python -m olmo_hybrid.eval.probes`` and the CLI import only
 # what they need.
 _EXPORTS = {
-    "load_for_eval": "checkpoint",
     "HaystackText": "haystack", "load_haystack": "haystack",
     "MCQuestion": "mc", "bits_per_byte_of_texts": "mc", "load_questions": "mc", "score_questions": "mc",
     "MODEL_VARIANTS": "probes", "ProbeConfig": "probes", "probe_checkpoint": "probes", "run_probe": "probes",
@@ -47,7 +45,6 @@ __all__ = [
     "RulerResult",
     "RulerSample",
     "bits_per_byte_of_texts",
-    "load_for_eval",
     "load_haystack",
     "load_questions",
     "probe_checkpoint",

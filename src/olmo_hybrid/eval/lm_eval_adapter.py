@@ -29,9 +29,9 @@ class OlmoHybridLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("OlmoHybridLM needs model=/tokenizer= objects or pretrained=<checkpoint dir>")
-            from olmo_hybrid.eval.checkpoint import load_for_eval
+            from olmo_hybrid.loading import load_checkpoint
 
-            model, tokenizer = load_for_eval(pretrained, device=device)
+            model, tokenizer = load_checkpoint(pretrained, device=device)
         if tokenizer is None:
             raise ValueError("OlmoHybridLM needs the checkpoint's tokenizer")
         if getattr(tokenizer, "eos_token_id", None) is None:
