@@ -1,0 +1,325 @@
+"""Training checkpoints: atomic save, validation, keep-last-k, resume, and export.
+
+Layout of a run directory::
+
+    RUN/config.json                    resolved config of the run
+    RUN/metrics.jsonl                  one JSON object per optimizer step
+    RUN/checkpoints/step_000200/       model.pt, optim.pt, state.pt, config.json, MANIFEST.json
+    RUN/hf/                            Hugging Face export of the finished model + tokenizer.json
+
+A checkpoint is written into ``checkpoints/.tmp-step_N-PID``; every file is fsynced, the manifest
+(file names and sizes) is written last, and only then is the directory renamed to ``step_N``. A
+checkpoint counts as valid only if its manifest exists and every listed file has the listed size,
+so a process killed at any point of a save leaves either the new checkpoint complete or an ignored
+temporary directory, and the previous checkpoint is never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MANIFEST = "MANIFEST.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or does not fit the run that tries to load it."""
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Low-level atomic writes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, obj: Any) -> None:
+    """Write ``obj`` (torch-serialisable, or ``str`` for text) to ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        if isinstance(obj, str):
+            f.write(obj.encode("utf-8"))
+        else:
+            torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (temp file in the same directory, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        _write_file(tmp, text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state({"bit_generator": npst["bit_generator"],
+                         "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+                         "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing and validation
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def validate_checkpoint(path: Path) -> str | None:
+    """Return why ``path`` is not a complete checkpoint, or None if it is."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest.name} missing (save interrupted?)"
+    try:
+        meta = json.loads(manifest.read_text())
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable: {e}"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
+def list_checkpoints(run_dir: str | Path, valid_only: bool = True) -> list[CheckpointInfo]:
+    """Checkpoints of a run, oldest first; temporary directories of interrupted saves are skipped."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (not valid_only or validate_checkpoint(p) is None):
+            found.append(CheckpointInfo(p, int(m.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest_checkpoint(run_dir: str | Path, log=print) -> CheckpointInfo | None:
+    """The newest valid checkpoint; invalid newer ones are reported through ``log`` and skipped."""
+    for info in reversed(list_checkpoints(run_dir, valid_only=False)):
+        why = validate_checkpoint(info.path)
+        if why is None:
+            return info
+        log(f"skipping incomplete checkpoint {info.path}: {why}")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Save / load
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    train_state: dict, config: dict, keep_last_k: int = 0) -> Path:
+    """Write checkpoint ``step`` atomically, then drop all but the newest ``keep_last_k`` (0: keep all).
+
+    On any OSError (a full disk, a permission problem) the temporary directory is removed and a
+    ``CheckpointError`` says so; existing checkpoints are untouched.
+    """
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left by saves that were killed
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    previous = latest_checkpoint(run_dir, log=lambda _: None)
+    try:
+        tmp.mkdir()
+        parts = {
+            "model.pt": model.state_dict(),
+            "optim.pt": optimizer.state_dict(),
+            "state.pt": {**train_state, "step": step, "rng": rng_state()},
+            "config.json": json.dumps(config, indent=2) + "\n",
+        }
+        for name, obj in parts.items():
+            _write_file(tmp / name, obj)
+        manifest = {"format": FORMAT_VERSION, "step": step,
+                    "files": {name: (tmp / name).stat().st_size for name in parts}}
+        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume); replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
+        reason = "the disk is full" if e.errno == errno.ENOSPC else str(e)
+        raise CheckpointError(f"could not write checkpoint for step {step} in {root}: {reason}; {kept}") from e
+    if keep_last_k > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last_k]:
+            # Removing the manifest first makes the directory invalid at once, so a kill in the
+            # middle of rmtree never leaves something that looks like a checkpoint.
+            (old.path / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def model_config_diff(saved: dict, current: dict) -> list[str]:
+    """Fields where two ``model`` config dicts differ, as 'model.name: checkpoint X, config Y'."""
+    keys = sorted(set(saved) | set(current))
+    return [f"model.{k}: checkpoint {saved.get(k, '<absent>')!r}, config {current.get(k, '<absent>')!r}"
+            for k in keys if saved.get(k) != current.get(k)]
+
+
+def check_model_config(path: str | Path, current_model: dict) -> None:
+    saved = read_checkpoint_config(path).get("model", {})
+    diff = model_config_diff(saved, current_model)
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was trained with a different model config:\n  "
+                              + "\n  ".join(diff)
+                              + "\nUse the checkpoint's config, or start a fresh run in another --out directory.")
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    map_location: str | torch.device = "cpu") -> dict:
+    """Load weights (and optimizer state) in place; restore RNG state; return the train state dict."""
+    path = Path(path)
+    why = validate_checkpoint(path)
+    if why is not None:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {why}")
+    model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optim.pt", map_location=map_location, weights_only=True))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    set_rng_state(state.pop("rng"))
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# Export and loading for other tools
+
+
+def export_hf(run_dir: str | Path, model: torch.nn.Module, tokenizer=None) -> Path:
+    """Write ``RUN/hf`` (``save_pretrained`` + the tokenizer's files) atomically; return its path."""
+    run_dir = Path(run_dir)
+    final = run_dir / "hf"
+    tmp = run_dir / f".tmp-hf-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not export the Hugging Face checkpoint to {final}: {e}") from e
+    return final
+
+
+def load_model_from_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None):
+    """The trained model of a run directory, in eval mode on ``device``.
+
+    Uses ``RUN/hf`` when the run finished (and no ``step`` is asked for); otherwise the newest valid
+    training checkpoint, or the one for ``step``.
+    """
+    from olmo_hybrid.config import ModelConfig, from_dict
+    from olmo_hybrid.model import HybridLM
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    if step is None and (run_dir / "hf" / "config.json").is_file():
+        model = HybridLM.from_pretrained(run_dir / "hf")
+    else:
+        if step is None:
+            info = latest_checkpoint(run_dir)
+        else:
+            info = next((c for c in list_checkpoints(run_dir) if c.step == step), None)
+        if info is None:
+            what = f"no valid checkpoint for step {step}" if step is not None else "no hf/ export and no valid checkpoint"
+            raise CheckpointError(f"run directory {run_dir} has {what}")
+        model = HybridLM(from_dict(ModelConfig, read_checkpoint_config(info.path)["model"], "model"))
+        model.load_state_dict(torch.load(info.path / "model.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def model_config_from_run(run_dir: str | Path):
+    """The ``ModelConfig`` of a run: from ``RUN/config.json`` (written at start-up), else its ``hf/`` export."""
+    from olmo_hybrid.config import ModelConfig, from_dict
+
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").is_file():
+        return from_dict(ModelConfig, read_checkpoint_config(run_dir)["model"], "model")
+    if (run_dir / "hf" / "config.json").is_file():
+        from olmo_hybrid.model.hf_io import read_config
+
+        return read_config(run_dir / "hf")
+    raise CheckpointError(f"{run_dir} is not a training run directory: no config.json")
+
+
+def tokenizer_file_of_run(run_dir: str | Path) -> Path:
+    """``tokenizer.json`` of a run (from its hf/ export, else the path recorded in its config)."""
+    run_dir = Path(run_dir)
+    exported = run_dir / "hf" / "tokenizer.json"
+    if exported.is_file():
+        return exported
+    recorded = run_dir / "tokenizer.json"
+    if recorded.is_file():
+        return recorded
+    raise CheckpointError(f"run directory {run_dir} has no tokenizer.json (neither hf/ nor the run root)")

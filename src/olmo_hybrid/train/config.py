@@ -1,0 +1,184 @@
+"""The training config (model + data + optimizer + schedule + trainer) and its named presets.
+
+Everything goes through ``olmo_hybrid.config``'s helpers, so a JSON file, a preset and dotted
+command-line overrides (``optim.lr=3e-3``) build the same dataclass and fail the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from olmo_hybrid.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset
+from olmo_hybrid.data import DataConfig
+from olmo_hybrid.train.optim import DECAY_RULES, SCHEDULES
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. ``decay_rule`` chooses which parameters get weight decay (see ``optim.param_groups``):
+    ``all_but_embeddings`` is OLMo Hybrid's recipe, ``matrices`` exempts norms, biases and the GDN
+    gate scalars as well."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_rule: str = "all_but_embeddings"
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup, then ``cosine`` (to ``final_lr_fraction`` of the peak: OLMo Hybrid's 10%),
+    ``linear``, ``wsd`` (hold, then linear decay over the last ``decay_fraction`` of the steps) or
+    ``constant``."""
+
+    name: str = "cosine"
+    warmup_steps: int = 2000
+    final_lr_fraction: float = 0.1
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step (each of data.batch_size sequences)
+    clip_grad: float = 1.0  # max global gradient norm; 0 turns clipping off
+    z_loss: float = 1e-5
+    eval_interval: int = 100  # steps between validation passes (0: only at the end)
+    eval_batches: int = 16  # validation batches per pass (fixed, the same every pass)
+    save_interval: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last_k: int = 2  # checkpoints kept (0: all)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 autocast on accelerators; or fp32 / bf16
+    compile: bool = False
+    log_interval: int = 10
+    max_minutes: float = 0.0  # wall-clock budget from start-up (0: none); stops early, keeping time to finish
+    tensorboard: bool = False
+    wandb_project: str = ""
+    export_hf: bool = True
+    sample_prompt: str = "ROMEO:\n"
+    sample_tokens: int = 120
+    sample_temperature: float = 0.8  # 0: greedy
+    sample_top_k: int = 50
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=lambda: model_preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        o, s, t = self.optim, self.schedule, self.trainer
+        if not o.lr > 0:
+            raise ConfigError(f"optim.lr must be positive, got {o.lr}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.decay_rule not in DECAY_RULES:
+            raise ConfigError(f"optim.decay_rule: expected one of {', '.join(DECAY_RULES)}, got {o.decay_rule!r}")
+        if s.name not in SCHEDULES:
+            raise ConfigError(f"schedule.name: expected one of {', '.join(SCHEDULES)}, got {s.name!r}")
+        if s.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+        if not 0 <= s.final_lr_fraction <= 1:
+            raise ConfigError(f"schedule.final_lr_fraction must be in [0, 1], got {s.final_lr_fraction}")
+        if not 0 < s.decay_fraction <= 1:
+            raise ConfigError(f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
+        for name in ("steps", "grad_accum", "eval_batches", "log_interval"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"trainer.{name} must be positive, got {getattr(t, name)}")
+        for name in ("eval_interval", "save_interval", "keep_last_k", "sample_tokens", "max_minutes"):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
+        if t.dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"trainer.dtype: expected auto, fp32 or bf16, got {t.dtype!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _tiny() -> dict:
+    """The main job: the tiny hybrid on the bundled Shakespeare corpus in ~6 minutes on 2 CPU cores.
+
+    400 steps of 8 x 256 tokens (0.8M tokens, about half an epoch). Small batches and a high peak
+    learning rate suit this budget: the model sees few tokens, so the number of updates matters more
+    than gradient noise. Weight decay skips norms and the GDN gate scalars here (``matrices``): they
+    have no neutral zero, and on this budget it was no worse (0.02-0.04 lower at equal steps in one run
+    each, docs/training.md) than OLMo Hybrid's decay-everything rule. ``max_minutes`` is a guard for
+    slower machines, not the plan.
+    """
+    return {
+        "data": {"seq_len": 256, "batch_size": 8},
+        "optim": {"lr": 3e-3, "decay_rule": "matrices"},
+        "schedule": {"name": "cosine", "warmup_steps": 40},
+        "trainer": {"steps": 400, "eval_interval": 100, "eval_batches": 4, "log_interval": 20,
+                    "max_minutes": 9.0},
+    }
+
+
+def _smoke() -> dict:
+    """Seconds, not minutes: a 2-layer d_model-64 model for CI and first checks."""
+    return {
+        "model": {"d_model": 64, "n_layers": 2, "layer_pattern": "GA", "n_heads": 2, "gdn_heads": 2,
+                  "gdn_head_k": 16, "gdn_head_v": 32, "mlp_hidden": 128},
+        "optim": {"lr": 3e-3},
+        "schedule": {"warmup_steps": 5},
+        "trainer": {"steps": 20, "eval_interval": 10, "eval_batches": 2, "log_interval": 5, "sample_tokens": 20},
+    }
+
+
+TRAIN_PRESETS: dict[str, Callable[[], dict]] = {"tiny": _tiny, "smoke": _smoke}
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def merge_config(cfg: TrainConfig, partial: dict) -> TrainConfig:
+    """``cfg`` with the fields named in the nested dict ``partial`` replaced (validated again)."""
+    return from_dict(TrainConfig, _merge(dataclasses.asdict(cfg), partial))
+
+
+def train_preset(name: str) -> TrainConfig:
+    """A named recipe: the ``tiny`` model preset plus the recipe's overrides of the defaults."""
+    if name not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown train preset '{name}' (known: {', '.join(TRAIN_PRESETS)})")
+    return merge_config(TrainConfig(), TRAIN_PRESETS[name]())
+
+
+def build_config(config_file: str | Path | None = None, overrides: list[str] = (), preset: str | None = None
+                 ) -> TrainConfig:
+    """Preset (default ``tiny``) or JSON file, then dotted overrides. A JSON file may be partial:
+    its sections replace fields of the preset named by ``preset`` (default ``tiny``)."""
+    base = train_preset(preset or "tiny")
+    if config_file is not None:
+        base = merge_config(base, load_json_dict(config_file))
+    return apply_overrides(base, list(overrides))
+
+
+def load_json_dict(path: str | Path) -> dict:
+    """A (possibly partial) config file as a dict; ``from_dict`` validates it after the merge."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a JSON object at the top level")
+    return data
