@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton picks interpreted or compiled kernels when its modules are first imported, and other libraries in the
+# suite (transformers) import it early: without a GPU, ask for the interpreter before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
