@@ -13,7 +13,7 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -140,7 +140,8 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
     return from_dict(type(cfg), data)
 
 
-def load_json(cls: type[T], path: str | Path) -> T:
+def read_json_object(path: str | Path) -> dict:
+    """A config file's top-level JSON object (not yet validated against any dataclass)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
@@ -148,7 +149,13 @@ def load_json(cls: type[T], path: str | Path) -> T:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {p} is not valid JSON: {e}") from e
-    return from_dict(cls, data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a JSON object at the top level")
+    return data
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, read_json_object(path))
 
 
 # --------------------------------------------------------------------------------------------------

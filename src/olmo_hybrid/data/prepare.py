@@ -37,6 +37,7 @@ import numpy as np
 from olmo_hybrid.data.corpus import SHAKESPEARE_ASSET, DataError, Document, FileDocuments, HFDocuments, \
     ListDocuments, bundled_corpus
 from olmo_hybrid.data.tokenizer import DOLMA2, Tokenizer, load_tokenizer, train_bpe
+from olmo_hybrid.fsio import fsync_dir
 
 FORMAT = "olmo-hybrid-tokens"
 FORMAT_VERSION = 1
@@ -163,19 +164,11 @@ def _check_replaceable(out: Path) -> None:
                         "refusing to replace it; choose a new or empty directory")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _install(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` into place; the old ``out`` is deleted only after the swap."""
     if not out.exists():
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, old / "data")
@@ -184,7 +177,7 @@ def _install(tmp: Path, out: Path) -> None:
     except BaseException:
         os.replace(old / "data", out)  # put the previous dataset back
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import lzma
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from olmo_hybrid.data.corpus import DataError
+from olmo_hybrid.fsio import atomic_write_text
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DOLMA2 = "dolma2"
@@ -110,22 +110,13 @@ class Tokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
-        _write_text_atomic(directory / "tokenizer.json", self.to_json())
-        _write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / "tokenizer.json", self.to_json())
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return directory / "tokenizer.json"
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id}, "
                 f"pad_token_id={self.pad_token_id})")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=1)

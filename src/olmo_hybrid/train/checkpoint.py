@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from olmo_hybrid.fsio import fsync_dir
+
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -48,14 +50,6 @@ class CheckpointInfo:
 # Low-level atomic writes
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, obj: Any) -> None:
     """Write ``obj`` (torch-serialisable, or ``str`` for text) to ``path`` and fsync it."""
     with open(path, "wb") as f:
@@ -65,19 +59,6 @@ def _write_file(path: Path, obj: Any) -> None:
             torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temp file in the same directory, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_file(tmp, text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,11 +173,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, o
         manifest = {"format": FORMAT_VERSION, "step": step,
                     "files": {name: (tmp / name).stat().st_size for name in parts}}
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume); replace it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"

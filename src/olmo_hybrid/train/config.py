@@ -7,12 +7,11 @@ command-line overrides (``optim.lr=3e-3``) build the same dataclass and fail the
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from olmo_hybrid.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset
+from olmo_hybrid.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset, read_json_object
 from olmo_hybrid.data import DataConfig
 from olmo_hybrid.train.optim import DECAY_RULES, SCHEDULES
 
@@ -166,19 +165,5 @@ def build_config(config_file: str | Path | None = None, overrides: list[str] = (
     its sections replace fields of the preset named by ``preset`` (default ``tiny``)."""
     base = train_preset(preset or "tiny")
     if config_file is not None:
-        base = merge_config(base, load_json_dict(config_file))
+        base = merge_config(base, read_json_object(config_file))
     return apply_overrides(base, list(overrides))
-
-
-def load_json_dict(path: str | Path) -> dict:
-    """A (possibly partial) config file as a dict; ``from_dict`` validates it after the merge."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {p} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: expected a JSON object at the top level")
-    return data

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from olmo_hybrid.train.checkpoint import atomic_write_text
+from olmo_hybrid.fsio import atomic_write_text
 
 
 def format_duration(seconds: float) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from olmo_hybrid.config import ConfigError, to_dict
 from olmo_hybrid.data import DataError, TrainLoader, bits_per_byte, open_datasets, unigram_loss, val_batches
+from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.model import HybridLM
 from olmo_hybrid.train import checkpoint as ckpt
 from olmo_hybrid.train.config import TrainConfig
@@ -126,7 +127,7 @@ class Trainer:
                 self.log(f"--resume: no valid checkpoint in {self.run_dir}, starting from step 0")
             else:
                 self._load(info)
-        ckpt.atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
+        atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
         self.tokenizer.save(self.run_dir)
 
     def _load(self, info: ckpt.CheckpointInfo) -> None:
