@@ -87,6 +87,13 @@ def test_cli_trains_exports_and_samples(corpus_dir, tmp_path, capsys):
     assert [c.step for c in ckpt.list_checkpoints(out)] == [2, 3]
     # --resume on a finished run changes nothing and still reports.
     assert main([str(path), "--out", str(out), "--save-interval", "2", "--resume"]) == 0
+    # The run directory and its HF export are both checkpoints for the other commands.
+    from olmo_hybrid.cli import main as olmo_hybrid
+
+    capsys.readouterr()
+    for checkpoint in (out, out / "hf"):
+        assert olmo_hybrid(["info", str(checkpoint), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["model"]["params_total"] == cfg.model.num_params()
 
 
 def test_missing_corpus_is_a_clear_error_and_keeps_the_run(corpus_dir, tmp_path, capsys):

@@ -14,8 +14,10 @@ def resolve_config(name_or_dir: str) -> ModelConfig:
     """A preset name, a HF checkpoint directory, or a training run directory."""
     if name_or_dir in MODEL_PRESETS:
         return model_preset(name_or_dir)
+    from olmo_hybrid.loading import is_hf_dir
+
     path = Path(name_or_dir)
-    if (path / "config.json").is_file():
+    if is_hf_dir(path):
         from olmo_hybrid.model.hf_io import read_config
 
         return read_config(path)
