@@ -29,6 +29,31 @@ class GDNLayerCache:
     state: torch.Tensor  # [B, HV, K, V] fp32
 
 
+def allocate_layer_caches(config: ModelConfig, batch: int, max_len: int, device=None,
+                          dtype=torch.float32) -> list[AttnLayerCache | GDNLayerCache]:
+    """Zeroed per-layer caches for ``batch`` rows: KV in ``dtype`` for ``max_len`` tokens, conv in ``dtype``,
+    recurrent state in fp32 (exactly ``ModelConfig.inference_bytes_per_sequence`` per row)."""
+    c = config
+    w = c.gdn_conv_size - 1
+    key, val = c.gdn_heads * c.gdn_head_k, c.gdn_value_heads * c.gdn_head_v
+    kw = dict(device=device, dtype=dtype)
+    layers: list[AttnLayerCache | GDNLayerCache] = []
+    for kind in c.layer_types:
+        if kind == ATTN:
+            shape = (batch, c.kv_heads, max_len, c.head_dim)
+            layers.append(AttnLayerCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw)))
+        else:
+            layers.append(GDNLayerCache(
+                torch.zeros(batch, key, w, **kw), torch.zeros(batch, key, w, **kw), torch.zeros(batch, val, w, **kw),
+                torch.zeros(batch, c.gdn_value_heads, c.gdn_head_k, c.gdn_head_v, device=device, dtype=torch.float32),
+            ))
+    return layers
+
+
+def layer_caches_nbytes(layers: list[AttnLayerCache | GDNLayerCache]) -> int:
+    return sum(t.numel() * t.element_size() for layer in layers for t in vars(layer).values())
+
+
 class HybridCache:
     """Per-layer caches plus the bookkeeping shared by all layers.
 
@@ -43,30 +68,10 @@ class HybridCache:
         self.length = 0
         self.doc_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.last_doc = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        c = config
-        w = c.gdn_conv_size - 1
-        self.layers: list[AttnLayerCache | GDNLayerCache] = []
-        for kind in c.layer_types:
-            if kind == ATTN:
-                shape = (batch_size, c.kv_heads, max_len, c.head_dim)
-                self.layers.append(AttnLayerCache(torch.zeros(shape, device=device, dtype=dtype),
-                                                  torch.zeros(shape, device=device, dtype=dtype)))
-            else:
-                key, val = c.gdn_heads * c.gdn_head_k, c.gdn_value_heads * c.gdn_head_v
-                self.layers.append(GDNLayerCache(
-                    torch.zeros(batch_size, key, w, device=device, dtype=dtype),
-                    torch.zeros(batch_size, key, w, device=device, dtype=dtype),
-                    torch.zeros(batch_size, val, w, device=device, dtype=dtype),
-                    torch.zeros(batch_size, c.gdn_value_heads, c.gdn_head_k, c.gdn_head_v, device=device,
-                                dtype=torch.float32),
-                ))
+        self.layers = allocate_layer_caches(config, batch_size, max_len, device, dtype)
 
     def nbytes(self) -> int:
-        total = self.doc_ids.numel() * self.doc_ids.element_size()
-        for layer in self.layers:
-            for t in vars(layer).values():
-                total += t.numel() * t.element_size()
-        return total
+        return self.doc_ids.numel() * self.doc_ids.element_size() + layer_caches_nbytes(self.layers)
 
     def begin(self, doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Register the segment ids of ``T`` new tokens; returns (reset mask [B, T], start position)."""

@@ -31,7 +31,6 @@ class StepContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None
     attn_mask: torch.Tensor | None  # [B, 1, T, S] bool (or an SDPA bias), None = plain causal
     reset_mask: torch.Tensor | None  # [B, T] bool, True where a new document starts
-    cache: HybridCache | None
     start: int | torch.Tensor
     span: int | None = None
 
@@ -143,7 +142,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync per forward, not two
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids has token id {lo if lo < 0 else hi} outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
@@ -175,7 +174,7 @@ class HybridLM(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(start, start + t, device=device)[None].expand(b, t)
             rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        return StepContext(rope, attn_mask, reset_mask, cache, start)
+        return StepContext(rope, attn_mask, reset_mask, start)
 
     # -- conveniences --------------------------------------------------------------------------------
     def num_params(self, embeddings: bool = True) -> int:

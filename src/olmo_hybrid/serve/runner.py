@@ -50,7 +50,7 @@ class ModelRunner:
             # The model's attention uses plain causal SDPA when the mask is None, which is right only when the
             # chunk starts the sequence; later chunks need the diagonal shifted to the chunk's offset.
             mask = None if pos0 == 0 else _lower_right_causal(t, pos0 + t)
-            step = StepContext(rope=self._rope(positions), attn_mask=mask, reset_mask=None, cache=None, start=pos0)
+            step = StepContext(rope=self._rope(positions), attn_mask=mask, reset_mask=None, start=pos0)
             h = m.model.embed_tokens(piece)
             for layer, view in zip(m.model.layers, views):
                 h = layer(h, step, view)
@@ -71,7 +71,7 @@ class ModelRunner:
         key_mask = None
         if not uniform:
             key_mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        step = StepContext(rope=rope, attn_mask=key_mask, reset_mask=None, cache=None, start=positions, span=span)
+        step = StepContext(rope=rope, attn_mask=key_mask, reset_mask=None, start=positions, span=span)
         h = m.model.embed_tokens(tokens[:, None])
         for layer, view in zip(m.model.layers, self.cache.views(rows)):
             h = layer(h, step, view)

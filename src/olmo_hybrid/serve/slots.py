@@ -15,8 +15,8 @@ import heapq
 
 import torch
 
-from olmo_hybrid.config import ATTN, ModelConfig
-from olmo_hybrid.model.cache import AttnLayerCache, GDNLayerCache
+from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.model.cache import AttnLayerCache, GDNLayerCache, allocate_layer_caches, layer_caches_nbytes
 
 
 class NoFreeSlotError(RuntimeError):
@@ -29,21 +29,7 @@ class SlotCache:
             raise ValueError(f"SlotCache needs num_slots >= 1 and capacity >= 1, got {num_slots} and {capacity}")
         self.config, self.num_slots, self.capacity = config, num_slots, capacity
         self.device, self.dtype = torch.device(device) if device is not None else torch.device("cpu"), dtype
-        c = config
-        w = c.gdn_conv_size - 1
-        key, val = c.gdn_heads * c.gdn_head_k, c.gdn_value_heads * c.gdn_head_v
-        kw = dict(device=self.device, dtype=dtype)
-        self.layers: list[AttnLayerCache | GDNLayerCache] = []
-        for kind in c.layer_types:
-            if kind == ATTN:
-                shape = (num_slots, c.kv_heads, capacity, c.head_dim)
-                self.layers.append(AttnLayerCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw)))
-            else:
-                self.layers.append(GDNLayerCache(
-                    torch.zeros(num_slots, key, w, **kw), torch.zeros(num_slots, key, w, **kw),
-                    torch.zeros(num_slots, val, w, **kw),
-                    torch.zeros(num_slots, c.gdn_value_heads, c.gdn_head_k, c.gdn_head_v, device=self.device,
-                                dtype=torch.float32)))
+        self.layers = allocate_layer_caches(config, num_slots, capacity, self.device, dtype)
         self._free = list(range(num_slots))
         self.lengths = [0] * num_slots  # tokens cached per slot (host copy; the engine owns device positions)
 
@@ -83,4 +69,4 @@ class SlotCache:
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in vars(layer).values())
+        return layer_caches_nbytes(self.layers)
