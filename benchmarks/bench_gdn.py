@@ -10,6 +10,14 @@ require grad (ours then also saves the per-chunk states for the backward); "fwd(
 fwd+bwd minus what was allocated before it (inputs and do). SDPA: ``F.scaled_dot_product_attention(is_causal=True)``
 with the flash backend, [B, H, T, 128] bf16, H = the GDN shape's H.
 
+fla's first calls autotune every kernel, compiling each candidate config one after another (on a fresh H100
+machine it had not finished its first shape after 200 s, nor after 330 s: more than a device call can spare).
+``--fla-warm N`` first runs N worker processes that each compile a disjoint slice of every fla autotuner's configs
+into Triton's on-disk cache (and worker 0 our kernels), in parallel on the CPU cores; the main process then
+autotunes fla as usual, over all its configs, finding most of them compiled. The workers' own timings and choices
+are discarded; a worker whose slice of some kernel holds only configs over the shared-memory limit stops there
+with OutOfResources (fla's own autotuning skips such configs), which costs only warm-up coverage.
+
 fla 0.6.0 refuses its backward on Hopper with Triton in [3.4, 3.7.1) (fla issue 640): ``chunk_bwd_dqkwg`` in
 ``fla/ops/common/chunk_o.py`` raises when the module global ``TRITON_ABOVE_3_7_1`` is False. This script sets that
 global to True in its own process only (``--no-fla-guard-bypass`` keeps the guard), and cross-checks fla's
@@ -57,6 +65,62 @@ def gdn_impls(use_fla: bool, bypass_guard: bool):
             fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # read by chunk_bwd_dqkwg at call time; this process only
         impls["fla"] = lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0]
     return impls
+
+
+def slice_fla_autotuners(index: int, count: int) -> None:
+    """Keep configs index, index + count, ... of every imported fla autotuner (a warm-up worker's share)."""
+    from triton.runtime.autotuner import Autotuner
+
+    seen = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fla.") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            while obj is not None and not isinstance(obj, Autotuner) and hasattr(obj, "fn"):
+                obj = obj.fn  # triton.heuristics wraps the autotuner
+            if isinstance(obj, Autotuner) and id(obj) not in seen:
+                seen.add(id(obj))
+                n = len(obj.configs)
+                obj.configs = [c for j, c in enumerate(obj.configs) if j % count == index % count] or \
+                    [obj.configs[index % n]]
+
+
+def warm_worker(index: int, count: int, shapes: list[str], bypass_guard: bool) -> None:
+    """One warm-up worker: fla (sliced configs) and, for worker 0, ours, once fwd+bwd at every shape and at the
+    reference-error shape, so that the main process finds their kernels compiled."""
+    impls = gdn_impls(True, bypass_guard)
+    slice_fla_autotuners(index, count)
+    for shape in shapes:
+        B, T, H, K, V = SHAPES[shape]
+        for b, t in ((B, T), (1, REF_T)):
+            inputs = [x.requires_grad_() for x in make_inputs(b, t, H, K, V)]
+            do = torch.randn(b, t, H, V, device="cuda", dtype=torch.bfloat16)
+            impls["fla"](*inputs).backward(do)
+            if index == 0:
+                impls["ours"](*inputs).backward(do)
+                with torch.no_grad():  # the forward without saved states is a separate compilation
+                    impls["ours"](*inputs)
+    torch.cuda.synchronize()
+
+
+def run_warm_workers(count: int, shapes: str, bypass_guard: bool, timeout_s: float = 150.0) -> None:
+    """Start the warm-up workers and wait for them (those still running after timeout_s are killed: whatever
+    they did not compile, the main process compiles during its own autotuning)."""
+    import time
+
+    t0 = time.time()
+    args = [sys.executable, os.path.abspath(__file__), "--shapes", shapes]
+    if not bypass_guard:
+        args.append("--no-fla-guard-bypass")
+    procs = [subprocess.Popen(args + ["--warm-worker", f"{i}/{count}"]) for i in range(count)]
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, timeout_s - (time.time() - t0))))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append("killed")
+    print(f"warm-up workers: exit codes {codes}, {time.time() - t0:.0f} s", flush=True)
 
 
 def bench_fn(fn, inputs, do, mode):
@@ -108,8 +172,12 @@ def cross_check(impls, inputs, do):
     return out
 
 
-def reference_errors(fn, K, V, B=1, T=2048, H=4):
-    """Relative errors of fn's output and gradients vs the float64 chunked reference, at a reduced shape."""
+REF_T = 2048
+
+
+def reference_errors(fn, K, V, H, B=1, T=REF_T):
+    """Relative errors of fn's output and gradients vs the float64 chunked reference, at a reduced length (the
+    shape's H, so fla's autotuning, keyed on H, K, V, carries over to the timed shape)."""
     from olmo_hybrid.ops import gated_delta_rule
 
     inputs = [t.requires_grad_() for t in make_inputs(B, T, H, K, V, seed=1)]
@@ -139,11 +207,16 @@ def kernel_breakdown(fn, inputs, do, iters=5):
     """CUDA time per kernel name over `iters` fwd+bwd iterations (torch.profiler), in ms per iteration."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn(*inputs).backward(do)
+    def step():
+        for t in inputs:
+            t.grad = None  # as in the timed runs: no gradient-accumulation adds
+        fn(*inputs).backward(do)
+
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            fn(*inputs).backward(do)
+            step()
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
@@ -219,48 +292,65 @@ def main(argv=None):
     p.add_argument("--no-fla-guard-bypass", action="store_true")
     p.add_argument("--profile", action="store_true", help="per-kernel CUDA time breakdown of fwd+bwd")
     p.add_argument("--decode", action="store_true", help="also time the decode step")
-    p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--json", help="write all results to this file (rewritten after every shape)")
+    p.add_argument("--fla-warm", type=int, default=0, metavar="N",
+                   help="compile fla's autotune configs (and ours) in N parallel worker processes first")
+    p.add_argument("--fla-warm-timeout", type=float, default=150.0, help="seconds the warm-up workers may take")
+    p.add_argument("--warm-worker", help=argparse.SUPPRESS)  # "i/n": internal, one warm-up worker
     args = p.parse_args(argv)
+    if args.warm_worker:
+        index, count = map(int, args.warm_worker.split("/"))
+        warm_worker(index, count, args.shapes.split(","), not args.no_fla_guard_bypass)
+        return 0
     impls_wanted = args.impls.split(",")
+    if args.fla_warm and "fla" in impls_wanted:
+        run_warm_workers(args.fla_warm, args.shapes, not args.no_fla_guard_bypass, args.fla_warm_timeout)
     env = environment()
     print(json.dumps(env))
     impls = gdn_impls("fla" in impls_wanted, not args.no_fla_guard_bypass)
     results = dict(env=env, gdn=[], decode=[], breakdown={})
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
     for shape in args.shapes.split(","):
         B, T, H, K, V = SHAPES[shape]
         inputs = [t.requires_grad_() for t in make_inputs(B, T, H, K, V)]
         do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
         todo = {n: f for n, f in impls.items() if n in impls_wanted}
-        for name, fn in todo.items():
-            errs = reference_errors(fn, K, V)
-            print(shape, name, "vs float64 reference (B=1,T=2048,H=4):", json.dumps(errs))
+        for name, fn in todo.items():  # each implementation complete before the next (fla's first calls are slow)
+            errs = reference_errors(fn, K, V, H)
+            print(shape, name, f"vs float64 reference (B=1,T={REF_T},H={H}):", json.dumps(errs), flush=True)
             results.setdefault("reference_errors", {})[f"{shape}/{name}"] = errs
-        if len(todo) > 1:
-            diffs = cross_check(todo, inputs, do)
-            print(shape, "cross-check", json.dumps(diffs))
-            results.setdefault("cross_check", {})[shape] = diffs
-        for name, fn in todo.items():
             row = dict(shape=shape, impl=name, B=B, T=T, H=H, K=K, V=V)
             for mode in args.modes.split(","):
                 row[mode] = bench_fn(fn, inputs, do, mode)
             row["peak_extra_GiB"] = peak_extra_gib(fn, inputs, do)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
             results["gdn"].append(row)
             if args.profile:
                 bd = kernel_breakdown(fn, inputs, do)
                 results["breakdown"][f"{shape}/{name}"] = bd
                 for key, ms, cnt in bd[:12]:
-                    print(f"   {ms:8.3f} ms  x{cnt:<3d} {key[:100]}")
+                    print(f"   {ms:8.3f} ms  x{cnt:<3d} {key[:100]}", flush=True)
+            save()
+        if len(todo) > 1:
+            diffs = cross_check(todo, inputs, do)
+            print(shape, "cross-check", json.dumps(diffs), flush=True)
+            results.setdefault("cross_check", {})[shape] = diffs
         if "sdpa" in impls_wanted:
             fn, sin, sdo = sdpa_fn(B, T, H)
             row = dict(shape=shape, impl="sdpa", B=B, T=T, H=H, K=128, V=128)
             for mode in args.modes.split(","):
                 row[mode] = bench_fn(fn, sin, sdo, mode)
             row["peak_extra_GiB"] = peak_extra_gib(fn, sin, sdo)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
             results["gdn"].append(row)
         del inputs, do
         torch.cuda.empty_cache()
+        save()
     if args.decode:
         for row in bench_decode("fla" in impls_wanted):
             print(json.dumps(row))
@@ -269,9 +359,7 @@ def main(argv=None):
     for r in results["gdn"]:
         print(f"{r['shape']:8s} {r['impl']:5s} " + "  ".join(f"{r[m]:9.3f}ms" for m in args.modes.split(","))
               + f"   {r['peak_extra_GiB']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save()
     return 0
 
 

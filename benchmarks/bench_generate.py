@@ -19,16 +19,25 @@ its logit gap: tiny gaps are bf16 near-ties between the flat logits of random we
 Columns: prefill s (all prompts, wall clock), decode tok/s (new tokens after the first, per second of decode),
 new tok/s (all new tokens / total time, the issue's figure), extra peak memory over the weights, and that
 peak divided by the batch beside the per-sequence cache bytes the config computes (``olmo-hybrid info``).
+Decode bandwidth: step ms (batch / decode tok/s), the fewest bytes a step must move (every weight but the
+embedding table once, each row's KV cache at the mean decode context once, GDN states read and written once),
+and those bytes over the step time as TB/s (an H100 copies ~3.0 TB/s device to device).
+
+``--kernel-bench`` first times the decode attention alone at 32k keys (our split-KV kernel in a few
+configurations, SDPA flash over exactly the keys needed, SDPA with a per-row mask as the engine would
+otherwise use); ``--profile`` prints, after each run of our engine, where the time of pure decode steps goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import gc
 import platform
 import time
+import traceback
 
 import torch
 
@@ -37,7 +46,7 @@ from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.model import HybridLM
 from olmo_hybrid.serve import Engine, max_sequences
 from olmo_hybrid.serve.memory import format_bytes, workspace_bytes
-from olmo_hybrid.serve.verify import greedy_disagreements
+from olmo_hybrid.serve.verify import greedy_disagreements, teacher_forced_logits
 
 # The issue's 1.5B OLMo-Hybrid shape; MLP as the OLMo 3 ladder at this width (SwiGLU multiplier 1.5).
 FULL_SHAPE = dict(vocab_size=100352, d_model=2048, n_layers=16, n_heads=16, gdn_heads=16, gdn_head_k=96,
@@ -58,7 +67,7 @@ class Case:
 
 def cases(tiny: bool, hf_long: bool) -> dict[str, Case]:
     s = (lambda full, small: small) if tiny else (lambda full, small: full)
-    all4 = ("ours-hybrid", "ours-attn", "hf-hybrid", "hf-olmo3")
+    all4 = ("ours-hybrid", "ours-attn", "hf-olmo3", "hf-hybrid")  # fla's first-call autotuning last
     long = all4 if hf_long else ("ours-hybrid", "ours-attn")
     return {
         "b8": Case("b8", s(8, 2), s(4096, 64), s(128, 8), all4),
@@ -109,14 +118,19 @@ def build(system: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtyp
 
     hf = config_to_hf(cfg, dtype)
     if system == "hf-hybrid":
-        config = transformers.OlmoHybridConfig(**hf)
+        try:  # transformers 5.23 reads RoPE per layer type here as NoPE; older ones may need it (as Olmo3 below)
+            config = transformers.OlmoHybridConfig(**hf)
+        except (AttributeError, TypeError, ValueError):
+            config = transformers.OlmoHybridConfig(**{**hf, "rope_parameters": {"full_attention": hf["rope_parameters"]}})
         cls = transformers.OlmoHybridForCausalLM
     else:
         keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
-                "tie_word_embeddings")
-        config = transformers.Olmo3Config(**{k: hf[k] for k in keys},
-                                          layer_types=["full_attention"] * cfg.n_layers)
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+        common = dict({k: hf[k] for k in keys}, layer_types=["full_attention"] * cfg.n_layers)
+        try:  # RoPE per layer type (transformers 5.17 reads Olmo3's rope_parameters only this way)
+            config = transformers.Olmo3Config(**common, rope_parameters={"full_attention": hf["rope_parameters"]})
+        except (AttributeError, TypeError, ValueError):
+            config = transformers.Olmo3Config(**common, rope_parameters=hf["rope_parameters"])
         cls = transformers.Olmo3ForCausalLM
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -152,17 +166,71 @@ def run_ours(model, prompts: torch.Tensor, new: int, dtype, cuda_graphs: bool, p
             "new_tok_s": b * new / total, "total_s": total, "engine": engine}
 
 
-def profile_engine(engine: Engine, prompts: torch.Tensor, label: str, new: int = 8) -> None:
-    """Print where the time of one prefill and ``new`` decode steps goes (torch profiler, top ops)."""
+def profile_engine(engine: Engine, prompts: torch.Tensor, label: str, new: int, steps: int = 8) -> None:
+    """Print where the time of up to ``steps`` pure decode steps goes (torch profiler, top ops), after a prefill
+    (requests of ``new`` tokens, as the measured run)."""
     from torch.profiler import ProfilerActivity, profile
 
+    steps = min(steps, new - 2)
+    for p in prompts:
+        engine.submit(p, new, ignore_eos=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompts.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        engine.generate(list(prompts), max_new_tokens=new, ignore_eos=True)
-        sync(prompts.device)
     key = "self_cuda_time_total" if prompts.device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of {label} ({len(prompts)} prompts, {new} new tokens), by {key}:")
+    with profile(activities=activities) as prof:
+        engine.step()  # prefills every prompt (no prefill budget) and decodes once
+        sync(prompts.device)
+    print(f"\nprofile of {label}: prefill of {len(prompts)} x {prompts.shape[1]} tokens, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=20), flush=True)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(prompts.device)
+    list(engine.run_until_done())
+    print(f"\nprofile of {label}: {steps} decode steps at batch {len(prompts)}, by {key}:")
     print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+
+
+def decode_step_bytes(model, cfg: ModelConfig, batch: int, context: int, item: int) -> int:
+    """The fewest bytes one decode step moves: weights except the embedding table (a step reads ``batch`` of
+    its rows), each row's KV cache at ``context`` tokens, GDN state read and written, conv state."""
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * item
+    cache = cfg.inference_bytes_per_sequence(context, item)
+    return weights + batch * (cache["kv_cache"] + 2 * cache["gdn_state"] + 2 * cache["conv_state"])
+
+
+def kernel_bench(device: torch.device, dtype: torch.dtype, length: int = 32768, heads: int = 16, dim: int = 128):
+    """Decode attention alone, one query per row over ``length`` keys: our kernel vs SDPA (flash / masked)."""
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    from olmo_hybrid.ops import decode_attention
+    from olmo_hybrid.ops.triton.decode_attention import decode_attention_triton
+
+    print(f"\ndecode attention alone: {heads} heads x {dim}, {length} keys per row, {dtype}", flush=True)
+    for batch in (1, 16):
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype, generator=gen)
+        k, v = (torch.randn(batch, heads, length + 128, dim, device=device, dtype=dtype, generator=gen)
+                for _ in range(2))
+        lengths = torch.full((batch,), length, device=device)
+        ref = F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length])
+        moved = 2 * batch * heads * length * dim * k.element_size()
+        mask = (torch.arange(length + 128, device=device) < length)[None, None, None, :].expand(batch, 1, 1, -1)
+        runs = {"sdpa flash (exact keys, no mask)": lambda: F.scaled_dot_product_attention(
+                    q, k[:, :, :length], v[:, :, :length]),
+                "sdpa with key mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+        runs["ours, defaults"] = lambda: decode_attention(q, k, v, lengths)
+        for block_n, warps, per_sm in ((64, 4, 4), (128, 4, 4), (64, 4, 8), (128, 4, 8), (128, 8, 4), (256, 8, 4)):
+            runs[f"ours block_n={block_n} warps={warps} programs/SM={per_sm}"] = (
+                lambda b=block_n, w=warps, n=per_sm: decode_attention_triton(
+                    q, k, v, lengths, dim ** -0.5, block_n=b, num_warps=w, programs_per_sm=n))
+        for name, fn in runs.items():
+            err = float((fn().float() - ref.float()).norm() / ref.float().norm())
+            us = do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+            print(f"  batch {batch:2d}  {name:40s} {us:8.1f} us  {moved / us / 1e6:5.2f} TB/s  rel err {err:.1e}",
+                  flush=True)
+        runs.clear()  # the closures hold this batch's tensors
+        free_memory(device)
 
 
 @torch.no_grad()
@@ -198,7 +266,7 @@ def measure(system: str, cfg: ModelConfig, case: Case, batch: int, device, dtype
         row = run_ours(model, prompts, case.new, dtype, graphs, args.prefill_chunk)
         engine = row.pop("engine")
         if args.profile:
-            profile_engine(engine, prompts, f"{case.name} {system}")
+            profile_engine(engine, prompts, f"{case.name} {system}", case.new)
         del engine
     else:
         row = run_hf(model, prompts, case.new)
@@ -206,6 +274,8 @@ def measure(system: str, cfg: ModelConfig, case: Case, batch: int, device, dtype
     twin = cfg if system.endswith("hybrid") else dataclasses.replace(cfg, layer_pattern="A")
     item = torch.empty((), dtype=dtype).element_size()
     row["computed_per_seq"] = twin.inference_bytes_per_sequence(case.prompt + case.new, item)["total"]
+    row["step_s"] = batch / row["decode_tok_s"]
+    row["step_bytes"] = decode_step_bytes(model, twin, batch, case.prompt + case.new // 2, item)
     row["extra_peak"] = None if top is None else top - base
     row.update(system=system, case=case.name, batch=batch, prompt=case.prompt, new=case.new)
     del model, prompts
@@ -242,16 +312,29 @@ def check_greedy(cfg: ModelConfig, device, dtype, prompt_len: int, args) -> str:
     engine = Engine(model, max_batch=8, max_context=prompt_len + new, prefill_chunk=args.prefill_chunk,
                     cuda_graphs=args.cuda_graphs)
     outs = engine.generate(list(prompts), new, ignore_eos=True)
-    found = [(i, d) for i, out in enumerate(outs) for d in greedy_disagreements(model, prompts[i], out.token_ids)]
-    del engine, model
+    del engine  # its cache and CUDA graphs
     free_memory(device)
+    found = [(i, d) for i, out in enumerate(outs) for d in greedy_disagreements(model, prompts[i], out.token_ids)]
     what = f"8 prompts x {new} new tokens, prompt {prompt_len}, LM head x{args.head_scale}"
-    if not found:
-        return f"greedy check: every engine token is the full forward's argmax ({what})"
+    summary = f"greedy check: {len(found)} of {8 * new} tokens differ from the full forward's argmax ({what})"
+    if dtype != torch.float32:
+        # The noise floor of the dtype: the same weights computed in fp32 decide every position; the engine
+        # should disagree with them no more often than the model's own full forward in this dtype does.
+        model32 = copy.deepcopy(model).float()
+        vs32 = [0, 0]
+        for prompt, out in zip(prompts, outs):
+            truth = teacher_forced_logits(model32, prompt, out.token_ids).argmax(-1)
+            low = teacher_forced_logits(model, prompt, out.token_ids).argmax(-1)
+            vs32[0] += int((torch.tensor(out.token_ids, device=device) != truth).sum())
+            vs32[1] += int((low != truth).sum())
+        summary += (f"; against the same weights in fp32 (teacher-forced on the engine's tokens): engine "
+                    f"{vs32[0]}, the {str(dtype).removeprefix('torch.')} full forward {vs32[1]} of {8 * new} differ")
+        del model32
+    del model
+    free_memory(device)
     lines = [f"  prompt {i} token {d.index}: engine {d.token}, full forward {d.argmax}, logit gap {d.gap:.3g} "
              f"(logit std {d.spread:.3g})" for i, d in found]
-    return f"greedy check: {len(found)} of {8 * new} tokens differ from the full forward's argmax ({what}):\n" + \
-        "\n".join(lines)
+    return "\n".join([summary + (":" if lines else "")] + lines)
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -269,21 +352,38 @@ def versions() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| case | system | batch | prompt | new | prefill s | decode tok/s | new tok/s | extra peak | "
-            "peak / seq | computed / seq |")
+    head = ("| case | system | batch | prompt | new | prefill s | decode tok/s | new tok/s | step ms | GB / step | "
+            "TB/s | extra peak | peak / seq | computed / seq |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['system']} | {r['batch']} | {r['prompt']} | {r['new']} | "
-                         f"{r['error']} |||||| ")
+                         f"{r['error']} ||||||||| ")
             continue
         extra = r["extra_peak"]
         lines.append(
             f"| {r['case']} | {r['system']} | {r['batch']} | {r['prompt']} | {r['new']} | {r['prefill_s']:.3f} | "
-            f"{r['decode_tok_s']:,.1f} | {r['new_tok_s']:,.1f} | {format_bytes(extra) if extra is not None else '-'} | "
+            f"{r['decode_tok_s']:,.1f} | {r['new_tok_s']:,.1f} | {r['step_s'] * 1e3:.3f} | "
+            f"{r['step_bytes'] / 1e9:.3f} | {r['step_bytes'] / r['step_s'] / 1e12:.2f} | "
+            f"{format_bytes(extra) if extra is not None else '-'} | "
             f"{format_bytes(extra / r['batch']) if extra is not None else '-'} | "
             f"{format_bytes(r['computed_per_seq'])} |")
     return "\n".join(lines)
+
+
+def marginal_memory(rows: list[dict]) -> list[str]:
+    """Peak memory per additional sequence, from two runs of one system at the same lengths and different batch
+    sizes: the fixed workspace (one prefill chunk's activations) cancels out."""
+    out = []
+    done = [r for r in rows if r.get("extra_peak") is not None]
+    for a in done:
+        for b in done:
+            if (a["system"], a["prompt"], a["new"]) == (b["system"], b["prompt"], b["new"]) and a["batch"] < b["batch"]:
+                per = (b["extra_peak"] - a["extra_peak"]) / (b["batch"] - a["batch"])
+                out.append(f"{a['system']}: peak memory per added sequence ({a['case']} -> {b['case']}) "
+                           f"{format_bytes(per)}, computed {format_bytes(a['computed_per_seq'])} "
+                           f"({per / a['computed_per_seq'] - 1:+.1%})")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--prefill-chunk", type=int, default=None, help="default: 4096 (128 with --tiny)")
     p.add_argument("--check", action="store_true", help="first compare greedy tokens with full forwards")
-    p.add_argument("--profile", action="store_true", help="after each run of our engine, print a profile")
+    p.add_argument("--profile", action="store_true", help="after each run of our engine, print a decode profile")
+    p.add_argument("--kernel-bench", action="store_true", help="first time decode attention alone (CUDA)")
     p.add_argument("--head-scale", type=float, default=1.0, help="--check: multiply the LM head by this")
     p.add_argument("--cpu-budget-mib", type=int, default=8, help="64k-fit on CPU: the memory budget")
     p.add_argument("--out", default=None, help="append the markdown report to this file")
@@ -328,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
               f"vocab {cfg.vocab_size}; random weights, greedy", ""]
     print("\n".join(header), flush=True)
     notes = []
+    if args.kernel_bench and device.type == "cuda":
+        kernel_bench(device, dtype)
     if args.check:
         notes.append(check_greedy(cfg, device, dtype, all_cases["b8"].prompt, args))
         print(notes[-1], flush=True)
@@ -347,11 +450,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {case.name} {system} batch {batch} ...", flush=True)
             try:
                 rows.append(measure(system, cfg, case, batch, device, dtype, args))
-            except (torch.OutOfMemoryError, ImportError, AttributeError) as e:
+            except Exception as e:  # one system's failure (OOM, a missing library) must not end the run
+                traceback.print_exc()
                 rows.append(dict(case=case.name, system=system, batch=batch, prompt=case.prompt, new=case.new,
                                  error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
                 free_memory(device)
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+    notes += marginal_memory(rows)
     report = "\n".join(header + [table(rows), ""] + [f"- {n}" for n in notes]) + "\n"
     print("\n" + report)
     if args.out:

@@ -276,16 +276,6 @@ def test_backend_dispatch(monkeypatch, caplog):
     with pytest.raises(BackendUnavailableError, match="has no implementation of causal_conv1d"):
         backend_mod.resolve("causal_conv1d", "triton", cpu, {})
 
-    # A case "auto" must pass over (auto_supports) still runs when the backend is named.
-    no_grad_only = lambda q, **_: "backward unvalidated" if q.requires_grad else None
-    monkeypatch.setitem(backend_mod._registry, ("gated_delta_rule", "triton"),
-                        backend_mod._Impl(fake, None, no_grad_only))
-    q_grad = torch.rand(1, requires_grad=True)
-    assert backend_mod.resolve("gated_delta_rule", "auto", cuda, {"q": q_grad}) is torch_fn
-    assert backend_mod.resolve("gated_delta_rule", "auto", cuda, {"q": q_grad.detach()}) is fake
-    assert backend_mod.resolve("gated_delta_rule", "triton", cuda, {"q": q_grad}) is fake
-    monkeypatch.setitem(backend_mod._registry, ("gated_delta_rule", "triton"), backend_mod._Impl(fake, refuse_reset))
-
     x = {n: t.float() for n, t in make_inputs(1, 4, 1, 4, 4, seed=14).items()}
     assert gated_delta_rule(**x, backend="triton") == ("fake", None) and calls[0]["scale"] == 0.5
     assert set_backend("triton") is None and get_backend() == "triton"

@@ -58,6 +58,12 @@ def test_conv_fixed_length(dtype, activation):
     check(B=2, T=70, C=40, W=4, dtype=dtype, activation=activation)
 
 
+@pytest.mark.parametrize("T", [1, 2, 3, 5])
+def test_conv_rows_shorter_and_longer_than_the_window(T):
+    # T < W-1: the final state still holds part of the initial state (the gather path); T >= W-1: a slice of x.
+    check(B=2, T=T, C=8, W=4, dtype=torch.float32, seed=T)
+
+
 def test_conv_packed_documents_without_initial_state():
     check(B=1, T=100, C=24, W=4, dtype=torch.float32, use_h0=False, cu_seqlens=[0, 1, 3, 50, 100], seed=1)
 
@@ -137,3 +143,11 @@ def test_gpu_conv_model_size_bf16():
     lengths = [1, 3, 2000, 500, 1592]
     cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
     check(B=1, T=sum(lengths), C=3 * 2880, W=4, dtype=torch.bfloat16, cu_seqlens=cu, seed=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,C", [(4, 32, 32), (2, 1, 48), (3, 63, 16)])
+def test_gpu_conv_small_and_odd_shapes(B, T, C):
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, T // 2] = True
+    check(B=B, T=T, C=C, W=4, dtype=torch.bfloat16, reset_mask=reset, seed=5)

@@ -5,18 +5,30 @@ import torch
 from serve_util import greedy_by_full_forwards, random_prompts, tiny_model
 
 from olmo_hybrid.serve import Engine, SamplingParams
-from olmo_hybrid.serve.cuda_graphs import _buckets
+from olmo_hybrid.serve.cuda_graphs import row_buckets
+from olmo_hybrid.ops import decode_attention
 from olmo_hybrid.serve.verify import greedy_disagreements
 
 
-def test_graph_buckets_cover_every_size():
-    rows = _buckets(1, 12)
-    spans = _buckets(256, 4224, steps=(1.0, 1.5))
-    assert rows == [1, 2, 4, 8, 12]
-    assert spans[0] == 256 and spans[-1] == 4224 and spans == sorted(set(spans))
-    for span in range(1, 4225):  # the chosen bucket never reads more than half again the keys needed
-        b = next(s for s in spans if s >= span)
-        assert b <= max(256, 1.5 * span)
+def test_graph_row_buckets_cover_every_batch():
+    assert row_buckets(12) == [1, 2, 4, 8, 12]
+    assert row_buckets(1) == [1] and row_buckets(16) == [1, 2, 4, 8, 16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,capacity", [(1, 32896), (16, 4224)])
+def test_decode_attention_kernel_on_gpu_long_rows(batch, capacity):
+    # The benchmark's shapes (16 heads of 128, bf16 cache rows of a larger pool), random lengths up to the capacity.
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    q = torch.randn(batch, 1, 16, 128, device="cuda", generator=gen).bfloat16().transpose(1, 2)
+    pool = torch.randn(2, batch + 1, 16, capacity, 128, device="cuda", generator=gen).bfloat16()
+    lengths = torch.randint(1, capacity + 1, (batch,), device="cuda", generator=gen)
+    lengths[0] = capacity
+    out = decode_attention(q, pool[0, :batch], pool[1, :batch], lengths)
+    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[b:b + 1].double(), pool[0, b:b + 1, :, :n].double(), pool[1, b:b + 1, :, :n].double())
+        for b, n in enumerate(lengths.tolist())])
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-2
 
 
 @pytest.mark.gpu

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,10 +35,11 @@ class Attention(nn.Module):
         cache: AttnLayerCache | None = None,
         start: int | torch.Tensor = 0,
         span: int | None = None,
+        attend: Callable | None = None,
     ) -> torch.Tensor:
         """With a cache, ``start`` is where the new tokens go: an int shared by the batch, or a LongTensor [B] of
         per-row positions for one token per row (continuous batching), which then attends to the first ``span``
-        cached positions under ``mask``."""
+        cached positions under ``mask``, or through ``attend(q, cache.keys, cache.values)`` when given."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -48,6 +51,9 @@ class Attention(nn.Module):
                 rows = torch.arange(b, device=x.device)
                 cache.keys[rows, :, start] = k[:, :, 0]
                 cache.values[rows, :, start] = v[:, :, 0]
+                if attend is not None:
+                    o = attend(q, cache.keys, cache.values)
+                    return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
                 end = span
             else:
                 cache.keys[:, :, start:start + t] = k

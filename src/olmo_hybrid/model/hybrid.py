@@ -9,6 +9,7 @@ checkpoint is a state-dict copy plus a small rename table for older name variant
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class StepContext:
     reset_mask: torch.Tensor | None  # [B, T] bool, True where a new document starts
     start: int | torch.Tensor
     span: int | None = None
+    # Replaces SDPA over the cache when ``start`` is per-row: attend(q [B, H, 1, D], keys, values) -> [B, H, 1, D]
+    # (the serving engine's split-KV kernel, which reads each row's length on the device).
+    attend: Callable | None = None
 
 
 class GDNBlock(nn.Module):
@@ -57,7 +61,8 @@ class AttnBlock(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.d_model, config.norm_eps)
 
     def forward(self, x: torch.Tensor, step: StepContext, layer_cache=None) -> torch.Tensor:
-        h = x + self.post_attention_layernorm(self.self_attn(x, step.rope, step.attn_mask, layer_cache, step.start, step.span))
+        a = self.self_attn(x, step.rope, step.attn_mask, layer_cache, step.start, step.span, step.attend)
+        h = x + self.post_attention_layernorm(a)
         return h + self.post_feedforward_layernorm(self.mlp(h))
 
 
@@ -119,11 +124,15 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: HybridCache | None = None,
         logits_to_keep: int = 0,
+        lm_head_fn=None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` [B, T]; with ``logits_to_keep=n`` only for the last n positions.
 
         ``cache`` continues a sequence (prefill chunks or single decode tokens): new keys/values and GDN
-        states are written into it.
+        states are written into it. ``lm_head_fn(hidden, lm_head)`` replaces ``lm_head(hidden)`` (hidden:
+        the final-norm output [B, T, d]) and its result is returned: training uses it to compute the loss
+        in chunks without materialising [B, T, vocab] logits. It runs inside ``forward`` so that wrappers
+        that gather parameters around ``forward`` (FSDP) have ``lm_head`` gathered.
         """
         self._check_ids(input_ids)
         b, t = input_ids.shape
@@ -135,6 +144,8 @@ class HybridLM(nn.Module):
             cache.end(doc_ids if doc_ids is not None else torch.ones_like(input_ids))
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if lm_head_fn is not None:
+            return lm_head_fn(self.model.norm(h), self.lm_head)
         return self.lm_head(self.model.norm(h))
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Sequence-mixing ops of the GDN layer: gated delta rule and short causal conv, with backend dispatch.
+"""Sequence-mixing ops: the GDN layer's gated delta rule and short causal conv, and the serving engine's
+decode attention, with backend dispatch.
 
     from olmo_hybrid.ops import gated_delta_rule, causal_conv1d
     o, state = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, reset_mask=reset)
@@ -10,6 +11,7 @@ See ``api.py`` for layouts and document-boundary semantics, ``backend.py`` for r
 from .api import (
     causal_conv1d,
     causal_conv1d_step,
+    decode_attention,
     gated_delta_rule,
     gated_delta_rule_step,
     recurrent_gated_delta_rule,
@@ -23,6 +25,7 @@ __all__ = [
     "available_backends",
     "causal_conv1d",
     "causal_conv1d_step",
+    "decode_attention",
     "gated_delta_rule",
     "gated_delta_rule_step",
     "get_backend",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import conv, gdn_reference  # noqa: F401  (registers the "torch" backend)
+from . import attention, conv, gdn_reference  # noqa: F401  (registers the "torch" backend)
 from .backend import resolve
 
 
@@ -183,3 +183,26 @@ def causal_conv1d_step(x, conv_state, weight, activation="silu", backend=None):
     _check_shape(op, "conv_state", conv_state, (B, C, weight.shape[1] - 1), "[B, C, W-1]")
     args = dict(x=x, conv_state=conv_state, weight=weight, activation=activation)
     return resolve(op, backend, x.device, args)(**args)
+
+
+def decode_attention(q, keys, values, lengths, scale=None, backend=None):
+    """Softmax attention of one query per row over the first ``lengths[b]`` cached keys of row b.
+
+    q: [B, H, 1, D]. keys, values: [B, Hkv, capacity, D], H a multiple of Hkv (grouped queries); any strides,
+    e.g. rows of a larger cache pool. lengths: integer [B] on q's device, each in [1, capacity] (not checked:
+    that would synchronise with the device). scale: default D ** -0.5. Returns [B, H, 1, D] in q's dtype.
+    The Triton backend reads ``lengths`` on the device and is safe to capture in a CUDA graph.
+    """
+    op = "decode_attention"
+    _check_float(op, q=q, keys=keys, values=values)
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"{op}: q must have shape [B, H, 1, D], got {list(q.shape)}")
+    B, H, _, D = q.shape
+    if keys.dim() != 4 or keys.shape[0] != B or keys.shape[3] != D or H % keys.shape[1]:
+        raise ValueError(f"{op}: keys must have shape [B={B}, Hkv, capacity, D={D}] with H={H} a multiple of Hkv, "
+                         f"got {list(keys.shape)}")
+    _check_shape(op, "values", values, keys.shape, "[B, Hkv, capacity, D] (as keys)")
+    if lengths.shape != (B,) or lengths.is_floating_point() or lengths.is_complex():
+        raise ValueError(f"{op}: lengths must be an integer tensor [B={B}], got {lengths.dtype} {list(lengths.shape)}")
+    args = dict(q=q, keys=keys, values=values, lengths=lengths, scale=D ** -0.5 if scale is None else float(scale))
+    return resolve(op, backend, q.device, args)(**args)

@@ -18,9 +18,7 @@ imports triton or fla. A backend module registers its implementations with :func
 resolved to a float, ``backend`` removed); see the torch implementation of each op for the exact signature.
 ``supports(**kwargs)`` (optional) returns ``None`` when the implementation can run those arguments, or a short
 reason why not (e.g. ``"reset_mask is not supported"``): ``"auto"`` then falls back to torch, while an
-explicitly requested backend raises :class:`BackendUnavailableError` with that reason. ``auto_supports`` (optional)
-is the same check applied only when ``"auto"`` chooses: a kernel that works but is not yet validated for some case
-is then used only where the user asks for it by name.
+explicitly requested backend raises :class:`BackendUnavailableError` with that reason.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ OPS = (
     "gated_delta_rule_step",
     "causal_conv1d",
     "causal_conv1d_step",
+    "decode_attention",
 )
 
 # Importing these modules registers the backend's implementations ("torch" registers from gdn_reference.py and
@@ -59,7 +58,6 @@ class BackendUnavailableError(RuntimeError):
 class _Impl:
     fn: Callable
     supports: Callable[..., str | None] | None
-    auto_supports: Callable[..., str | None] | None = None
 
 
 _registry: dict[tuple[str, str], _Impl] = {}
@@ -74,12 +72,11 @@ def _check_name(name: str, what: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {what} {name!r}; expected one of {', '.join(allowed)}")
 
 
-def register(op: str, backend: str, fn: Callable, supports: Callable[..., str | None] | None = None,
-             auto_supports: Callable[..., str | None] | None = None) -> None:
+def register(op: str, backend: str, fn: Callable, supports: Callable[..., str | None] | None = None) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op`` (replacing any earlier one)."""
     _check_name(op, "op", OPS)
     _check_name(backend, "backend", BACKENDS[1:])
-    _registry[(op, backend)] = _Impl(fn, supports, auto_supports)
+    _registry[(op, backend)] = _Impl(fn, supports)
 
 
 def set_backend(name: str) -> None:
@@ -105,18 +102,15 @@ def _load(backend: str) -> str | None:
     return _load_errors.get(backend)
 
 
-def _lookup(op: str, backend: str, kwargs: dict, auto: bool = False) -> tuple[Callable | None, str | None]:
+def _lookup(op: str, backend: str, kwargs: dict) -> tuple[Callable | None, str | None]:
     why = _load(backend)
     if why is not None:
         return None, why
     impl = _registry.get((op, backend))
     if impl is None:
         return None, f"backend {backend!r} has no implementation of {op}"
-    for check in (impl.supports, impl.auto_supports if auto else None):
-        why = check(**kwargs) if check is not None else None
-        if why is not None:
-            return None, why
-    return impl.fn, None
+    why = impl.supports(**kwargs) if impl.supports is not None else None
+    return (None, why) if why is not None else (impl.fn, None)
 
 
 def available_backends(op: str) -> list[str]:
@@ -137,7 +131,7 @@ def resolve(op: str, backend: str | None, device: torch.device, kwargs: dict) ->
     _check_name(name, "backend", BACKENDS)
     if name == "auto":
         if device.type == "cuda":
-            fn, why = _lookup(op, "triton", kwargs, auto=True)
+            fn, why = _lookup(op, "triton", kwargs)
             if fn is not None:
                 return fn
             _warn_once(op, why)

@@ -310,15 +310,14 @@ class Engine:
     def _decode_step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         n = max(self._running) + 1
-        lengths = {self.cache.lengths[s] for s in self._running}
-        span = max(lengths) + 1
         saved = self._protect_prefilling(n)
         if self._graphs is not None:
-            logits = self._graphs.decode(n, span)
+            logits = self._graphs.decode(n)
         else:
+            lengths = {self.cache.lengths[s] for s in self._running}
             # One length among the running rows: no mask needed (free rows' outputs are discarded anyway).
             uniform = len(lengths) == 1
-            logits = self.runner.decode(self._tokens[:n], self._positions[:n], span, uniform=uniform)
+            logits = self.runner.decode(self._tokens[:n], self._positions[:n], max(lengths) + 1, uniform=uniform)
         greedy = all(r.sampling.greedy for r in self._running.values())
         tokens = sample(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._seed[:n],
                         self._counter[:n], all_greedy=greedy)

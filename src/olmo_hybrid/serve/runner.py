@@ -5,11 +5,17 @@ to earlier ones through a lower-right causal mask). Decode feeds one token per r
 per-row positions: every block runs unchanged on the row views; attention writes each row's key and value at that
 row's own position (``StepContext.start`` as a tensor). Rows of free slots inside
 ``[0, n)`` compute garbage into their own (free) rows, which the next allocation resets.
+
+On CUDA, decode attention runs ``ops.decode_attention`` (a split-KV Triton kernel), which reads each row's length on
+the device: one CUDA graph serves every context length and reads only the keys each row needs. Elsewhere it is
+SDPA over ``span`` keys, with a mask unless every used row is at ``span - 1``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from olmo_hybrid import ops
 
 from olmo_hybrid.model.hybrid import HybridLM, StepContext
 from olmo_hybrid.model.layers import rotary_cos_sin
@@ -30,6 +36,8 @@ class ModelRunner:
     def __init__(self, model: HybridLM, cache: SlotCache):
         self.model, self.cache, self.config = model, cache, model.config
         self.use_rope = self.config.rope_theta is not None and self.config.n_attn_layers > 0
+        # On CUDA the per-row lengths stay on the device (ops.decode_attention); elsewhere SDPA over ``span`` keys.
+        self.decode_kernel = ops.decode_attention if cache.device.type == "cuda" else None
 
     def _rope(self, positions: torch.Tensor):
         return rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta) if self.use_rope else None
@@ -58,20 +66,28 @@ class ModelRunner:
         return m.lm_head(m.model.norm(h[:, -1]))[0].float()
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int, uniform: bool = False) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int | None = None,
+               uniform: bool = False) -> torch.Tensor:
         """One step for rows ``[0, n)``: tokens [n] at positions [n] (each < ``span`` <= capacity); logits [n, V] fp32.
 
-        ``uniform=True`` promises that every row whose logits are used is at ``span - 1``: no mask. Host lengths
-        are not touched (the engine owns them): this is a pure function of device tensors, CUDA-graph safe.
+        ``span`` and ``uniform`` matter only without the decode kernel: SDPA then reads ``span`` keys per row,
+        and ``uniform=True`` promises that every row whose logits are used is at ``span - 1`` (no mask). Host
+        lengths are not touched (the engine owns them): this is a pure function of device tensors, CUDA-graph safe.
         """
         m = self.model
         n = tokens.shape[0]
         rows = slice(0, n)
         rope = self._rope(positions[:, None])
-        key_mask = None
-        if not uniform:
+        key_mask = attend = None
+        if self.decode_kernel is not None:
+            lengths = positions + 1
+            kernel = self.decode_kernel
+
+            def attend(q, keys, values):
+                return kernel(q, keys, values, lengths)
+        elif not uniform:
             key_mask = (torch.arange(span, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-        step = StepContext(rope=rope, attn_mask=key_mask, reset_mask=None, start=positions, span=span)
+        step = StepContext(rope=rope, attn_mask=key_mask, reset_mask=None, start=positions, span=span, attend=attend)
         h = m.model.embed_tokens(tokens[:, None])
         for layer, view in zip(m.model.layers, self.cache.views(rows)):
             h = layer(h, step, view)

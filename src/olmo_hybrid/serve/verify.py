@@ -26,13 +26,20 @@ class Disagreement:
 
 
 @torch.no_grad()
+def teacher_forced_logits(model: HybridLM, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """fp32 logits [len(tokens), V] of one full forward over ``prompt`` + ``tokens``: row j predicts token j."""
+    new = torch.tensor(tokens, dtype=torch.long, device=prompt.device)
+    ids = torch.cat([prompt, new])[None, :-1]
+    return model(ids, logits_to_keep=len(tokens))[0].float()
+
+
+@torch.no_grad()
 def greedy_disagreements(model: HybridLM, prompt: torch.Tensor, tokens: list[int]) -> list[Disagreement]:
     """Where greedy ``tokens`` generated after ``prompt`` [P] differ from the full forward's argmax."""
     if not tokens:
         return []
     new = torch.tensor(tokens, dtype=torch.long, device=prompt.device)
-    ids = torch.cat([prompt, new])[None, :-1]
-    logits = model(ids, logits_to_keep=len(tokens))[0].float()  # row j predicts generated token j
+    logits = teacher_forced_logits(model, prompt, tokens)
     argmax = logits.argmax(dim=-1)
     out = []
     for j in (argmax != new).nonzero()[:, 0].tolist():

@@ -10,8 +10,6 @@ from ._interpret import setup as _setup
 
 _setup()
 
-import torch  # noqa: E402
-
 from ..backend import register  # noqa: E402
 from .conv_ops import (  # noqa: E402
     causal_conv1d_step_inplace,
@@ -20,6 +18,7 @@ from .conv_ops import (  # noqa: E402
     supports_conv,
     supports_conv_step,
 )
+from .decode_attention import decode_attention_triton, supports_decode_attention  # noqa: E402
 from .gdn import (  # noqa: E402
     gated_delta_rule_step_inplace,
     gated_delta_rule_step_triton,
@@ -28,22 +27,10 @@ from .gdn import (  # noqa: E402
     supports_step,
 )
 
-
-
-def _backward_unvalidated(q, k, v, g, beta, initial_state=None, **_) -> str | None:
-    """The chunked backward passed its interpreter tests but hit an illegal memory access on an H100 at
-    H=2, K=16, V=16, T=32 (2026-11-22), after which it could not be re-run on a GPU: until the GPU suite passes,
-    "auto" keeps training on the PyTorch reference, and backend="triton" opts in."""
-    tensors = (q, k, v, g, beta, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return "the Triton backward is not yet validated on GPU (opt in with backend='triton')"
-    return None
-
-
-register("gated_delta_rule", "triton", gated_delta_rule_triton, supports=supports_chunk,
-         auto_supports=_backward_unvalidated)
+register("gated_delta_rule", "triton", gated_delta_rule_triton, supports=supports_chunk)
 register("gated_delta_rule_step", "triton", gated_delta_rule_step_triton, supports=supports_step)
 register("causal_conv1d", "triton", causal_conv1d_triton, supports=supports_conv)
 register("causal_conv1d_step", "triton", causal_conv1d_step_triton, supports=supports_conv_step)
+register("decode_attention", "triton", decode_attention_triton, supports=supports_decode_attention)
 
 __all__ = ["causal_conv1d_step_inplace", "gated_delta_rule_step_inplace"]

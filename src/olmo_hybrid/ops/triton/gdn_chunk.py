@@ -24,9 +24,10 @@ Forward kernels (one launch each; the backward ones are in ``gdn_chunk_bwd.py``)
 Exponents are always differences gamma_i - gamma_j with i >= j (<= 0), so nothing overflows for g <= 0.
 
 Dot precision (``_dot_precision``): fp32 inputs use exact fp32 dots; bf16/fp16 inputs use tf32 dots on fp32
-operands. Rounding the operands to bf16 instead (``OLMO_HYBRID_GDN_DOT=bf16``, fla's choice) is about 2x
-cheaper on the tensor cores but gave 1.2-1.7e-2 relative error in the K=32, beta in (0, 2) tests, against
-2-4e-3 with tf32 (the bf16 rounding of the outputs themselves).
+operands. Rounding the operands to bf16 instead (``OLMO_HYBRID_GDN_DOT=bf16``, fla's choice; experiments only)
+is about 2x cheaper on the tensor cores but gave 1.2-1.7e-2 relative error in the K=32, beta in (0, 2)
+interpreter tests, against 2-4e-3 with tf32, and Triton 3.6 miscompiles it on an H100 (forward wrong by 0.87
+relative at K=V=128, then an illegal memory access; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -393,16 +394,23 @@ def _operand_dtype(prec: str) -> torch.dtype:
 
 
 def _config(K: int, V: int) -> dict:
-    """Block sizes and launch settings, from ptxas shared-memory/spill reports and one H100 run
+    """Block sizes and launch settings, from ptxas shared-memory/spill reports and H100 runs
     (docs/benchmarks.md). ``OLMO_HYBRID_GDN_BV`` / ``OLMO_HYBRID_GDN_WARPS`` override the sequential kernels'
-    V tile and warps, for tuning runs."""
-    BK = max(16, triton.next_power_of_2(K))
+    V tile and warps, ``OLMO_HYBRID_GDN_BWD_WARPS`` the parallel backward kernel's warps, for tuning runs."""
+    # K tiles of at least 64 (zero columns loaded for smaller heads, never stored): the tile shapes the GPU tests
+    # passed with (2026-11-22); K tiles of 16/32 have not been run on a GPU with the 4-warp backward below.
+    BK = max(64, triton.next_power_of_2(K))
     BV_seq = max(16, min(int(os.environ.get("OLMO_HYBRID_GDN_BV", 32 if BK <= 128 else 16)),
                          triton.next_power_of_2(V)))
     BV_bwd = 16  # larger V tiles push the tf32 operand tiles past the 227 KB of shared memory
-    warps = int(os.environ.get("OLMO_HYBRID_GDN_WARPS", 4))
+    # The backward kernel runs 4 warps: at 8 its dq/dk/dg were wrong (varying from run to run, sometimes an
+    # illegal memory access) in the small-head GPU tests on an H100 (2026-11-22). Likely cause: at 8 warps
+    # Triton 3.6 splits the [64, 16] products over 2 warps along N and emits tf32 wgmma of N = 8, whose
+    # shared-memory operands it does not pad (triton-lang/triton#10629). 4 warps was also 10% faster.
+    warps = int(os.environ.get("OLMO_HYBRID_GDN_WARPS", "4"))
+    bwd_warps = int(os.environ.get("OLMO_HYBRID_GDN_BWD_WARPS", "4"))
     return dict(BK=BK, BV_seq=BV_seq, BV_bwd=BV_bwd, seq=dict(num_warps=warps, num_stages=1),
-                bwd=dict(num_warps=8, num_stages=1), prep=dict(num_warps=4, num_stages=1))
+                bwd=dict(num_warps=bwd_warps, num_stages=1), prep=dict(num_warps=4, num_stages=1))
 
 
 def chunk_tables(cu_seqlens: torch.Tensor | None, B: int, T: int):
