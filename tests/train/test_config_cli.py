@@ -71,7 +71,7 @@ def test_cli_dry_run_prints_resolved_config(capsys):
     resolved = json.loads(printed[printed.index("{"):])
     assert resolved["trainer"]["steps"] == 7 and resolved["model"]["layer_pattern"] == "A"
     assert resolved["optim"]["lr"] == 3e-3
-    assert set(resolved) == {"model", "data", "optim", "schedule", "trainer"}
+    assert set(resolved) == {"model", "data", "optim", "schedule", "trainer", "parallel"}
 
 
 def test_cli_trains_exports_and_samples(corpus_dir, tmp_path, capsys):

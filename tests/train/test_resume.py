@@ -74,9 +74,10 @@ cfg = from_dict(TrainConfig, json.load(open(sys.argv[1])))
 real_write = ckpt._write_file
 
 def write_then_die(path, obj):
-    # The second checkpoint (step 4) dies after its model file, before optimizer state and manifest.
+    # The second checkpoint (step 4) dies after its weights and optimizer state (DCP) and this rank's
+    # loader state, before the global state and the manifest.
     real_write(path, obj)
-    if path.parent.name.startswith(".tmp-step_000004") and path.name == "model.pt":
+    if path.parent.parent.name.startswith(".tmp-step_000004") and path.name == "rank0.pt":
         os.kill(os.getpid(), signal.SIGKILL)
 
 ckpt._write_file = write_then_die
@@ -111,11 +112,12 @@ def test_incomplete_newest_checkpoint_is_skipped(corpus_dir, tmp_path):
     Trainer(cfg, tmp_path, log=quiet).fit()
     assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [1, 2, 3]
     newest = ckpt.checkpoints_dir(tmp_path) / "step_000003"
-    with open(newest / "optim.pt", "r+b") as f:  # a torn write: the file is shorter than the manifest says
+    shard = newest / ckpt.DCP_DIR / "__0_0.distcp"
+    with open(shard, "r+b") as f:  # a torn write: the file is shorter than the manifest says
         f.truncate(10)
     skipped = []
     assert ckpt.latest_checkpoint(tmp_path, log=skipped.append).step == 2
-    assert "optim.pt" in skipped[0]
+    assert "__0_0.distcp" in skipped[0]
     (ckpt.checkpoints_dir(tmp_path) / "step_000002" / ckpt.MANIFEST).unlink()
     assert ckpt.latest_checkpoint(tmp_path, log=quiet).step == 1
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
@@ -134,7 +136,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(corpus_dir, tmp_path, m
     real_write = ckpt._write_file
 
     def full_disk(path, obj):
-        if path.parent.name.startswith(".tmp-step_000004") and path.name == "optim.pt":
+        if path.parent.name.startswith(".tmp-step_000004") and path.name == "state.pt":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, obj)
 

@@ -2,12 +2,16 @@
 
 With no arguments: the ``tiny`` recipe (a 4-layer hybrid on the bundled Shakespeare corpus), then
 a validation loss against the unigram baseline, a Hugging Face export and a sample.
+
+Under ``torchrun --nproc-per-node=N -m olmo_hybrid.train ...`` (or ``torchrun ... $(which olmo-hybrid)
+train ...``) the same command trains on N processes with FSDP2; only rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +23,8 @@ EXAMPLES = """examples:
   olmo-hybrid train model.layer_pattern=GGGA optim.lr=3e-3 --steps 200 --out runs/try
   olmo-hybrid train my_config.json trainer.seed=1 --out runs/seed1
   olmo-hybrid train --out runs/try --resume            # continue from the newest valid checkpoint
+  torchrun --nproc-per-node=8 -m olmo_hybrid.train my_data.json --model 1b --out runs/1b trainer.compile=true \
+      trainer.activation_checkpointing=selective trainer.loss_chunk_tokens=8192   # FSDP2 on 8 GPUs
 """
 
 
@@ -30,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="CONFIG.json | section.field=value",
                    help="an optional JSON config (may be partial; merged over the preset), then dotted overrides")
     p.add_argument("--preset", default="tiny", choices=sorted(TRAIN_PRESETS), help="base recipe (default: tiny)")
+    p.add_argument("--model", help="a model preset (60m ... 1b, olmo-hybrid-7b; see `olmo-hybrid info`) replacing "
+                                   "the recipe's model before overrides")
     p.add_argument("--steps", type=int, help="shorthand for trainer.steps=N")
     p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
     p.add_argument("--save-interval", type=int, help="shorthand for trainer.save_interval=N")
@@ -54,21 +62,26 @@ def main(argv: list[str]) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     try:
-        cfg = build_config(config_file, overrides, preset=args.preset)
+        cfg = build_config(config_file, overrides, preset=args.preset, model=args.model)
     except ConfigError as e:
         print(f"olmo-hybrid train: config error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/{args.preset}")
-    print("resolved config:")
-    print(json.dumps(to_dict(cfg), indent=2))
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print("resolved config:")
+        print(json.dumps(to_dict(cfg), indent=2))
     if args.dry_run:
         return 0
     from olmo_hybrid.data import DataError
+    from olmo_hybrid.train.distributed import destroy
     from olmo_hybrid.train.trainer import train
 
     try:
         train(cfg, out, resume=args.resume)
     except (ConfigError, CheckpointError, DataError) as e:
-        print(f"olmo-hybrid train: error: {e}", file=sys.stderr)
+        print(f"olmo-hybrid train{'' if rank == '0' else f' (rank {rank})'}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        destroy()
     return 0

@@ -7,6 +7,11 @@ label at most once per epoch. Each epoch visits the windows in the order of a pe
 windows of that order and rank ``r`` gets the ``r``-th block of ``batch_size``; the remainder that
 does not fill a global batch is skipped for that epoch (a different remainder every epoch).
 
+The resume state is global, the same on every rank: the epoch and how many windows of its order
+have been handed out over all ranks. A run may therefore resume on a different number of ranks and
+continue the same global sample order, as long as the global batch (``batch_size * world_size``)
+stays the same (e.g. 2 ranks x 4 sequences -> 1 rank x 8).
+
 Batches are ``{"input_ids", "labels"}`` (LongTensor ``[B, T]``) plus, with ``doc_masking``,
 ``"doc_ids"``: the document index of every input token within the split. It changes exactly after an
 eos token, which is where the model masks attention and resets GDN/conv state.
@@ -102,7 +107,7 @@ class TrainLoader:
             raise DataError(f"the {dataset.split} split of {dataset.path} has {self.n_windows} sequences of "
                             f"{seq_len} tokens, fewer than one global batch ({batch_size} x {world_size} ranks): "
                             "lower batch_size or seq_len, or use a larger corpus")
-        self.epoch, self.step = 0, 0
+        self.epoch, self.consumed = 0, 0  # windows of this epoch's order handed out, over all ranks
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     @classmethod
@@ -120,14 +125,19 @@ class TrainLoader:
             self._order_epoch = epoch
         return self._order
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per step over all ranks."""
+        return self.batch_size * self.world_size
+
     def next_batch(self) -> dict:
-        if self.step >= self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
+        if self.consumed + self.global_batch > self.n_windows:
+            self.epoch, self.consumed = self.epoch + 1, 0
         if self.max_epochs is not None and self.epoch >= self.max_epochs:
             raise StopIteration
-        first = (self.step * self.world_size + self.rank) * self.batch_size
+        first = self.consumed + self.rank * self.batch_size
         windows = self.window_order(self.epoch)[first:first + self.batch_size]
-        self.step += 1
+        self.consumed += self.global_batch
         return _make_batch(self.dataset, windows * self.seq_len, self.seq_len, self.doc_masking)
 
     def __iter__(self) -> Iterator[dict]:
@@ -143,17 +153,31 @@ class TrainLoader:
         return self.batch_size * self.world_size * self.seq_len
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "n_windows": self.n_windows,
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "n_windows": self.n_windows,
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "n_windows", "seq_len", "batch_size", "world_size"):
+        """Continue where ``state`` left off; the rank count may differ if the global batch does not."""
+        for key in ("seed", "n_windows", "seq_len", "batch_size", "world_size", "epoch"):
             if key not in state:
                 raise DataError(f"loader state is missing '{key}'")
+        for key in ("seed", "n_windows", "seq_len"):
             if state[key] != getattr(self, key):
                 raise DataError(f"loader state was saved with {key}={state[key]}, this loader has "
                                 f"{key}={getattr(self, key)}: the remaining batches would differ")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        saved_global = state["batch_size"] * state["world_size"]
+        if saved_global != self.global_batch:
+            raise DataError(f"loader state was saved with batch_size={state['batch_size']}, this loader has "
+                            f"batch_size={self.batch_size} (x world_size {state['world_size']} vs {self.world_size}: "
+                            f"a global batch of {saved_global} vs {self.global_batch} sequences): the remaining "
+                            f"batches would differ; keep batch_size x world_size the same when resuming")
+        if "consumed" in state:
+            consumed = int(state["consumed"])
+        elif "step" in state:  # the format before 2026-11-22: steps of this epoch
+            consumed = int(state["step"]) * saved_global
+        else:
+            raise DataError("loader state is missing 'consumed'")
+        self.epoch, self.consumed = int(state["epoch"]), consumed
 
 
 def val_batches(dataset: TokenDataset, seq_len: int, batch_size: int, doc_masking: bool = False,

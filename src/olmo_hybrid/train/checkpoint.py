@@ -4,14 +4,24 @@ Layout of a run directory::
 
     RUN/config.json                    resolved config of the run
     RUN/metrics.jsonl                  one JSON object per optimizer step
-    RUN/checkpoints/step_000200/       model.pt, optim.pt, state.pt, config.json, MANIFEST.json
+    RUN/checkpoints/step_000200/       a checkpoint (below)
     RUN/hf/                            Hugging Face export of the finished model + tokenizer.json
 
-A checkpoint is written into ``checkpoints/.tmp-step_N-PID``; every file is fsynced, the manifest
-(file names and sizes) is written last, and only then is the directory renamed to ``step_N``. A
-checkpoint counts as valid only if its manifest exists and every listed file has the listed size,
-so a process killed at any point of a save leaves either the new checkpoint complete or an ignored
-temporary directory, and the previous checkpoint is never touched.
+A checkpoint (format 2, any number of processes)::
+
+    model_and_optim/                   Distributed Checkpoint: .metadata + one __R_0.distcp per rank
+    train/rank{R}.pt                   rank R's data-loader position and RNG state
+    state.pt                           step, tokens, world_size;  config.json;  MANIFEST.json
+
+Distributed Checkpoint stores each tensor with its global shape, so any number of processes loads
+it (2 -> 1, 1 -> 4), and so does a plain model (``load_model_from_run``, the HF export). Format 1
+(``model.pt``, ``optim.pt``, ``state.pt`` of one process) is still read.
+
+A checkpoint is written into ``checkpoints/.tmp-step_N``; every file is fsynced, the manifest (file
+names and sizes, written by rank 0 once every rank has finished) comes last, and only then is the
+directory renamed to ``step_N``. A checkpoint counts as valid only if its manifest exists and every
+listed file has the listed size, so a process killed at any point of a save leaves either the new
+checkpoint complete or an ignored temporary directory, and the previous checkpoint is never touched.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
+import torch.distributed as dist
+
 from olmo_hybrid.fsio import fsync_dir
+from olmo_hybrid.train.distributed import DistEnv, any_rank, barrier
 
 MANIFEST = "MANIFEST.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: model.pt + optim.pt + state.pt of one process (still read)
+DCP_DIR = "model_and_optim"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -146,50 +161,174 @@ def latest_checkpoint(run_dir: str | Path, log=print) -> CheckpointInfo | None:
 # Save / load
 
 
+def _dcp(fn, state: dict, path: Path):
+    """``dcp.save`` / ``dcp.load`` of ``state`` at ``path``; without a process group it runs in this process
+    alone (DCP's warning that it 'assumes' so is silenced: here that is intended)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        return fn(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+
+
+def _model_and_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """``{"model": ..., "optim": ...}`` keyed by parameter names, sharded as the model is (DTensors under
+    FSDP); the same names whatever wrappers (activation checkpointing, compile, FSDP) are applied."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _tree_sizes(root: Path) -> dict[str, int]:
+    return {f.relative_to(root).as_posix(): f.stat().st_size for f in sorted(root.rglob("*")) if f.is_file()}
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, config: dict, keep_last_k: int = 0) -> Path:
+                    train_state: dict, config: dict, rank_state: dict | None = None, keep_last_k: int = 0,
+                    env: DistEnv | None = None) -> Path:
     """Write checkpoint ``step`` atomically, then drop all but the newest ``keep_last_k`` (0: keep all).
 
-    On any OSError (a full disk, a permission problem) the temporary directory is removed and a
-    ``CheckpointError`` says so; existing checkpoints are untouched.
+    Collective: every rank calls it. Weights and optimizer state go through Distributed Checkpoint
+    (each rank writes its shards into ``model_and_optim/``), ``rank_state`` (the data loader's) and the
+    RNG state into ``train/rank{r}.pt``; rank 0 writes ``train_state``, the config and, once every rank
+    has finished, the manifest, then renames the directory into place. On any write error (a full disk,
+    a permission problem) on any rank the temporary directory is removed and every rank raises a
+    ``CheckpointError``; existing checkpoints are untouched. All ranks must see one shared directory.
     """
+    from torch.distributed.checkpoint import CheckpointException
+    from torch.distributed.checkpoint import save as dcp_save
+
+    env = env or DistEnv(0, 1, 0, torch.device("cpu"))
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):  # left by saves that were killed
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    previous = latest_checkpoint(run_dir, log=lambda _: None)
-    try:
-        tmp.mkdir()
-        parts = {
-            "model.pt": model.state_dict(),
-            "optim.pt": optimizer.state_dict(),
-            "state.pt": {**train_state, "step": step, "rng": rng_state()},
-            "config.json": json.dumps(config, indent=2) + "\n",
-        }
-        for name, obj in parts.items():
-            _write_file(tmp / name, obj)
-        manifest = {"format": FORMAT_VERSION, "step": step,
-                    "files": {name: (tmp / name).stat().st_size for name in parts}}
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume); replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f".tmp-{final.name}"
+    previous = None
+    error: BaseException | None = None
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step_*"):  # left by saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
+        previous = latest_checkpoint(run_dir, log=lambda _: None)
+        try:
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    barrier(env)
+    if not any_rank(error is not None, env):
+        try:
+            _dcp(dcp_save, _model_and_optim_state(model, optimizer), tmp / DCP_DIR)
+            (tmp / "train").mkdir(exist_ok=True)
+            _write_file(tmp / "train" / f"rank{env.rank}.pt", {**(rank_state or {}), "rng": rng_state()})
+            if env.is_main:
+                _write_file(tmp / "state.pt", {**train_state, "step": step, "world_size": env.world_size})
+                _write_file(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        except (OSError, CheckpointException) as e:
+            error = e
+    failed = any_rank(error is not None, env)  # every rank's files are on disk (or someone failed)
+    if env.is_main and not failed:
+        try:
+            for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+                fsync_dir(d)
+            manifest = {"format": FORMAT_VERSION, "step": step, "world_size": env.world_size,
+                        "files": _tree_sizes(tmp)}
+            _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            fsync_dir(tmp)
+            if final.exists():  # a re-save of the same step (e.g. after a resume); replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(root)
+        except OSError as e:
+            error = e
+    failed = any_rank(error is not None, env)
+    if failed:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
-        reason = "the disk is full" if e.errno == errno.ENOSPC else str(e)
-        raise CheckpointError(f"could not write checkpoint for step {step} in {root}: {reason}; {kept}") from e
-    if keep_last_k > 0:
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):  # DCP wraps the rank's OSError
+            inner = getattr(cause, "failures", None)
+            cause = next(iter(inner.values()), None) if isinstance(inner, dict) and inner else cause.__cause__
+        if error is None:
+            reason = "another rank failed to write its part"
+        elif isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            reason = "the disk is full"
+        else:
+            reason = str(cause or error)
+        raise CheckpointError(f"could not write checkpoint for step {step} in {root}: {reason}; {kept}") from error
+    if env.is_main and keep_last_k > 0:
         for old in list_checkpoints(run_dir)[:-keep_last_k]:
             # Removing the manifest first makes the directory invalid at once, so a kill in the
             # middle of rmtree never leaves something that looks like a checkpoint.
             (old.path / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(old.path, ignore_errors=True)
+    barrier(env)
     return final
+
+
+def checkpoint_format(path: str | Path) -> int:
+    return int(json.loads((Path(path) / MANIFEST).read_text()).get("format", 1))
+
+
+def read_checkpoint_world_size(path: str | Path) -> int:
+    """How many processes wrote checkpoint ``path`` (1 for format 1)."""
+    return int(json.loads((Path(path) / MANIFEST).read_text()).get("world_size", 1))
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load only the weights of checkpoint ``path`` into ``model`` (plain or sharded, any world size)."""
+    path = Path(path)
+    if checkpoint_format(path) == 1:
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        return
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = _model_and_optim_state(model, None)
+    _dcp(dcp_load, state, path / DCP_DIR)
+    set_model_state_dict(model, state["model"])
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    map_location: str | torch.device = "cpu", env: DistEnv | None = None, log=print) -> dict:
+    """Load weights (and optimizer state) in place, on any number of ranks (DCP reshards); restore this
+    rank's RNG state when the world size is the one that saved; return the train state: the global
+    fields of ``state.pt`` plus this rank's ``rank_state`` (rank 0's when this rank did not exist)."""
+    env = env or DistEnv(0, 1, 0, torch.device("cpu"))
+    path = Path(path)
+    why = validate_checkpoint(path)
+    if why is not None:
+        raise CheckpointError(f"{path} is not a complete checkpoint: {why}")
+    if checkpoint_format(path) == 1:
+        if env.distributed:
+            raise CheckpointError(f"{path} is a single-process checkpoint (format 1): resume it with one process "
+                                  "first; every later checkpoint is sharded and resumes on any number of processes")
+        model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optim.pt", map_location=map_location, weights_only=True))
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        set_rng_state(state.pop("rng"))
+        return state
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    state = _model_and_optim_state(model, optimizer)
+    _dcp(dcp_load, state, path / DCP_DIR)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    mine = path / "train" / f"rank{env.rank}.pt"
+    rank_file = mine if mine.is_file() else path / "train" / "rank0.pt"
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    rng = rank_state.pop("rng")
+    if train.get("world_size", 1) == env.world_size:
+        set_rng_state(rng)
+    else:
+        log(f"note: {path} was saved by {train.get('world_size', 1)} processes and is resumed by "
+            f"{env.world_size}: weights, optimizer and data order carry over, per-rank RNG streams do not")
+    return {**train, **rank_state}
 
 
 def read_checkpoint_config(path: str | Path) -> dict:
@@ -210,21 +349,6 @@ def check_model_config(path: str | Path, current_model: dict) -> None:
         raise CheckpointError(f"checkpoint {path} was trained with a different model config:\n  "
                               + "\n  ".join(diff)
                               + "\nUse the checkpoint's config, or start a fresh run in another --out directory.")
-
-
-def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    map_location: str | torch.device = "cpu") -> dict:
-    """Load weights (and optimizer state) in place; restore RNG state; return the train state dict."""
-    path = Path(path)
-    why = validate_checkpoint(path)
-    if why is not None:
-        raise CheckpointError(f"{path} is not a complete checkpoint: {why}")
-    model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optim.pt", map_location=map_location, weights_only=True))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    set_rng_state(state.pop("rng"))
-    return state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,8 +399,8 @@ def load_model_from_run(run_dir: str | Path, device: str | torch.device = "cpu",
         if info is None:
             what = f"no valid checkpoint for step {step}" if step is not None else "no hf/ export and no valid checkpoint"
             raise CheckpointError(f"run directory {run_dir} has {what}")
-        model = HybridLM(from_dict(ModelConfig, read_checkpoint_config(info.path)["model"], "model"))
-        model.load_state_dict(torch.load(info.path / "model.pt", map_location="cpu", weights_only=True))
+        model = HybridLM(from_dict(ModelConfig, read_checkpoint_config(info.path)["model"], "model"), init=False)
+        load_model_weights(info.path, model)
     return model.to(device).eval()
 
 

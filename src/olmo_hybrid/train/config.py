@@ -15,6 +15,8 @@ from olmo_hybrid.config import ConfigError, ModelConfig, apply_overrides, from_d
 from olmo_hybrid.data import DataConfig
 from olmo_hybrid.train.optim import DECAY_RULES, SCHEDULES
 
+AC_MODES = ("none", "selective", "full")
+
 
 @dataclass
 class OptimConfig:
@@ -54,7 +56,11 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda, then mps, then cpu
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 autocast on accelerators; or fp32 / bf16
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (fullgraph); the root stays eager
+    activation_checkpointing: str = "none"  # none | selective (every ac_every-th block) | full (every block)
+    ac_every: int = 2
+    loss_chunk_tokens: int = 0  # >0: cross-entropy over this many tokens at a time, never all [B, T, vocab] logits
+    peak_tflops: float = 0.0  # per-device peak for MFU (0: from the device name; bf16 dense, fp32 on CPU: none)
     log_interval: int = 10
     max_minutes: float = 0.0  # wall-clock budget from start-up (0: none); stops early, keeping time to finish
     tensorboard: bool = False
@@ -67,12 +73,29 @@ class TrainerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallelism over the processes ``torchrun`` starts (ignored by a single process).
+
+    FSDP2 shards every block and then the root over a ``dp_replicate x dp_shard`` device mesh:
+    ``dp_replicate=1`` is plain FSDP, more is hybrid sharding (HSDP: shard within a group of
+    ``dp_shard`` ranks, typically a node, replicate across groups). ``dp_shard=-1`` takes the rest of
+    the world size. Precision follows ``trainer.dtype``: on accelerators bf16 parameters with fp32
+    gradient reduction, fp32 on CPU.
+    """
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    reshard_after_forward: bool = True  # False keeps gathered weights from forward to backward (more memory, less comm)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("tiny"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         self.validate()
@@ -101,6 +124,18 @@ class TrainConfig:
                 raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
         if t.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"trainer.dtype: expected auto, fp32 or bf16, got {t.dtype!r}")
+        if t.activation_checkpointing not in AC_MODES:
+            raise ConfigError(f"trainer.activation_checkpointing: expected one of {', '.join(AC_MODES)}, "
+                              f"got {t.activation_checkpointing!r}")
+        for name in ("ac_every", "loss_chunk_tokens", "peak_tflops"):
+            if getattr(t, name) < (1 if name == "ac_every" else 0):
+                raise ConfigError(f"trainer.{name} must be {'positive' if name == 'ac_every' else '>= 0'}, "
+                                  f"got {getattr(t, name)}")
+        par = self.parallel
+        if par.dp_replicate < 1:
+            raise ConfigError(f"parallel.dp_replicate must be >= 1, got {par.dp_replicate}")
+        if par.dp_shard != -1 and par.dp_shard < 1:
+            raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world size, got {par.dp_shard}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,11 +194,13 @@ def train_preset(name: str) -> TrainConfig:
     return merge_config(TrainConfig(), TRAIN_PRESETS[name]())
 
 
-def build_config(config_file: str | Path | None = None, overrides: list[str] = (), preset: str | None = None
-                 ) -> TrainConfig:
-    """Preset (default ``tiny``) or JSON file, then dotted overrides. A JSON file may be partial:
-    its sections replace fields of the preset named by ``preset`` (default ``tiny``)."""
+def build_config(config_file: str | Path | None = None, overrides: list[str] = (), preset: str | None = None,
+                 model: str | None = None) -> TrainConfig:
+    """Preset (default ``tiny``) or JSON file, then the model preset ``model`` (if given), then dotted
+    overrides. A JSON file may be partial: its sections replace fields of the preset named by ``preset``."""
     base = train_preset(preset or "tiny")
     if config_file is not None:
         base = merge_config(base, read_json_object(config_file))
+    if model is not None:
+        base = dataclasses.replace(base, model=model_preset(model))
     return apply_overrides(base, list(overrides))

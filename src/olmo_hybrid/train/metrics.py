@@ -21,6 +21,43 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets, matched as
+# substrings of torch.cuda.get_device_name(), most specific first. trainer.peak_tflops overrides.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+)
+
+
+def peak_flops(device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one device for MFU: the override, else the table entry for a CUDA device's name,
+    else None (CPU, unknown GPU: no MFU is logged)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def peak_memory_gib(device) -> float | None:
+    """The most memory the caching allocator held for tensors on a CUDA ``device`` since the start."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -91,6 +128,12 @@ class MetricsLogger:
         if r.get("grad_norm") is not None:
             parts.append(f"grad {r['grad_norm']:.3f}")
         parts.append(f"{r['tokens_per_s'] / 1000:.1f}k tok/s")
+        if r.get("world_size", 1) > 1:
+            parts.append(f"{r['tokens_per_s_per_device'] / 1000:.1f}k tok/s/device")
+        if r.get("mfu") is not None:
+            parts.append(f"MFU {100 * r['mfu']:.1f}%")
+        if r.get("peak_mem_gib") is not None:
+            parts.append(f"mem {r['peak_mem_gib']:.1f} GiB")
         if "val_loss" in r:
             parts.append(f"val {r['val_loss']:.4f} ({r['val_bpb']:.3f} bpb)")
         parts.append(f"{100 * step / self.total_steps:3.0f}% elapsed {format_duration(elapsed)} "
@@ -108,3 +151,16 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the file and the console)."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def print(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

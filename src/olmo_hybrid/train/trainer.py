@@ -1,5 +1,10 @@
 """The training loop: AdamW + schedule, z-loss, gradient accumulation and clipping, skipped steps,
-periodic validation, checkpoints with exact resume, and the end-of-run export and sample."""
+periodic validation, checkpoints with exact resume, and the end-of-run export and sample.
+
+One process, or N under ``torchrun`` (FSDP2 over a device mesh, see ``parallel.py``): every rank runs
+this same loop on its shard of each global batch; the loss is normalised by the global number of
+scored tokens, so N ranks x B sequences give the gradients of one process with N x B sequences.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +25,13 @@ from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.model import HybridLM
 from olmo_hybrid.train import checkpoint as ckpt
 from olmo_hybrid.train.config import TrainConfig
-from olmo_hybrid.train.loss import ValResult, evaluate, loss_terms
-from olmo_hybrid.train.metrics import MetricsLogger, format_duration
+from olmo_hybrid.train.distributed import all_reduce, any_rank, barrier, init_distributed, rank_zero, resolve_device
+from olmo_hybrid.train.loss import ValResult, chunked_lm_loss, evaluate, loss_terms
+from olmo_hybrid.train.metrics import MetricsLogger, NullLogger, format_duration, peak_flops, peak_memory_gib
 from olmo_hybrid.train.optim import build_optimizer, lr_at, set_lr
+from olmo_hybrid.train.parallel import parallelize
+
+__all__ = ["Trainer", "TrainResult", "autocast_context", "resolve_device", "seed_everything", "train"]
 
 
 @dataclass
@@ -37,22 +46,6 @@ class TrainResult:
     hf_dir: Path | None = None
     wall_s: float = 0.0
     stopped_early: bool = False  # trainer.max_minutes ran out before trainer.steps
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"trainer.device: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available (use 'auto' or 'cpu')")
-    return device
 
 
 def autocast_context(dtype: str, device: torch.device):
@@ -81,35 +74,67 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
-        self.log = log
         t = cfg.trainer
-        self.device = resolve_device(t.device)
-        self.autocast = autocast_context(t.dtype, self.device)
+        self.env = init_distributed(t.device)
+        self.log = log = rank_zero(log, self.env)
+        self.device = self.env.device
+        self.fsdp = self.env.distributed
+        self.bf16 = bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type != "cpu")
+        # Under FSDP the parameters themselves are cast for compute (bf16 params, fp32 reduction);
+        # a single process keeps fp32 weights and autocasts.
+        self.autocast = contextlib.nullcontext if self.fsdp else autocast_context(t.dtype, self.device)
         self._t_start = time.perf_counter()
         seed_everything(t.seed)
         if cfg.data.path is None:
             log("data: the bundled Shakespeare corpus (tokenized and cached on first use, ~10 s)")
+        if not self.env.is_main:
+            barrier(self.env)  # rank 0 prepares (and caches) the data first
         self.train_set, self.val_set = open_datasets(cfg.data)
+        if self.env.is_main:
+            barrier(self.env)
         if self.val_set is None:
             raise DataError(f"{self.train_set.path} has no validation split: prepare it with val_fraction > 0")
         self.tokenizer = self.train_set.tokenizer()
         if self.train_set.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
                               f"{self.train_set.path} ({self.train_set.vocab_size} ids)")
-        self.loader = TrainLoader.from_config(cfg.data, self.train_set)
-        torch.manual_seed(t.seed)  # weight init depends only on the seed, not on data preparation
-        self.model = HybridLM(cfg.model).to(self.device)
+        self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.env.rank, self.env.world_size)
+        torch.manual_seed(t.seed)  # weight init depends only on the seed (the same on every rank)
+        # On CUDA the weights are drawn on the GPU (seconds for a 1B model; the CPU takes minutes).
+        with torch.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            self.model = HybridLM(cfg.model).to(self.device)
+        par = cfg.parallel
+        self.plan = parallelize(self.model, self.env, ac=t.activation_checkpointing, ac_every=t.ac_every,
+                                compile=t.compile, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
+                                param_dtype=torch.bfloat16 if bf16 else None,
+                                reshard_after_forward=par.reshard_after_forward)
+        self.plain = not (self.fsdp or t.compile or self.plan["ac_layers"])
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.forward_model = torch.compile(self.model) if t.compile else self.model
+        self.forward_model = self.model
+        self.peak_flops = peak_flops(self.device, t.peak_tflops)
+        self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
         self.step = 0
         self.tokens = 0
 
     # -- pieces ------------------------------------------------------------------------------------
-    def _logits(self, batch: dict, model=None) -> torch.Tensor:
+    def _logits(self, batch: dict, model=None, **kwargs) -> torch.Tensor:
         model = model or self.forward_model
         doc_ids = batch.get("doc_ids")  # present only with data.doc_masking
         with self.autocast():
-            return model(batch["input_ids"], doc_ids=doc_ids)
+            return model(batch["input_ids"], doc_ids=doc_ids, **kwargs)
+
+    def _loss(self, batch: dict, norm: float, model=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``((ce + z_loss * z) / norm, ce, z)`` for one micro-batch (ce and z summed over its tokens, detached)."""
+        z_coef, chunk = self.cfg.trainer.z_loss, self.cfg.trainer.loss_chunk_tokens
+        labels = batch["labels"]
+        if chunk > 0:
+            def head(hidden, lm_head):
+                return chunked_lm_loss(hidden, lm_head.weight, labels, z_coef, 1.0 / norm, chunk,
+                                       compiled=self.cfg.trainer.compile)
+
+            return self._logits(batch, model, lm_head_fn=head)
+        ce, z, _ = loss_terms(self._logits(batch, model), labels)
+        return (ce + z_coef * z) / norm, ce.detach(), z.detach()
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -120,52 +145,78 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"{self.run_dir} already holds checkpoints (newest {existing[-1].path.name}); pass --resume to "
                 f"continue that run, or choose another --out directory")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.env)  # every rank has looked before rank 0 writes anything
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
             info = ckpt.latest_checkpoint(self.run_dir, log=self.log)
             if info is None:
                 self.log(f"--resume: no valid checkpoint in {self.run_dir}, starting from step 0")
             else:
                 self._load(info)
-        atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
-        self.tokenizer.save(self.run_dir)
+        if self.env.is_main:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
+            self.tokenizer.save(self.run_dir)
+        barrier(self.env)
 
     def _load(self, info: ckpt.CheckpointInfo) -> None:
         ckpt.check_model_config(info.path, to_dict(self.cfg.model))
         saved = ckpt.read_checkpoint_config(info.path)
+        current = json.loads(json.dumps(to_dict(self.cfg)))  # tuples as the saved JSON lists
         other = [f"{section}.{k}" for section in ("data", "optim", "schedule", "trainer")
-                 for k, v in saved.get(section, {}).items()
-                 if to_dict(getattr(self.cfg, section)).get(k) != v]
+                 for k, v in saved.get(section, {}).items() if current[section].get(k) != v]
+        saved_world = ckpt.read_checkpoint_world_size(info.path)
+        if saved["data"]["batch_size"] * saved_world == self.cfg.data.batch_size * self.env.world_size:
+            other = [k for k in other if k != "data.batch_size"]  # the same global batch on another world size
         if other:
             self.log(f"note: config differs from the checkpoint's in {', '.join(other)} "
                      f"(allowed; losses will not match an uninterrupted run)")
         state = ckpt.load_checkpoint(info.path, model=self.model, optimizer=self.optimizer,
-                                     map_location=self.device)
+                                     map_location=self.device, env=self.env, log=self.log)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.log(f"resumed from {info.path} (step {self.step}, {self.tokens:,} tokens)")
 
     def save(self) -> Path:
-        state = {"tokens": self.tokens, "loader": self.loader.state_dict()}
+        """Write a checkpoint of the current step (collective: every rank calls it)."""
         return ckpt.save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                    train_state=state, config=to_dict(self.cfg),
-                                    keep_last_k=self.cfg.trainer.keep_last_k)
+                                    train_state={"tokens": self.tokens},
+                                    rank_state={"loader": self.loader.state_dict()}, config=to_dict(self.cfg),
+                                    keep_last_k=self.cfg.trainer.keep_last_k, env=self.env)
 
     def _out_of_time(self, step_s: float) -> bool:
         """True when another step would leave too little of ``trainer.max_minutes`` for the wrap-up
-        (full validation, checkpoint, export and sample, budgeted at ``FINISH_RESERVE_S``)."""
+        (full validation, checkpoint, export and sample, budgeted at ``FINISH_RESERVE_S``). Ranks agree:
+        one rank out of time stops them all."""
         limit = self.cfg.trainer.max_minutes * 60
         if limit <= 0:
             return False
-        return time.perf_counter() - self._t_start + step_s > limit - FINISH_RESERVE_S
+        return any_rank(time.perf_counter() - self._t_start + step_s > limit - FINISH_RESERVE_S, self.env)
 
     def validate(self, max_batches: int | None = None) -> ValResult:
-        """Loss on the first ``max_batches`` validation batches (None: the whole split)."""
-        d = self.cfg.data
-        batches = val_batches(self.val_set, d.seq_len, d.batch_size, d.doc_masking, max_batches=max_batches)
+        """Loss on the first ``max_batches`` validation batches of each rank (None: the whole split).
+
+        Rank r scores windows r, r + N, ... (``val_batches``), so N ranks with B sequences each score the
+        same tokens as one process with N x B. Under FSDP every forward is collective: ranks with fewer
+        batches run padding forwards whose scores are dropped.
+        """
+        d, env = self.cfg.data, self.env
+        batches = list(val_batches(self.val_set, d.seq_len, d.batch_size, d.doc_masking, env.rank, env.world_size,
+                                   max_batches=max_batches))
+        n_max = int(all_reduce(torch.tensor([len(batches)], device=self.device), env, "max").item())
+        pad = n_max - len(batches)
+        if pad:
+            filler = next(val_batches(self.val_set, d.seq_len, 1, d.doc_masking, max_batches=1))
+            batches += [dict(filler, labels=torch.full_like(filler["labels"], -100))] * pad  # scores nothing
+
+        def score(batch):
+            ce, _, _ = self._loss(batch, 1.0, self.model)
+            return ce, (batch["labels"] != -100).sum()
+
         self.model.eval()
         try:
-            return evaluate(lambda b: self._logits(b, self.model), map(self._to_device, batches))
+            with torch.no_grad():
+                return evaluate(score, map(self._to_device, batches), reduce=lambda t: all_reduce(t, env))
         finally:
             self.model.train()
 
@@ -178,14 +229,26 @@ class Trainer:
         z_sum = torch.zeros((), device=self.device)
         micro = [self._to_device(self.loader.next_batch()) for _ in range(t.grad_accum)]
         n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
-        for batch in micro:
-            ce, z, _ = loss_terms(self._logits(batch), batch["labels"])
-            # Normalised by the whole step's scored tokens, so accumulation equals one big batch.
-            ((ce + t.z_loss * z) / n_tokens).backward()
-            ce_sum += ce.detach()
-            z_sum += z.detach()
+        if self.fsdp:
+            n_tokens = int(all_reduce(torch.tensor([n_tokens], device=self.device), self.env).item())
+        # Normalised by the whole step's scored tokens over all ranks, so accumulation and data parallelism
+        # equal one big batch (times the world size: FSDP averages the ranks' gradients).
+        norm = n_tokens / self.env.world_size if self.fsdp else n_tokens
+        for i, batch in enumerate(micro):
+            if self.fsdp:  # reduce-scatter gradients once per step, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            loss, ce, z = self._loss(batch, norm)
+            loss.backward()
+            ce_sum += ce
+            z_sum += z
         max_norm = t.clip_grad if t.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
+        if self.fsdp:
+            sums = all_reduce(torch.stack([ce_sum, z_sum]), self.env)
+            ce_sum, z_sum = sums[0], sums[1]
         loss = (ce_sum / n_tokens).item()
         skipped = None
         if not math.isfinite(loss):
@@ -196,7 +259,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += sum(b["input_ids"].numel() for b in micro)
+        self.tokens += sum(b["input_ids"].numel() for b in micro) * self.env.world_size
         record = {"step": self.step, "loss": loss, "z_loss": (z_sum / n_tokens).item(), "lr": lr,
                   "grad_norm": grad_norm, "tokens": self.tokens}
         if skipped:
@@ -208,10 +271,14 @@ class Trainer:
         t, d = self.cfg.trainer, self.cfg.data
         self._prepare_run_dir()
         n_params = sum(p.numel() for p in self.model.parameters())
-        tokens_per_step = t.grad_accum * d.batch_size * d.seq_len
-        dtype = "bf16 autocast" if self.autocast is not contextlib.nullcontext else "fp32"
+        tokens_per_step = t.grad_accum * d.batch_size * d.seq_len * self.env.world_size
+        if self.fsdp:
+            dtype = "bf16 params, fp32 reduction" if self.bf16 else "fp32"
+        else:
+            dtype = "bf16 autocast" if self.autocast is not contextlib.nullcontext else "fp32"
         self.log(f"model: {n_params / 1e6:.2f}M parameters ({self.model.num_params(embeddings=False) / 1e6:.2f}M "
                  f"without the embedding), layers {''.join(self.cfg.model.layer_types)}, {self.device}, {dtype}")
+        self._log_plan()
         self.log(f"data: {self.train_set.path} ({self.train_set.n_tokens:,} train / {self.val_set.n_tokens:,} val "
                  f"tokens, {self.tokenizer.name}); {tokens_per_step:,} tokens/step x {t.steps} steps = "
                  f"{tokens_per_step * t.steps / 1e6:.2f}M tokens ({tokens_per_step * t.steps / self.train_set.n_tokens:.2f} epochs)")
@@ -219,7 +286,7 @@ class Trainer:
         self.log(f"unigram baseline on the validation split (same tokenizer): {unigram:.4f} nats/token")
         logger = MetricsLogger(self.run_dir, t.steps, t.log_interval, resume_step=self.step,
                                tensorboard=t.tensorboard, wandb_project=t.wandb_project or None,
-                               config=to_dict(self.cfg))
+                               config=to_dict(self.cfg)) if self.env.is_main else NullLogger()
         result = TrainResult(self.run_dir, self.step, None, None, unigram)
         first_loss = None
         self.model.train()
@@ -230,7 +297,7 @@ class Trainer:
                 record = self.train_step()
                 dt = time.perf_counter() - t0
                 train_s, run_steps = train_s + dt, run_steps + 1
-                record["tokens_per_s"] = tokens_per_step / max(dt, 1e-9)
+                record.update(self._throughput(tokens_per_step, dt))
                 out_of_time = self.step < t.steps and self._out_of_time(train_s / run_steps)
                 last = self.step == t.steps or out_of_time
                 if out_of_time:
@@ -258,21 +325,68 @@ class Trainer:
         if result.final_val_loss is None:  # --resume of a run that had already finished
             val = self.validate()
             result.final_val_loss, result.final_val_bpb = val.loss, bits_per_byte(val.loss, self.val_set)
-        if t.export_hf:
-            result.hf_dir = ckpt.export_hf(self.run_dir, self.model, self.tokenizer)
-        if t.sample_tokens > 0:
-            result.sample = self.sample(t.sample_prompt, t.sample_tokens, t.sample_temperature)
+        if t.export_hf or t.sample_tokens > 0:
+            plain = self.plain_model()  # collective under FSDP; None on ranks other than 0
+            if plain is not None and t.export_hf:
+                result.hf_dir = ckpt.export_hf(self.run_dir, plain, self.tokenizer)
+            if plain is not None and t.sample_tokens > 0:
+                result.sample = self.sample(t.sample_prompt, t.sample_tokens, t.sample_temperature, plain)
+            barrier(self.env)
         result.wall_s = time.perf_counter() - self._t_start
         self._summary(result, first_loss)
         return result
 
+    def _throughput(self, tokens_per_step: int, dt: float) -> dict:
+        """tokens/s (all ranks and per device), MFU against the device's peak, and peak memory."""
+        per_device = tokens_per_step / self.env.world_size / max(dt, 1e-9)
+        out = {"tokens_per_s": tokens_per_step / max(dt, 1e-9), "tokens_per_s_per_device": per_device}
+        if self.env.distributed:
+            out["world_size"] = self.env.world_size
+        if self.peak_flops:
+            out["mfu"] = per_device * self.flops_per_token / self.peak_flops
+        mem = peak_memory_gib(self.device)
+        if mem is not None:
+            out["peak_mem_gib"] = mem
+        return out
+
+    def _log_plan(self) -> None:
+        t, plan = self.cfg.trainer, self.plan
+        if self.env.distributed:
+            mesh = plan["mesh"]
+            self.log(f"parallel: {self.env.world_size} processes, FSDP2 over mesh "
+                     f"{dict(zip(mesh.mesh_dim_names, mesh.shape))} (torchrun; rank 0 logs)")
+        if plan["ac_layers"]:
+            self.log(f"activation checkpointing ({t.activation_checkpointing}): blocks {plan['ac_layers']}")
+        if t.compile:
+            self.log("torch.compile: every block (fullgraph)")
+        if t.loss_chunk_tokens:
+            self.log(f"loss: chunked cross-entropy, {t.loss_chunk_tokens} tokens per chunk")
+        if self.peak_flops is None and self.device.type == "cuda":
+            self.log(f"note: no peak FLOP/s known for {torch.cuda.get_device_name(self.device)}; set "
+                     "trainer.peak_tflops to log MFU")
+
+    def plain_model(self) -> HybridLM | None:
+        """The trained weights in an unwrapped ``HybridLM`` (for export and sampling): the model itself when
+        nothing wraps it, else a copy gathered from the shards onto rank 0 (None on other ranks)."""
+        if self.plain:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.env.is_main:
+            return None
+        plain = HybridLM(self.cfg.model, init=False)
+        plain.load_state_dict(full)
+        return plain.to(self.device)
+
     @torch.no_grad()
-    def sample(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
-        self.model.eval()
+    def sample(self, prompt: str, max_new_tokens: int, temperature: float, model: HybridLM | None = None) -> str:
+        model = model or self.model
+        model.eval()
         ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
         torch.manual_seed(self.cfg.trainer.seed)
-        out = self.model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=self.cfg.trainer.sample_top_k)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=self.cfg.trainer.sample_top_k)
         return self.tokenizer.decode(out[0].tolist())
 
     def _summary(self, r: TrainResult, first_loss: float | None) -> None:
