@@ -1,7 +1,7 @@
 """Compile the GDN Triton kernels for sm_90a on any machine (no GPU needed) and print ptxas resource usage.
 
     TRITON_INTERPRET=0 python benchmarks/ptxas_report_gdn.py --K 128 --V 128 --prec tf32
-    TRITON_INTERPRET=0 python benchmarks/ptxas_report_gdn.py --kernels bwd --bv 32 --bwd-warps 8
+    TRITON_INTERPRET=0 python benchmarks/ptxas_report_gdn.py --kernels bwd_dk --bv-bwd 32 --bwd-warps 8
 
 For each kernel: shared memory per block (the H100 allows 227 KB), registers per thread and spilled bytes, as
 reported by the ptxas bundled with Triton. The numbers in docs/benchmarks.md ("ptxas: ...") come from this.
@@ -55,14 +55,14 @@ def main(argv=None) -> int:
     p.add_argument("--K", type=int, default=128)
     p.add_argument("--V", type=int, default=128)
     p.add_argument("--prec", default="tf32", choices=["tf32", "bf16", "ieee"])
-    p.add_argument("--kernels", default="prepare,inverse,fwd,dh,bwd")
+    p.add_argument("--kernels", default="prepare,inverse,fwd,dh,bwd_dq,bwd_dk")
     p.add_argument("--bv", type=int, help="V tile of the sequential kernels (default: as the launcher)")
     p.add_argument("--bv-bwd", type=int, help="V tile of the parallel backward kernel (default: as the launcher)")
     p.add_argument("--warps", type=int, help="warps of the sequential kernels (default: as the launcher)")
     p.add_argument("--bwd-warps", type=int, help="warps of the parallel backward kernel (default: as the launcher)")
     p.add_argument("--stages", type=int, default=1)
     args = p.parse_args(argv)
-    cfg = gdn_chunk._config(args.K, args.V)
+    cfg = gdn_chunk._config(args.K, args.V, args.prec)
     BK = cfg["BK"]
     bv = args.bv or cfg["BV_seq"]
     bv_bwd = args.bv_bwd or cfg["BV_bwd"]
@@ -71,18 +71,20 @@ def main(argv=None) -> int:
     op = "*bf16" if args.prec == "bf16" else "*fp32"
     ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
     ptrs.update({n: "*fp32" for n in ("gamma_ptr", "beta_ptr", "g_ptr", "t0_ptr", "a_ptr", "h0_ptr", "ht_ptr",
-                                      "hbuf_ptr", "dhbuf_ptr", "dht_ptr", "dh0_ptr", "dg_ptr", "dbeta_ptr")})
+                                      "dht_ptr", "dh0_ptr", "dg_ptr", "dbeta_ptr", "dqk_ptr", "dbp_ptr")})
     ptrs.update({n: "*i32" for n in ("reset_ptr", "cu", "coff", "chunk_tok0", "chunk_len")})
-    ptrs.update(tg_ptr=op, p_ptr=op)
+    ptrs.update(tg_ptr="*fp32", p_ptr=op, hbuf_ptr=op, dhbuf_ptr=op, vn_ptr=op, dvn_ptr=op)
     flags = dict(HV=16, BT=64, IS_VARLEN=False, HAS_RESET=False)
     common = dict(flags, H=16, K=args.K, V=args.V, BK=BK, L2NORM=True, PREC=args.prec)
+    tprec = dict(TPREC=gdn_chunk._inverse_precision(args.prec))
     todo = {
         "prepare": (gdn_chunk._prepare_kernel, dict(flags, H=16, K=args.K, BK=BK, L2NORM=True, PREC=args.prec),
                     cfg["prep"]["num_warps"]),
         "inverse": (gdn_chunk._inverse_kernel, flags, 1),
-        "fwd": (gdn_chunk._fwd_kernel, dict(common, BV=bv, HAS_H0=False, SAVE_H=True), warps),
-        "dh": (gdn_chunk_bwd._bwd_dh_kernel, dict(common, BV=bv, HAS_DHT=False), warps),
-        "bwd": (gdn_chunk_bwd._bwd_kernel, dict(common, BV=bv_bwd), bwd_warps),
+        "fwd": (gdn_chunk._fwd_kernel, dict(common, BV=bv, HAS_H0=False, SAVE_H=True, **tprec), warps),
+        "dh": (gdn_chunk_bwd._bwd_dh_kernel, dict(common, BV=bv, HAS_DHT=False, **tprec), warps),
+        "bwd_dq": (gdn_chunk_bwd._bwd_dq_kernel, dict(common, BV=bv_bwd), bwd_warps),
+        "bwd_dk": (gdn_chunk_bwd._bwd_dk_kernel, dict(common, BV=bv_bwd, **tprec), bwd_warps),
     }
     print(f"K={args.K} V={args.V} prec={args.prec} BK={BK} BV(seq)={bv} BV(bwd)={bv_bwd} stages={args.stages}")
     for name in args.kernels.split(","):

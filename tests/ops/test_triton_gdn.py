@@ -4,8 +4,11 @@ On a machine without a GPU the kernels run in Triton's interpreter (small shapes
 compiled kernels at realistic head sizes (``pytest -m gpu`` on the device machine).
 
 Tolerances (relative L2 error ||x - ref|| / ||ref||): float32 inputs 1e-4 (exact fp32 dots; the interpreter and
-the GPU's IEEE fp32 path both land near 1e-6), bfloat16 inputs 5e-3 (dominated by rounding the bf16 outputs and
-gradients themselves, ~1.5e-3; the GPU kernels use tf32 products for bf16 inputs).
+the GPU's IEEE fp32 path both land near 1e-6). bfloat16 inputs with tf32 products (``OLMO_HYBRID_GDN_DOT=tf32``)
+5e-3, dominated by rounding the bf16 outputs and gradients themselves (~1.5e-3). bfloat16 inputs with bf16 dot
+operands (the default): 5e-3 at a realistic shape on the GPU (K=V=128, beta in (0, 1); measured 3.8e-3, fla 4.1e-3),
+and 4e-2 for the stress inputs the other tests use (K=32 or less, beta in (0, 2), gates near 0 or 1; measured up to
+3.1e-2 in the interpreter, whose fp32 -> bf16 casts truncate instead of rounding).
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from olmo_hybrid.ops import BackendUnavailableError, gated_delta_rule, gated_del
 from olmo_hybrid.ops import recurrent_gated_delta_rule  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
+BF16_OPERAND_STRESS_TOL = 4e-2
+
+
+def default_tol(dtype) -> float:
+    if dtype == torch.bfloat16 and os.environ.get("OLMO_HYBRID_GDN_DOT", "bf16") == "bf16":
+        return BF16_OPERAND_STRESS_TOL
+    return TOL[dtype]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -55,7 +65,7 @@ def make_inputs(B, T, H, HV, K, V, dtype, gate="normal", l2norm=True, n_states=N
 
 def check_against_reference(inputs, dtype, use_h0=True, l2norm=True, cu_seqlens=None, reset_mask=None,
                             tol=None, loss_on_state=True):
-    tol = TOL[dtype] if tol is None else tol
+    tol = default_tol(dtype) if tol is None else tol
     q, k, v, g, beta, h0 = inputs
     h0 = h0 if use_h0 else None
     ours = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)]
@@ -84,11 +94,26 @@ def check_against_reference(inputs, dtype, use_h0=True, l2norm=True, cu_seqlens=
     assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,dot", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"), (torch.bfloat16, "tf32")])
 @pytest.mark.parametrize("gate", ["normal", "slow", "fast"])
-def test_chunk_matches_reference(dtype, gate):
+def test_chunk_matches_reference(dtype, dot, gate, monkeypatch):
+    monkeypatch.setenv("OLMO_HYBRID_GDN_DOT", dot)  # fp32 inputs ignore it: exact fp32 products
     inputs = make_inputs(B=2, T=77, H=2, HV=2, K=32, V=16, dtype=dtype, gate=gate, seed=1)
     check_against_reference(inputs, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_operands_at_a_realistic_shape():
+    """The default bf16 dot operands within 5e-3 of float64 at a model-like shape: K=V=128, l2-normalised q/k,
+    beta = sigmoid(randn), g = logsigmoid(randn)."""
+    gen = torch.Generator().manual_seed(18)
+    B, T, H, K, V = 1, 1024, 4, 128, 128
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for D in (K, K, V))
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen))
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    h0 = torch.randn(B, H, K, V, generator=gen)
+    inputs = [x.to(DEVICE) for x in (q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta.bfloat16(), h0)]
+    check_against_reference(inputs, torch.bfloat16, tol=5e-3)
 
 
 def test_chunk_no_l2norm_no_initial_state_grouped_heads():

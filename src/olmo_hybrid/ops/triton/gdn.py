@@ -33,7 +33,8 @@ def _n_chunks_max(B: int, T: int, cu_seqlens: Optional[Tensor]) -> int:
 @torch.library.custom_op("olmo_hybrid::gdr_chunk_fwd", mutates_args=())
 def gdr_chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
                   initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], reset_mask: Optional[Tensor],
-                  use_l2norm: bool, save_states: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  use_l2norm: bool, save_states: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return chunk_gdr_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, reset_mask, use_l2norm, save_states)
 
 
@@ -44,22 +45,24 @@ def _(q, k, v, g, beta, scale, initial_state, cu_seqlens, reset_mask, use_l2norm
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     nc = _n_chunks_max(B, T, cu_seqlens)
     f32 = dict(device=q.device, dtype=torch.float32)
-    tgp = torch.empty(2, nc, HV, CHUNK, CHUNK, device=q.device, dtype=_operand_dtype(_dot_precision(q.dtype)))
+    ops = dict(device=q.device, dtype=_operand_dtype(_dot_precision(q.dtype)))
     return (q.new_empty(B, T, HV, V), torch.empty(N, HV, K, V, **f32), torch.empty(B, T, HV, **f32),
-            torch.empty(nc, HV, CHUNK, CHUNK, **f32), tgp, torch.empty((nc, HV, K, V) if save_states else (0,), **f32))
+            torch.empty(2, nc, HV, CHUNK, CHUNK, **f32), torch.empty(nc, HV, CHUNK, CHUNK, **ops),
+            torch.empty((nc, HV, K, V) if save_states else (0,), **ops),
+            torch.empty((B, T, HV, V) if save_states else (0,), **ops))
 
 
 @torch.library.custom_op("olmo_hybrid::gdr_chunk_bwd", mutates_args=())
 def gdr_chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
                   cu_seqlens: Optional[Tensor], reset_mask: Optional[Tensor], use_l2norm: bool, gamma: Tensor,
-                  t0: Tensor, tgp: Tensor, states: Tensor, do: Tensor, dht: Optional[Tensor]
+                  tt: Tensor, p: Tensor, states: Tensor, vn: Tensor, do: Tensor, dht: Optional[Tensor]
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return chunk_gdr_bwd(q, k, v, g, beta, scale, cu_seqlens, reset_mask, use_l2norm, gamma, t0, tgp, states, do,
-                         dht)
+    return chunk_gdr_bwd(q, k, v, g, beta, scale, cu_seqlens, reset_mask, use_l2norm, gamma, tt, p, states, vn,
+                         do, dht)
 
 
 @gdr_chunk_bwd.register_fake
-def _(q, k, v, g, beta, scale, cu_seqlens, reset_mask, use_l2norm, gamma, t0, tgp, states, do, dht):
+def _(q, k, v, g, beta, scale, cu_seqlens, reset_mask, use_l2norm, gamma, tt, p, states, vn, do, dht):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     HV, V = v.shape[2:]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
@@ -68,10 +71,10 @@ def _(q, k, v, g, beta, scale, cu_seqlens, reset_mask, use_l2norm, gamma, t0, tg
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, scale, initial_state, cu_seqlens, reset_mask, use_l2norm, save_states = inputs
-    _, _, gamma, t0, tgp, states = output
+    _, _, gamma, tt, p, states, vn = output
     if not save_states:
         raise RuntimeError("gdr_chunk_fwd was called without save_states=True but a gradient is required")
-    ctx.save_for_backward(q, k, v, g, beta, cu_seqlens, reset_mask, gamma, t0, tgp, states)
+    ctx.save_for_backward(q, k, v, g, beta, cu_seqlens, reset_mask, gamma, tt, p, states, vn)
     # Unused outputs (the final state, the saved buffers) get None instead of zero-filled gradients, which for
     # the per-chunk states would be a memset as large as the states themselves.
     ctx.set_materialize_grads(False)
@@ -80,11 +83,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, *_):
-    q, k, v, g, beta, cu_seqlens, reset_mask, gamma, t0, tgp, states = ctx.saved_tensors
+    q, k, v, g, beta, cu_seqlens, reset_mask, gamma, tt, p, states, vn = ctx.saved_tensors
     if do is None:
         do = torch.zeros(*q.shape[:2], *v.shape[2:], device=q.device, dtype=q.dtype)
     dq, dk, dv, dg, dbeta, dh0 = gdr_chunk_bwd(q, k, v, g, beta, ctx.scale, cu_seqlens, reset_mask,
-                                               ctx.use_l2norm, gamma, t0, tgp, states, do, dht)
+                                               ctx.use_l2norm, gamma, tt, p, states, vn, do, dht)
     dh0 = None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype)
     return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None
 

@@ -20,14 +20,14 @@ Forward kernels (one launch each; the backward ones are in ``gdn_chunk_bwd.py``)
   _inverse_kernel  parallel over (chunk, head), one warp: T0 = (I + A0)^-1 by 16x16 blocks (in place of A0)
                    and Tg = T0 * Gamma.
   _fwd_kernel      sequential over the chunks of one (sequence, head, V tile): S in registers (fp32), writes O
-                   and, for training, the state entering each chunk (fp32). W, U and v_new are never stored.
+                   and, for training, the state entering each chunk and Vn (both in the dot operand dtype), which
+                   the backward reads instead of recomputing them. W and U are never stored.
 Exponents are always differences gamma_i - gamma_j with i >= j (<= 0), so nothing overflows for g <= 0.
 
-Dot precision (``_dot_precision``): fp32 inputs use exact fp32 dots; bf16/fp16 inputs use tf32 dots on fp32
-operands. Rounding the operands to bf16 instead (``OLMO_HYBRID_GDN_DOT=bf16``, fla's choice; experiments only)
-is about 2x cheaper on the tensor cores but gave 1.2-1.7e-2 relative error in the K=32, beta in (0, 2)
-interpreter tests, against 2-4e-3 with tf32, and Triton 3.6 miscompiles it on an H100 (forward wrong by 0.87
-relative at K=V=128, then an illegal memory access; docs/benchmarks.md).
+Dot precision (``_dot_precision``): fp32 inputs use exact fp32 dots. bf16/fp16 inputs use bf16 operands with fp32
+accumulation, except the products with the inverses Tg and T0, which stay tf32 on fp32 operands
+(``_inverse_precision``); ``OLMO_HYBRID_GDN_DOT=tf32`` makes every product tf32 (about half the error, about
+half the speed; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def _mm(a, b, PREC: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif PREC == "bf16emu":  # the same numbers in fp32: Triton 3.6's interpreter miscomputes bf16 dots
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    elif PREC == "tf32r":  # Triton 3.6 feeds fp32 to tf32 wgmma unrounded (truncated): round to nearest first
+        return tl.dot(_round_tf32(a), _round_tf32(b), input_precision="tf32")
     elif PREC == "tf32emu":  # the interpreter ignores input_precision; round operands to tf32 (10-bit mantissa)
         return tl.dot(_round_tf32(a), _round_tf32(b), input_precision="ieee")
     else:
@@ -110,12 +112,13 @@ def _state_block(ptr, base, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
 
 @triton.jit
 def _load_state(ptr, base, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
-    return tl.load(_state_block(ptr, base, K, V, v0, BK, BV), boundary_check=(0, 1), padding_option="zero")
+    bp = _state_block(ptr, base, K, V, v0, BK, BV)
+    return tl.load(bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
 
 
 @triton.jit
 def _store_state(ptr, base, x, K, V, v0, BK: tl.constexpr, BV: tl.constexpr):
-    tl.store(_state_block(ptr, base, K, V, v0, BK, BV), x, boundary_check=(0, 1))
+    tl.store(_state_block(ptr, base, K, V, v0, BK, BV), x.to(ptr.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -333,15 +336,15 @@ def _load_qk(q_ptr, k_ptr, tok0, L, h, scale, H: tl.constexpr, K: tl.constexpr, 
 def _load_cc(t0_ptr, c, hv, HV: tl.constexpr, BT: tl.constexpr):
     """The [BT, BT] matrix of chunk c, head hv from a per-chunk buffer (T0, Tg or P)."""
     bp = tl.make_block_ptr(t0_ptr + (c * HV + hv) * BT * BT, (BT, BT), (BT, 1), (0, 0), (BT, BT), (1, 0))
-    return tl.load(bp)
+    return tl.load(bp).to(tl.float32)
 
 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, beta_ptr, reset_ptr, tg_ptr, p_ptr, h0_ptr, o_ptr, ht_ptr, hbuf_ptr,
-                cu, coff, T, scale, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                vn_ptr, cu, coff, T, scale, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr,
                 HAS_RESET: tl.constexpr, HAS_H0: tl.constexpr, SAVE_H: tl.constexpr, L2NORM: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, TPREC: tl.constexpr):
     iv = tl.program_id(0)
     n = tl.program_id(1)
     hv = tl.program_id(2)
@@ -350,7 +353,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, beta_ptr, reset_ptr, tg_ptr, p_p
     bos, eos, c0 = _seq_coords(n, cu, coff, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
     if HAS_H0:
-        s = _load_state(h0_ptr, (n * HV + hv).to(tl.int64) * K * V, K, V, v0, BK, BV).to(tl.float32)
+        s = _load_state(h0_ptr, (n * HV + hv).to(tl.int64) * K * V, K, V, v0, BK, BV)
     else:
         s = tl.zeros([BK, BV], dtype=tl.float32)
     bh = beta_ptr + hv
@@ -368,9 +371,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, beta_ptr, reset_ptr, tg_ptr, p_p
         a, b, a_last, _, _ = _gates(gam, reset_ptr, tok0, L, BT, HAS_RESET, False)
         v = _load_rows(v_ptr + hv * V, tok0, L, HV * V, v0, V, BT, BV)
         x = beta[:, None] * (v - a[:, None] * _mm(k, s_op, PREC))
-        vn = _op(_mm(_load_cc(tg_ptr, c, hv, HV, BT), _op(x, PREC), PREC), PREC)
+        vn = _op(_mm(_load_cc(tg_ptr, c, hv, HV, BT), x, TPREC), PREC)
         o = a[:, None] * _mm(q, s_op, PREC) + _mm(_load_cc(p_ptr, c, hv, HV, BT), vn, PREC)
         _store_rows(o_ptr + hv * V, o, tok0, L, HV * V, v0, V, BT, BV)
+        if SAVE_H:
+            _store_rows(vn_ptr + hv * V, vn, tok0, L, HV * V, v0, V, BT, BV)
         s = a_last * s + _mm(tl.trans(_op(k * b[:, None], PREC)), vn, PREC)
     _store_state(ht_ptr, (n * HV + hv).to(tl.int64) * K * V, s, K, V, v0, BK, BV)
 
@@ -380,37 +385,57 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, beta_ptr, reset_ptr, tg_ptr, p_p
 # row of B*T tokens, so fixed-length batches and cu_seqlens share the kernels.
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """tf32 for 16-bit inputs (``OLMO_HYBRID_GDN_DOT=bf16`` to try bf16 operands), exact fp32 for fp32 inputs.
-    In the interpreter the "emu" variants round operands explicitly (it ignores input_precision)."""
+def _dot_precision(dtype: torch.dtype, group: str = "FWD") -> str:
+    """Dot operand precision: exact fp32 for fp32 inputs; for 16-bit inputs bf16 operands with fp32 accumulation
+    (fla's choice; about 2x the speed of tf32 on an H100), or tf32 with ``OLMO_HYBRID_GDN_DOT=tf32`` (half the
+    error, see docs/benchmarks.md). ``OLMO_HYBRID_GDN_DOT_FWD`` / ``_BWD`` set the forward or backward kernels
+    alone. In the interpreter the "emu" variants round operands explicitly (it ignores input_precision)."""
     if dtype in (torch.float32, torch.float64):
         return "ieee"
-    prec = os.environ.get("OLMO_HYBRID_GDN_DOT", "tf32")
-    return prec + "emu" if prec in ("bf16", "tf32") and interpreting() else prec
+    prec = os.environ.get(f"OLMO_HYBRID_GDN_DOT_{group}", os.environ.get("OLMO_HYBRID_GDN_DOT", "bf16"))
+    if prec not in ("bf16", "tf32", "tf32r"):
+        raise ValueError(f"OLMO_HYBRID_GDN_DOT{'_' + group if group else ''}={prec!r}: expected bf16, tf32 or tf32r")
+    if interpreting():
+        return prec[:4] + "emu"
+    return prec
+
+
+def _inverse_precision(prec: str) -> str:
+    """Dot precision of the products with the UT inverses (Tg, T0): tf32 (fp32 operands) under bf16 operands
+    elsewhere. The inverse's entries grow with beta and with barely gated keys, so rounding them (and their
+    partners) to bf16 cost 3-10x the error of the bf16 rounding of the other operands in the interpreter tests."""
+    return {"bf16": "tf32", "bf16emu": "tf32emu"}.get(prec, prec)
 
 
 def _operand_dtype(prec: str) -> torch.dtype:
     return torch.bfloat16 if prec.startswith("bf16") else torch.float32
 
 
-def _config(K: int, V: int) -> dict:
+def _config(K: int, V: int, prec: str = "tf32") -> dict:
     """Block sizes and launch settings, from ptxas shared-memory/spill reports and H100 runs
     (docs/benchmarks.md). ``OLMO_HYBRID_GDN_BV`` / ``OLMO_HYBRID_GDN_WARPS`` override the sequential kernels'
     V tile and warps, ``OLMO_HYBRID_GDN_BWD_WARPS`` the parallel backward kernel's warps, for tuning runs."""
     # K tiles of at least 64 (zero columns loaded for smaller heads, never stored): the tile shapes the GPU tests
     # passed with (2026-11-22); K tiles of 16/32 have not been run on a GPU with the 4-warp backward below.
     BK = max(64, triton.next_power_of_2(K))
-    BV_seq = max(16, min(int(os.environ.get("OLMO_HYBRID_GDN_BV", 32 if BK <= 128 else 16)),
-                         triton.next_power_of_2(V)))
-    BV_bwd = 16  # larger V tiles push the tf32 operand tiles past the 227 KB of shared memory
-    # The backward kernel runs 4 warps: at 8 its dq/dk/dg were wrong (varying from run to run, sometimes an
-    # illegal memory access) in the small-head GPU tests on an H100 (2026-11-22). Likely cause: at 8 warps
-    # Triton 3.6 splits the [64, 16] products over 2 warps along N and emits tf32 wgmma of N = 8, whose
-    # shared-memory operands it does not pad (triton-lang/triton#10629). 4 warps was also 10% faster.
+    # bf16 operands: V tiles of 64 in the sequential kernels. At 32 the forward kernel's output was wrong (0.87
+    # relative error at K=V=128, H100, Triton 3.6, 2026-11-22); at 64 it is right and 2.5x faster than tf32.
+    bv_default = 64 if prec.startswith("bf16") else (32 if BK <= 128 else 16)
+    BV_seq = max(16, min(int(os.environ.get("OLMO_HYBRID_GDN_BV", bv_default)), triton.next_power_of_2(V)))
+    # The parallel backward kernels run 4 warps; with bf16 operands V tiles of 64 (the fastest setting of the H100
+    # sweep, benchmarks/sweep_gdn.py: 6.0 ms fwd+bwd at B=8 T=4096 H=16 d=128, against 7.0 at 8 warps). tf32
+    # operands: V tiles of 16 (larger ones pushed the old fused kernel past the 227 KB of shared memory); at 8
+    # warps its dq/dk/dg were wrong in the small-head GPU tests (2026-11-22), likely because Triton 3.6 then emits
+    # tf32 wgmma of N = 8 with unpadded operands (triton-lang/triton#10629).
+    bf16 = prec.startswith("bf16")
+    BV_bwd = int(os.environ.get("OLMO_HYBRID_GDN_BWD_BV", 64 if bf16 else 16))
+    BV_bwd = min(BV_bwd, max(16, triton.next_power_of_2(V)))
     warps = int(os.environ.get("OLMO_HYBRID_GDN_WARPS", "4"))
     bwd_warps = int(os.environ.get("OLMO_HYBRID_GDN_BWD_WARPS", "4"))
-    return dict(BK=BK, BV_seq=BV_seq, BV_bwd=BV_bwd, seq=dict(num_warps=warps, num_stages=1),
-                bwd=dict(num_warps=bwd_warps, num_stages=1), prep=dict(num_warps=4, num_stages=1))
+    stages = int(os.environ.get("OLMO_HYBRID_GDN_STAGES", "1"))
+    bwd_stages = int(os.environ.get("OLMO_HYBRID_GDN_BWD_STAGES", "1"))
+    return dict(BK=BK, BV_seq=BV_seq, BV_bwd=BV_bwd, seq=dict(num_warps=warps, num_stages=stages),
+                bwd=dict(num_warps=bwd_warps, num_stages=bwd_stages), prep=dict(num_warps=4, num_stages=1))
 
 
 def chunk_tables(cu_seqlens: torch.Tensor | None, B: int, T: int):
@@ -435,38 +460,43 @@ def chunk_tables(cu_seqlens: torch.Tensor | None, B: int, T: int):
 
 
 def chunk_gdr_fwd(q, k, v, g, beta, scale, initial_state, cu_seqlens, reset_mask, use_l2norm, save_states):
-    """Forward pass. Returns (o, final_state, gamma, t0, tgp, states): gamma the chunk-local cumsum of g, t0 the
-    gate-free inverses, tgp the stacked [Tg, P] chunk operands; states (per-chunk entering states) is empty
-    unless save_states."""
+    """Forward pass. Returns (o, final_state, gamma, tt, p, states, vn): gamma the chunk-local cumsum of g, tt the
+    stacked [T0, Tg] (gate-free and gated inverses, fp32), p the output operand P; states (per-chunk entering
+    states) and vn (the per-token deltas Vn, [B, T, HV, V]) are empty unless save_states. p, states and vn are kept
+    in the dot operand dtype (``_operand_dtype``): the backward only reads them as dot operands."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    cfg = _config(K, V)
-    BK, BV = cfg["BK"], cfg["BV_seq"]
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     cu, coff, ctok0, clen, nc = chunk_tables(cu_seqlens, B, T)
     varlen = cu is not None
     reset = reset_mask.contiguous().view(torch.int8) if reset_mask is not None else None
     dev = q.device
     prec = _dot_precision(q.dtype)
+    cfg = _config(K, V, prec)
+    BK, BV = cfg["BK"], cfg["BV_seq"]
     gamma = torch.empty(B, T, HV, device=dev, dtype=torch.float32)
-    t0 = torch.empty(nc, HV, CHUNK, CHUNK, device=dev, dtype=torch.float32)
-    tgp = torch.empty(2, nc, HV, CHUNK, CHUNK, device=dev, dtype=_operand_dtype(prec))
+    # Tg stays fp32: stored as bf16 by the one-warp inverse kernel it took 2.4x as long (H100, 2026-11-22).
+    tt = torch.empty(2, nc, HV, CHUNK, CHUNK, device=dev, dtype=torch.float32)
+    p = torch.empty(nc, HV, CHUNK, CHUNK, device=dev, dtype=_operand_dtype(prec))
     dummy = gamma
     reset_arg = reset if reset is not None else dummy
     tables = (ctok0 if varlen else dummy, clen if varlen else dummy)
     _prepare_kernel[(nc, HV)](
-        q, k, g, beta, reset_arg, *tables, gamma, t0, tgp[1], T, scale, H=H, HV=HV, K=K, BK=BK, BT=CHUNK,
+        q, k, g, beta, reset_arg, *tables, gamma, tt[0], p, T, scale, H=H, HV=HV, K=K, BK=BK, BT=CHUNK,
         IS_VARLEN=varlen, HAS_RESET=reset is not None, L2NORM=use_l2norm, PREC=prec, **cfg["prep"])
-    _inverse_kernel[(nc, HV)](t0, tgp[0], gamma, reset_arg, *tables, T, HV=HV, BT=CHUNK, IS_VARLEN=varlen,
+    _inverse_kernel[(nc, HV)](tt[0], tt[1], gamma, reset_arg, *tables, T, HV=HV, BT=CHUNK, IS_VARLEN=varlen,
                               HAS_RESET=reset is not None, num_warps=1, num_stages=1)
     o = torch.empty(B, T, HV, V, device=dev, dtype=q.dtype)
     final_state = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32)
-    states = torch.empty((nc, HV, K, V) if save_states else (0,), device=dev, dtype=torch.float32)
+    op_dtype = _operand_dtype(prec)
+    states = torch.empty((nc, HV, K, V) if save_states else (0,), device=dev, dtype=op_dtype)
+    vn = torch.empty((B, T, HV, V) if save_states else (0,), device=dev, dtype=op_dtype)
     h0 = initial_state.contiguous() if initial_state is not None else None
     _fwd_kernel[(triton.cdiv(V, BV), N, HV)](
-        q, k, v, gamma, beta, reset_arg, tgp[0], tgp[1], h0 if h0 is not None else dummy, o,
-        final_state, states, cu if varlen else dummy, coff if varlen else dummy, T, scale,
+        q, k, v, gamma, beta, reset_arg, tt[1], p, h0 if h0 is not None else dummy, o,
+        final_state, states, vn, cu if varlen else dummy, coff if varlen else dummy, T, scale,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, BT=CHUNK, IS_VARLEN=varlen, HAS_RESET=reset is not None,
-        HAS_H0=h0 is not None, SAVE_H=save_states, L2NORM=use_l2norm, PREC=prec, **cfg["seq"])
-    return o, final_state, gamma, t0, tgp, states
+        HAS_H0=h0 is not None, SAVE_H=save_states, L2NORM=use_l2norm, PREC=prec, TPREC=_inverse_precision(prec),
+        **cfg["seq"])
+    return o, final_state, gamma, tt, p, states, vn
