@@ -26,8 +26,8 @@ Exponents are always differences gamma_i - gamma_j with i >= j (<= 0), so nothin
 
 Dot precision (``_dot_precision``): fp32 inputs use exact fp32 dots. bf16/fp16 inputs use bf16 operands with fp32
 accumulation, except the products with the inverses Tg and T0, which stay tf32 on fp32 operands
-(``_inverse_precision``); ``OLMO_HYBRID_GDN_DOT=tf32`` makes every product tf32 (about half the error, about
-half the speed; docs/benchmarks.md).
+(``_inverse_precision``); ``OLMO_HYBRID_GDN_DOT=tf32`` makes every product tf32 (two thirds
+of the error at 1.6x the time on an H100; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -387,8 +387,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, beta_ptr, reset_ptr, tg_ptr, p_p
 
 def _dot_precision(dtype: torch.dtype, group: str = "FWD") -> str:
     """Dot operand precision: exact fp32 for fp32 inputs; for 16-bit inputs bf16 operands with fp32 accumulation
-    (fla's choice; about 2x the speed of tf32 on an H100), or tf32 with ``OLMO_HYBRID_GDN_DOT=tf32`` (half the
-    error, see docs/benchmarks.md). ``OLMO_HYBRID_GDN_DOT_FWD`` / ``_BWD`` set the forward or backward kernels
+    (fla's choice; 1.6x the speed of tf32 on an H100), or tf32 with ``OLMO_HYBRID_GDN_DOT=tf32`` (two thirds
+    of the error, see docs/benchmarks.md). ``OLMO_HYBRID_GDN_DOT_FWD`` / ``_BWD`` set the forward or backward kernels
     alone. In the interpreter the "emu" variants round operands explicitly (it ignores input_precision)."""
     if dtype in (torch.float32, torch.float64):
         return "ieee"
