@@ -99,9 +99,6 @@ def _op(x, PREC: tl.constexpr):
         return x
 
 
-@triton.jit
-def _l2norm_rows(x):
-    return x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
 
 
 @triton.jit
@@ -321,15 +318,24 @@ def _inverse_kernel(a_ptr, tg_ptr, gamma_ptr, reset_ptr, chunk_tok0, chunk_len, 
 
 
 @triton.jit
+def _load_normed(x_ptr, tok0, L, h, scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                 L2NORM: tl.constexpr):
+    """(x_hat * scale, r): the rows of q or k, l2-normalised if L2NORM (r = 1 / |x|, else 1), in fp32."""
+    x = _load_rows(x_ptr + h * K, tok0, L, H * K, 0, K, BT, BK)
+    if L2NORM:
+        r = tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
+    else:
+        r = tl.full([BT], 1.0, tl.float32)
+    return x * (r * scale)[:, None], r
+
+
+@triton.jit
 def _load_qk(q_ptr, k_ptr, tok0, L, h, scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
              BK: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
     """q (normalised, scaled) and k (normalised) of a chunk, as dot operands."""
-    q = _load_rows(q_ptr + h * K, tok0, L, H * K, 0, K, BT, BK)
-    k = _load_rows(k_ptr + h * K, tok0, L, H * K, 0, K, BT, BK)
-    if L2NORM:
-        q = _l2norm_rows(q)
-        k = _l2norm_rows(k)
-    return _op(q * scale, PREC), _op(k, PREC)
+    q, _ = _load_normed(q_ptr, tok0, L, h, scale, H, K, BT, BK, L2NORM)
+    k, _ = _load_normed(k_ptr, tok0, L, h, 1.0, H, K, BT, BK, L2NORM)
+    return _op(q, PREC), _op(k, PREC)
 
 
 @triton.jit
@@ -392,9 +398,11 @@ def _dot_precision(dtype: torch.dtype, group: str = "FWD") -> str:
     alone. In the interpreter the "emu" variants round operands explicitly (it ignores input_precision)."""
     if dtype in (torch.float32, torch.float64):
         return "ieee"
-    prec = os.environ.get(f"OLMO_HYBRID_GDN_DOT_{group}", os.environ.get("OLMO_HYBRID_GDN_DOT", "bf16"))
+    var = f"OLMO_HYBRID_GDN_DOT_{group}"
+    var = var if var in os.environ else "OLMO_HYBRID_GDN_DOT"
+    prec = os.environ.get(var, "bf16")
     if prec not in ("bf16", "tf32", "tf32r"):
-        raise ValueError(f"OLMO_HYBRID_GDN_DOT{'_' + group if group else ''}={prec!r}: expected bf16, tf32 or tf32r")
+        raise ValueError(f"{var}={prec!r}: expected bf16, tf32 or tf32r")
     if interpreting():
         return prec[:4] + "emu"
     return prec

@@ -31,6 +31,7 @@ from .gdn_chunk import (
     _gates,
     _load_cc,
     _load_gamma,
+    _load_normed,
     _load_qk,
     _load_rows,
     _load_state,
@@ -90,25 +91,13 @@ def _bwd_dh_kernel(q_ptr, k_ptr, v_ptr, do_ptr, gamma_ptr, beta_ptr, reset_ptr, 
 
 
 @triton.jit
-def _pair_dg(pair, L, BT: tl.constexpr, PREC: tl.constexpr):
+def _pair_dg(pair, BT: tl.constexpr, PREC: tl.constexpr):
     """dg_t contribution of pair terms w_ij (i > j), which enter as +w at i and -w at j: the sum over j < t <= i.
     Summing those directly avoids cancelling O(1) terms whose difference is tiny (fast decay)."""
     o_t = tl.arange(0, BT)
     before = tl.where(o_t[:, None] < o_t[None, :], 1.0, 0.0)
     pair_c = _mm(_op(pair, PREC), _op(before, PREC), PREC)  # [i, t] = sum_{j < t} pair_ij
     return tl.sum(tl.where(o_t[:, None] >= o_t[None, :], pair_c, 0.0), 0)
-
-
-@triton.jit
-def _load_normed(x_ptr, tok0, L, h, scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                 L2NORM: tl.constexpr):
-    """(x_hat * scale, r): the rows of q or k, l2-normalised if L2NORM (r = 1 / |x|, else 1), in fp32."""
-    x = _load_rows(x_ptr + h * K, tok0, L, H * K, 0, K, BT, BK)
-    if L2NORM:
-        r = tl.rsqrt(tl.sum(x * x, 1) + 1e-6)
-    else:
-        r = tl.full([BT], 1.0, tl.float32)
-    return x * (r * scale)[:, None], r
 
 
 @triton.jit
@@ -149,7 +138,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, do_ptr, gamma_ptr, reset_ptr, p_ptr, hbuf_ptr, 
     q, rq = _load_normed(q_ptr, tok0, L, h, scale, H, K, BT, BK, L2NORM)
     dgam = a * tl.sum(q * dqs, 1)  # d/dgamma_i through a_i
     p = _load_cc(p_ptr, c, hv, HV, BT)
-    dg = tl.cumsum(dgam, 0, reverse=True) + _pair_dg(tl.where(o_t[:, None] > o_t[None, :], dp * p, 0.0), L, BT, PREC)
+    dg = tl.cumsum(dgam, 0, reverse=True) + _pair_dg(tl.where(o_t[:, None] > o_t[None, :], dp * p, 0.0), BT, PREC)
     tl.store(dg_ptr + hv + (tok0 + o_t).to(tl.int64) * HV, dg, mask=o_t < L)
     dqk = dp * decay
     tl.store(dqk_ptr + (c * HV + hv) * BT * BT + o_t[:, None] * BT + o_t[None, :], dqk)
@@ -233,7 +222,7 @@ def _bwd_dk_kernel(q_ptr, k_ptr, v_ptr, gamma_ptr, beta_ptr, reset_ptr, t0_ptr, 
     dg_ptrs = dg_ptr + hv + (tok0 + o_t).to(tl.int64) * HV
     dg = (tl.load(dg_ptrs, mask=valid, other=0.0)
           + tl.cumsum(dgam + tl.where(o_t == L - 1, a_last * dsum, 0.0), 0, reverse=True)
-          + _pair_dg(tl.where(strict, dtg * tg, 0.0), L, BT, PREC)
+          + _pair_dg(tl.where(strict, dtg * tg, 0.0), BT, PREC)
           + tl.sum(tl.where(o_t[:, None] < o_t[None, :], zsum[:, None], 0.0), 0))
     tl.store(dg_ptrs, dg, mask=valid)
     tl.store(dbeta_ptr + hv + (tok0 + o_t).to(tl.int64) * HV, dbeta, mask=valid)
