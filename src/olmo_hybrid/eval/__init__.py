@@ -2,7 +2,7 @@
 
 Public API (import from ``olmo_hybrid.eval``; the command line is ``olmo-hybrid eval``):
 
-Model access (``runner.py``; checkpoints load with ``olmo_hybrid.loading.load_checkpoint``)
+Model access (``runner.py``; checkpoints load with ``olmo_hybrid.checkpoint.load_model_and_tokenizer``)
     ModelRunner(model, batch_size, max_length, prefix_id)   .loglikelihood(pairs), .rolling_nll(ids, stride),
                                                            .generate_greedy(prompts, max_new_tokens, eos_token_id)
 RULER (``ruler_tasks.py``, ``ruler.py``, ``haystack.py``)

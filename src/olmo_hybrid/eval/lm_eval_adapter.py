@@ -29,9 +29,9 @@ class OlmoHybridLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("OlmoHybridLM needs model=/tokenizer= objects or pretrained=<checkpoint dir>")
-            from olmo_hybrid.loading import load_checkpoint
+            from olmo_hybrid.checkpoint import load_model_and_tokenizer
 
-            model, tokenizer = load_checkpoint(pretrained, device=device)
+            model, tokenizer = load_model_and_tokenizer(pretrained, device=device)
         if tokenizer is None:
             raise ValueError("OlmoHybridLM needs the checkpoint's tokenizer")
         if getattr(tokenizer, "eos_token_id", None) is None:
