@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
         return 2
     from olmo_hybrid.loading import load_checkpoint
     from olmo_hybrid.eval.report import write_json_atomic
-    from olmo_hybrid.eval.runner import ModelRunner
+    from olmo_hybrid.eval.runner import EvalRunner
 
     try:
         model, tok = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
@@ -164,7 +164,7 @@ def main(argv: list[str]) -> int:
         print(f"olmo-hybrid eval: {e}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-    runner = ModelRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
+    runner = EvalRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
                          prefix_id=tok.eos_token_id, progress=not args.quiet)
     summary = {"checkpoint": str(args.checkpoint), "tokenizer": tok.name, "suites": {}, "seconds": {}}
     sections = [f"# Evaluation of `{args.checkpoint}`"]
