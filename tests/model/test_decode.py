@@ -1,7 +1,5 @@
 """The cached forward paths: per-row decode with inactive rows, the decode kernel, positions, and no host syncs."""
 
-import functools
-
 import pytest
 import torch
 from test_model import small
@@ -57,13 +55,12 @@ def test_decode_rows_at_their_own_positions_and_inactive_rows_untouched(pattern,
 
 def test_decode_through_the_triton_kernel_equals_the_torch_reference(monkeypatch):
     # The CUDA decode path (split-KV Triton kernel, per-row lengths on the device) in the interpreter.
-    da = pytest.importorskip("olmo_hybrid.ops.triton.decode_attention")
-    monkeypatch.setattr(da, "_num_sms", lambda device: 16)
+    kernel = pytest.importorskip("olmo_hybrid.ops.decode_attention.kernel")
+    monkeypatch.setattr(kernel, "_num_sms", lambda device: 16)
     model = small("GAGA", n_kv_heads=2)
     results = []
     for backend in ("torch", "triton"):
-        with monkeypatch.context() as m:
-            m.setattr(ops, "decode_attention", functools.partial(ops.decode_attention, backend=backend))
+        with ops.use_backend(backend, ops=("decode_attention",)):
             cache = model.new_cache(3, 64)
             for slot, p in enumerate(prompts((5, 40, 17))):
                 prefill(model, cache, slot, p)

@@ -22,17 +22,6 @@ from olmo_hybrid.model.context import ForwardContext
 from olmo_hybrid.model.layers import GatedRMSNorm
 
 
-def _step_in_place(step, state: torch.Tensor, active: torch.Tensor | None):
-    """TEMPORARY, until branch ops-redesign gives the public step ops ``inplace=True, active=mask`` (the TEAM.md
-    contract): runs ``step()`` -> (out, new_state) and writes ``new_state`` into ``state`` in the active rows.
-    Delete after that merge and call the ops with those arguments."""
-    out, new = step()
-    if active is not None:
-        new = torch.where(active.view(-1, *[1] * (state.dim() - 1)), new.to(state.dtype), state)
-    state.copy_(new)
-    return out
-
-
 class ShortConv(nn.Module):
     """Depthwise causal conv weight stored as ``[C, 1, W]``, the checkpoint's layout."""
 
@@ -46,8 +35,7 @@ class ShortConv(nn.Module):
         if state is None:
             return ops.causal_conv1d(x, w, activation="silu", reset_mask=ctx.reset_mask)[0]
         if ctx.decoding:
-            y = _step_in_place(lambda: ops.causal_conv1d_step(x[:, 0], state, w, activation="silu"), state,
-                               ctx.active)
+            y, _ = ops.causal_conv1d_step(x[:, 0], state, w, activation="silu", inplace=True, active=ctx.active)
             return y[:, None]
         y, final = ops.causal_conv1d(x, w, activation="silu", initial_state=state if ctx.start else None,
                                      output_final_state=True)
@@ -105,9 +93,9 @@ class GatedDeltaNet(nn.Module):
         if state is None:
             o, _ = ops.gated_delta_rule(q, k, v, g, beta, reset_mask=ctx.reset_mask, use_qk_l2norm_in_kernel=True)
         elif ctx.decoding:
-            o = _step_in_place(lambda: ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
-                                                                 state.recurrent, use_qk_l2norm_in_kernel=True),
-                               state.recurrent, ctx.active)[:, None]
+            o, _ = ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent,
+                                             use_qk_l2norm_in_kernel=True, inplace=True, active=ctx.active)
+            o = o[:, None]
         else:
             o, final = ops.gated_delta_rule(q, k, v, g, beta, initial_state=state.recurrent if ctx.start else None,
                                             output_final_state=True, use_qk_l2norm_in_kernel=True)

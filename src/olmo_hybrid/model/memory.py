@@ -46,8 +46,8 @@ def workspace_bytes(config: ModelConfig, prefill_chunk: int, max_batch: int, dty
     per_token = (6 * c.d_model + 3 * c.mlp_hidden + 2 * gdn_width) * item
     per_token += 4 * (gdn_width + c.gdn_v_heads * 4)  # fp32 copies inside the GDN ops
     prefill = prefill_chunk * per_token + 2 * c.vocab_size * 4
-    # Logits, scaled, sorted and probs in fp32; one GDN layer's new state before it is copied into the cache.
-    decode = max_batch * (per_token + 4 * c.vocab_size * 4 + c.gdn_v_heads * c.gdn_head_k * c.gdn_head_v * 4)
+    # Logits, scaled, sorted and probs in fp32 (decode steps update the GDN states in place).
+    decode = max_batch * (per_token + 4 * c.vocab_size * 4)
     return max(prefill, decode)
 
 
