@@ -235,3 +235,25 @@ def test_stop_strings_with_the_real_tokenizer():
     out = engine.generate([prompt], 40, stop=stop, ignore_eos=True)[0]
     assert (out.finish_reason, out.stop, out.token_ids) == ("stop", stop, free.token_ids[:need])
     assert out.text == full[:full.find(stop)]
+
+
+def test_model_generate_cuts_rows_at_stop_strings_and_pads_them():
+    model = tiny_model("GGGA")
+    tok = LetterTokenizer()
+    prompts = random_prompts((6, 9))
+    engine = Engine(model, max_batch=2, max_context=40, tokenizer=tok)
+    stop = tok.decode(engine.generate(prompts[:1], 20)[0].token_ids)[6:9]
+    want = [o.token_ids for o in engine.generate(prompts, 20, stop=stop)]
+    assert len(want[0]) < 20  # the first row stops early
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 9 - len(p):], mask[row, 9 - len(p):] = p, 1
+    out = model.generate(ids, 20, stop=stop, tokenizer=tok, attention_mask=mask, pad_token_id=VOCAB - 1)
+    width = max(len(w) for w in want)
+    assert out.shape == (2, 9 + width) and torch.equal(out[:, :9], ids)
+    for row, w in enumerate(want):
+        assert out[row, 9:].tolist() == w + [VOCAB - 1] * (width - len(w))
+    if len(want[0]) != len(want[1]):
+        with pytest.raises(ValueError, match="pass pad_token_id"):
+            model.generate(ids, 20, stop=stop, tokenizer=tok, attention_mask=mask)
