@@ -171,13 +171,13 @@ def main(argv: list[str]) -> int:
     _check_args(args)
     from olmo_hybrid.checkpoint import load_model_and_tokenizer
     from olmo_hybrid.eval.report import write_json_atomic
-    from olmo_hybrid.eval.runner import ModelRunner
+    from olmo_hybrid.eval.runner import EvalRunner
     from olmo_hybrid.fsio import atomic_write_text
 
     device = resolve_device(args.device, setting="--device")
     model, tok = load_model_and_tokenizer(args.checkpoint, device=device, tokenizer=args.tokenizer)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-    runner = ModelRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
+    runner = EvalRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
                          prefix_id=tok.eos_token_id, progress=not args.quiet)
     summary = {"checkpoint": str(args.checkpoint), "tokenizer": tok.name, "suites": {}, "seconds": {}}
     sections = [f"# Evaluation of `{args.checkpoint}`"]

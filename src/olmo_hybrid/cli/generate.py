@@ -1,4 +1,9 @@
-"""``olmo-hybrid generate CHECKPOINT --prompt TEXT``: stream a continuation to stdout, through the serving engine."""
+"""``olmo-hybrid generate CHECKPOINT --prompt TEXT``: stream a continuation to stdout, through the engine.
+
+The engine and sampler are the ones ``HybridLM.generate`` and the trainer's end-of-run sample use, so
+``--seed S --temperature T --top-k K --top-p P`` reproduces ``model.generate(..., seed=S, temperature=T, top_k=K,
+top_p=P)`` token for token.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ class _Streamer:
 
 def main(argv: list[str]) -> int:
     from olmo_hybrid.checkpoint import load_model_and_tokenizer
-    from olmo_hybrid.serve import Engine, SamplingParams
+    from olmo_hybrid.model.engine import Engine
+    from olmo_hybrid.model.sampling import SamplingParams
 
     p = ArgumentParser(prog="olmo-hybrid generate", description=__doc__)
     p.add_argument("checkpoint", help="HF-format checkpoint directory or training run directory")

@@ -9,6 +9,7 @@ from pathlib import Path
 from olmo_hybrid.cli import ArgumentParser
 from olmo_hybrid.config import MODEL_PRESETS, ModelConfig, model_preset
 from olmo_hybrid.errors import UsageError
+from olmo_hybrid.model.cache import cache_bytes_per_sequence
 
 
 def resolve_config(name_or_dir: str) -> ModelConfig:
@@ -28,7 +29,7 @@ def _gib(n: float) -> str:
 
 
 def summarize(cfg: ModelConfig, seq_len: int, context: int, kv_bytes: int) -> dict:
-    mem = cfg.inference_bytes_per_sequence(context, kv_bytes)
+    mem = cache_bytes_per_sequence(cfg, context, kv_bytes)
     return {
         "layer_pattern": "".join(cfg.layer_types),
         "params_total": cfg.num_params(),

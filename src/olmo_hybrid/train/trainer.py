@@ -496,9 +496,9 @@ class Trainer:
         model = model or self.model
         model.eval()
         ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
-        torch.manual_seed(self.cfg.trainer.seed)
+        # The engine's seeded sampler: `olmo-hybrid generate RUN --seed S --top-p 1.0 ...` gives the same tokens.
         out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=self.cfg.trainer.sample_top_k)
+                             top_k=self.cfg.trainer.sample_top_k, seed=self.cfg.trainer.seed)
         return self.tokenizer.decode(out[0].tolist())
 
     def _summary(self, r: TrainResult) -> None:
