@@ -19,6 +19,39 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
+class _Taps(torch.autograd.Function):
+    """y[:, t] = sum_j w[:, j] * keep[:, t, j] * xp[:, t + j], the W taps summed in order j = 0..W-1.
+
+    xp [B, W-1+T, C] (context, then inputs), w [C, W], keep bool [B, T, W] or None (all taps kept). Written with
+    its backward, which mirrors the forward tap by tap: autograd through W slices of xp would build a zero-filled
+    full-size gradient per tap and add them up, about twice the memory traffic of the whole conv.
+    """
+
+    @staticmethod
+    def forward(ctx, xp, w, keep):
+        T = xp.shape[1] - w.shape[1] + 1
+        y = None
+        for j in range(w.shape[1]):
+            tap = xp[:, j:j + T] if keep is None else xp[:, j:j + T] * keep[..., j, None]
+            y = tap * w[:, j] if y is None else y.addcmul_(tap, w[:, j])
+        ctx.save_for_backward(xp, w, keep)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xp, w, keep = ctx.saved_tensors
+        T = gy.shape[1]
+        gxp = torch.zeros_like(xp) if ctx.needs_input_grad[0] else None
+        gw = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        for j in range(w.shape[1]):
+            gj = gy if keep is None else gy * keep[..., j, None]
+            if gxp is not None:
+                gxp[:, j:j + T].addcmul_(gj, w[:, j])
+            if gw is not None:
+                gw[:, j] = (gj * xp[:, j:j + T]).sum((0, 1))
+        return gxp, gw, None
+
+
 def _conv_rows(x, weight, initial_state, reset, lengths):
     """Conv over rows x [B, T, C] (compute dtype); returns (pre-activation y, last W-1 inputs at ``lengths``)."""
     B, T, C = x.shape
@@ -28,15 +61,13 @@ def _conv_rows(x, weight, initial_state, reset, lengths):
     else:
         context = initial_state.to(x.dtype).transpose(1, 2)
     xp = torch.cat([context, x], dim=1)  # [B, W-1+T, C]; position p holds input t = p-(W-1)
+    keep = None
     if reset is not None:
-        # Document index of each padded position; the context belongs to document 0 of the row.
+        # Document index of each padded position; the context belongs to document 0 of the row. Tap j of token t
+        # reads position t+j, kept only inside token t's document.
         seg = F.pad(reset.long().cumsum(1), (W - 1, 0))
-    y = torch.zeros_like(x)
-    for j in range(W):  # tap j reads x_{t-(W-1)+j}, i.e. xp[t+j]
-        tap = xp[:, j:j + T] * weight[:, j]
-        if reset is not None:
-            tap = tap * (seg[:, j:j + T] == seg[:, W - 1:])[..., None]
-        y = y + tap
+        keep = seg.unfold(1, W, 1) == seg[:, W - 1:, None]  # [B, T, W]
+    y = _Taps.apply(xp, weight, keep)
     idx = lengths[:, None] + torch.arange(W - 1, device=x.device)  # xp positions of the last W-1 inputs
     last = xp.gather(1, idx[..., None].expand(B, W - 1, C))
     if reset is not None and W > 1:  # inputs of an earlier document are not context for the next token
