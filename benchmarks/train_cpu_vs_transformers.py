@@ -7,14 +7,16 @@
 Both models are the tiny preset's (GGGA, d_model 256, 5.9M parameters) with our initial weights, copied into
 transformers' model through our Hugging Face export; their logits are checked equal (1e-4 of the max) before any
 timing. transformers runs its PyTorch fallbacks (no fla, no causal-conv1d package: the script refuses to run
-with fla installed). A step is what the trainer does on CPU: forward, cross-entropy + 1e-5 z-loss on fp32
-logits, backward, gradient clipping at 1.0, AdamW (foreach) and zero_grad.
+with fla installed). A step is what our trainer does on CPU: forward, cross-entropy + 1e-5 z-loss, backward,
+gradient clipping at 1.0, AdamW (foreach) and zero_grad. Both compute the same loss; transformers from its
+logits (``loss_terms``), ours the way the tiny preset's trainer does (``trainer.loss_chunk_tokens``: the loss
+and its gradient a chunk of tokens at a time, never all logits), or from logits too with ``--same-loss``.
 
 Timing: ``--rounds`` rounds; in each, ``--steps`` steps of one model then of the other (the order alternates
 between rounds, so a drift in machine load hits both). Reported: the median step time of each model over all
-rounds, tokens/s from it, and the median of the per-round ratios. On a shared machine look at the spread and
-the load average printed before and after; ``OMP_NUM_THREADS=1`` is often steadier than two threads that wait
-on each other.
+rounds, wall clock and process CPU time, tokens/s from them, and the medians of the per-round ratios. On a
+shared machine look at the spread and the load average printed before and after; with one thread the CPU time
+leaves out the time other processes held the core, with two it adds the threads' time together.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ import torch
 from olmo_hybrid.config import apply_overrides
 from olmo_hybrid.model import HybridLM
 from olmo_hybrid.train.config import train_preset
-from olmo_hybrid.train.loss import loss_terms
+from olmo_hybrid.train.loss import chunked_lm_loss, loss_terms
 
 
 def build(pattern: str, seed: int):
-    cfg = apply_overrides(train_preset("tiny"), [f"model.layer_pattern={pattern}"]).model
+    cfg = apply_overrides(train_preset("tiny"), [f"model.layer_pattern={pattern}"])
     torch.manual_seed(seed)
-    ours = HybridLM(cfg)
+    ours = HybridLM(cfg.model)
     import transformers
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,24 +59,37 @@ def check_same_function(ours, theirs, vocab: int) -> float:
     return err
 
 
-def trainer(model, logits_of, lr: float):
+def loss_from_logits(logits_of):
+    def loss(x, y):
+        ce, z, n = loss_terms(logits_of(x), y)
+        return (ce + 1e-5 * z) / n
+    return loss
+
+
+def chunked_loss(model, chunk: int):
+    def loss(x, y):
+        return model(x, lm_head_fn=lambda h, head: chunked_lm_loss(h, head.weight, y, 1e-5, 1 / y.numel(), chunk))[0]
+    return loss
+
+
+def trainer(model, loss_of, lr: float):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 
     def step(x, y):
-        ce, z, n = loss_terms(logits_of(x), y)
-        ((ce + 1e-5 * z) / n).backward()
+        loss_of(x, y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
 
 
-def time_steps(step, x, y, n: int) -> list[float]:
+def time_steps(step, x, y, n: int) -> list[tuple[float, float]]:
+    """(wall, process CPU) seconds of each of ``n`` steps."""
     times = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(x, y)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
     return times
 
 
@@ -96,6 +111,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps of one model per round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--same-loss", action="store_true", help="ours computes the loss from all logits too")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each")
     ap.add_argument("--profile-rows", type=int, default=25)
     args = ap.parse_args()
@@ -108,39 +124,49 @@ def main() -> None:
     import transformers
 
     cfg, ours, theirs = build(args.pattern, seed=0)
-    err = check_same_function(ours, theirs, cfg.vocab_size)
+    err = check_same_function(ours, theirs, cfg.model.vocab_size)
+    chunk = 0 if args.same_loss else cfg.trainer.loss_chunk_tokens
     load0 = os.getloadavg()
     print(f"{datetime.date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.threads} threads  torch {torch.__version__}  transformers {transformers.__version__}")
     print(f"pattern {args.pattern}, {sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M parameters, batch "
-          f"{args.batch} x seq {args.seq}; logits agree to {err:.1e}; load average {load0[0]:.2f} {load0[1]:.2f}")
+          f"{args.batch} x seq {args.seq}; logits agree to {err:.1e}; our loss "
+          f"{f'in chunks of {chunk} tokens' if chunk else 'from logits'}; load average {load0[0]:.2f} {load0[1]:.2f}")
     gen = torch.Generator().manual_seed(0)
-    data = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
+    data = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=gen)
     x, y = data[:, :-1], data[:, 1:]
-    systems = {"ours": trainer(ours, ours, 3e-3),
-               "transformers": trainer(theirs, lambda ids: theirs(input_ids=ids).logits, 3e-3)}
+    lr = cfg.optim.lr
+    systems = {"ours": trainer(ours, chunked_loss(ours, chunk) if chunk else loss_from_logits(ours), lr),
+               "transformers": trainer(theirs, loss_from_logits(lambda ids: theirs(input_ids=ids).logits), lr)}
     for step in systems.values():
         time_steps(step, x, y, args.warmup)
     times = {name: [] for name in systems}
-    ratios = []
+    ratios = {"wall": [], "cpu": []}
     for r in range(args.rounds):
         order = list(systems) if r % 2 == 0 else list(systems)[::-1]
         per_round = {}
         for name in order:
             t = time_steps(systems[name], x, y, args.steps)
             times[name] += t
-            per_round[name] = statistics.median(t)
-        ratios.append(per_round["transformers"] / per_round["ours"])
-        print(f"round {r + 1}: " + "  ".join(f"{n} {per_round[n] * 1e3:6.0f} ms" for n in systems)
-              + f"  ratio {ratios[-1]:.2f}", flush=True)
+            per_round[name] = [statistics.median(c) for c in zip(*t)]
+        for i, kind in enumerate(ratios):
+            ratios[kind].append(per_round["transformers"][i] / per_round["ours"][i])
+        print(f"round {r + 1}: " + "  ".join(f"{n} {per_round[n][0] * 1e3:5.0f} ms ({per_round[n][1] * 1e3:5.0f} cpu)"
+                                             for n in systems)
+              + f"  ratio {ratios['wall'][-1]:.2f} ({ratios['cpu'][-1]:.2f} cpu)", flush=True)
     load1 = os.getloadavg()
     tokens = args.batch * args.seq
-    print(f"\n{'system':<14}{'median ms/step':>16}{'min':>8}{'max':>8}{'tokens/s':>10}")
+    print(f"\n{'system':<14}{'wall ms/step: median':>22}{'min':>7}{'max':>7}{'tokens/s':>10}"
+          f"{'CPU ms/step: median':>22}{'tokens/CPU-s':>14}")
     for name, t in times.items():
-        med = statistics.median(t)
-        print(f"{name:<14}{med * 1e3:>16.0f}{min(t) * 1e3:>8.0f}{max(t) * 1e3:>8.0f}{tokens / med:>10.0f}")
-    print(f"ours / transformers tokens/s: median of per-round ratios {statistics.median(ratios):.2f} "
-          f"(range {min(ratios):.2f}-{max(ratios):.2f}); load average after {load1[0]:.2f} {load1[1]:.2f}")
+        wall, cpu = zip(*t)
+        print(f"{name:<14}{statistics.median(wall) * 1e3:>22.0f}{min(wall) * 1e3:>7.0f}{max(wall) * 1e3:>7.0f}"
+              f"{tokens / statistics.median(wall):>10.0f}{statistics.median(cpu) * 1e3:>22.0f}"
+              f"{tokens / statistics.median(cpu):>14.0f}")
+    for kind, r in ratios.items():
+        print(f"ours / transformers speed ({kind} time): median of per-round ratios {statistics.median(r):.2f} "
+              f"(range {min(r):.2f}-{max(r):.2f})")
+    print(f"load average after {load1[0]:.2f} {load1[1]:.2f}")
     if args.profile:
         for name, step in systems.items():
             profile(name, step, x, y, args.profile_rows)

@@ -181,7 +181,7 @@ def _tiny() -> dict:
         "optim": {"lr": 3e-3, "decay_rule": "matrices"},
         "schedule": {"name": "cosine", "warmup_steps": 40},
         "trainer": {"steps": 400, "eval_interval": 100, "eval_batches": 4, "log_interval": 20,
-                    "max_minutes": 9.0},
+                    "max_minutes": 9.0, "loss_chunk_tokens": 256},
     }
 
 

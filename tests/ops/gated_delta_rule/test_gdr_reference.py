@@ -14,6 +14,7 @@ from olmo_hybrid.ops import (
     recurrent_gated_delta_rule,
     reset_mask_from_doc_ids,
 )
+from olmo_hybrid.ops.gated_delta_rule.reference import CHUNK_SIZE
 
 TOL = 2e-5
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -69,7 +70,7 @@ def check_chunk_vs_loop(inputs, **kwargs):
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("T", sorted({1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 63, 64, 65, 200}))
 def test_chunk_matches_float64_loop(T):
     check_chunk_vs_loop(make_inputs(2, T, 2, 16, 12, seed=T))
 
@@ -170,11 +171,11 @@ def test_cu_seqlens_long_document():
 
 
 def test_reset_mask_equals_cu_seqlens():
-    """Two rows of several documents each (resets at t = 0, at chunk edges 63/64, and adjacent ones) against
+    """Two rows of several documents each (resets at t = 0, at chunk edges, and adjacent ones) against
     each row run as packed documents: row b's first document starts from initial_state[b] unless reset at t=0,
     later documents from zeros; the final state is the last document's."""
     T = 150
-    resets = [[5, 6, 63, 64, 100], [0, 1, 2, 64, 149]]
+    resets = [[5, 6, CHUNK_SIZE - 1, CHUNK_SIZE, 63, 64, 100], [0, 1, 2, CHUNK_SIZE, 64, 149]]
     x = make_inputs(2, T, 2, 16, 8, beta_max=2.0, seed=11)
     mask = torch.zeros(2, T, dtype=torch.bool)
     for b, starts in enumerate(resets):

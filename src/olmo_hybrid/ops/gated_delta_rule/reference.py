@@ -8,7 +8,7 @@ These are the "torch" backend of the public ops (``api.py`` validates the argume
 runs in float32, or float64 when q is float64 (so the token loop can serve as a float64 oracle); outputs are cast
 back to q's dtype, states stay in the compute dtype.
 
-Chunked form (chunk C = 64, positions i, j inside a chunk, Gamma = chunk-local cumsum of g). Let
+Chunked form (chunk C = CHUNK_SIZE, positions i, j inside a chunk, Gamma = chunk-local cumsum of g). Let
 D[i, j] = exp(Gamma_i - Gamma_j) if j <= i and no reset lies in (j, i], else 0, and d_i = exp(Gamma_i) if no
 reset lies in [0, i], else 0 (decay of the state entering the chunk). Unrolling the recurrence inside a chunk
 whose entering state is S, the updates delta (rows delta_i) solve a unit lower-triangular ("UT") system:
@@ -27,7 +27,9 @@ import torch
 
 from ..varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
 
-CHUNK_SIZE = 64
+# 32, not the Triton kernels' 64: on the CPU the smaller chunk does about a quarter fewer flops (the intra-chunk
+# matrices shrink, the state pass stays) and trains the tiny model ~5% faster, with the same accuracy.
+CHUNK_SIZE = 32
 L2NORM_EPS = 1e-6
 
 
