@@ -2,7 +2,7 @@
 
     python benchmarks/train_cpu_vs_transformers.py                  # tiny preset, batch 8 x seq 256
     python benchmarks/train_cpu_vs_transformers.py --rounds 9 --steps 3 --threads 1
-    python benchmarks/train_cpu_vs_transformers.py --profile        # where each model's step goes
+    python benchmarks/train_cpu_vs_transformers.py --profile 4      # where each model's step goes
 
 Both models are the tiny preset's (GGGA, d_model 256, 5.9M parameters) with our initial weights, copied into
 transformers' model through our Hugging Face export; their logits are checked equal (1e-4 of the max) before any
@@ -93,13 +93,27 @@ def time_steps(step, x, y, n: int) -> list[tuple[float, float]]:
     return times
 
 
-def profile(name: str, step, x, y, rows: int) -> None:
+def profile(systems: dict, x, y, steps: int, rows: int) -> None:
+    """Self CPU time per step of the busiest operators of each system, side by side (torch.profiler)."""
     from torch.profiler import profile as torch_profile
 
-    with torch_profile() as prof:
-        step(x, y)
-    print(f"\n== {name}: one step, by self CPU time")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    per_op = {}
+    for name, step in systems.items():
+        with torch_profile() as prof:
+            for _ in range(steps):
+                step(x, y)
+        per_op[name] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
+    names = list(systems)
+    ops = sorted(set().union(*per_op.values()), key=lambda op: -max(per_op[n].get(op, (0, 0))[0] for n in names))
+    print(f"\nprofile, mean of {steps} steps: self CPU ms per step (calls per step)")
+    print(f"{'operator':<52}" + "".join(f"{n:>22}" for n in names))
+    for op in ops[:rows]:
+        print(f"{op[:51]:<52}" + "".join(f"{per_op[n].get(op, (0, 0))[0]:>14.1f} ({per_op[n].get(op, (0, 0))[1]:>4.0f})"
+                                         for n in names))
+    totals = {n: sum(ms for ms, _ in per_op[n].values()) for n in names}
+    print(f"{'total':<52}" + "".join(f"{totals[n]:>14.1f}       " for n in names))
+    print(f"{'aten::mm share (the linear layers)':<52}"
+          + "".join(f"{per_op[n].get('aten::mm', (0, 0))[0] / totals[n]:>14.0%}       " for n in names))
 
 
 def main() -> None:
@@ -112,8 +126,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--same-loss", action="store_true", help="ours computes the loss from all logits too")
-    ap.add_argument("--profile", action="store_true", help="after timing, profile one step of each")
-    ap.add_argument("--profile-rows", type=int, default=25)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, profile this many steps of each model")
+    ap.add_argument("--profile-rows", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -168,8 +183,7 @@ def main() -> None:
               f"(range {min(r):.2f}-{max(r):.2f})")
     print(f"load average after {load1[0]:.2f} {load1[1]:.2f}")
     if args.profile:
-        for name, step in systems.items():
-            profile(name, step, x, y, args.profile_rows)
+        profile(systems, x, y, args.profile, args.profile_rows)
 
 
 if __name__ == "__main__":
