@@ -27,6 +27,16 @@ def conv1d_reference(x, weight, activation, context=None):
     return F.silu(y) if activation == "silu" else y
 
 
+def assert_same_values_and_gradients(y, y_ref, leaves, seed):
+    """y equals y_ref, and so do the gradients of a random projection of both wrt ``leaves``."""
+    assert rel(y, y_ref) < 1e-12
+    dy = rand(*y.shape, seed=seed)
+    grads = torch.autograd.grad((y * dy).sum(), leaves)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum(), leaves)
+    for got, want in zip(grads, grads_ref):
+        assert rel(got, want) < 1e-12
+
+
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize("with_context", [False, True])
 def test_matches_conv1d_with_gradients(activation, with_context):
@@ -35,13 +45,7 @@ def test_matches_conv1d_with_gradients(activation, with_context):
     h0 = rand(2, 6, W - 1, seed=3).requires_grad_() if with_context else None
     y, _ = causal_conv1d(x, w, activation=activation, initial_state=h0)
     y_ref = conv1d_reference(x, w, activation, h0)
-    assert rel(y, y_ref) < 1e-12
-    dy = rand(*y.shape, seed=4)
-    leaves = [x, w] + ([h0] if with_context else [])
-    grads = torch.autograd.grad((y * dy).sum(), leaves)
-    grads_ref = torch.autograd.grad((y_ref * dy).sum(), leaves)
-    for got, want in zip(grads, grads_ref):
-        assert rel(got, want) < 1e-12
+    assert_same_values_and_gradients(y, y_ref, [x, w] + ([h0] if with_context else []), seed=4)
 
 
 def test_checkpoint_weight_layout_and_dtype():
@@ -121,13 +125,7 @@ def test_reset_mask_gradients_equal_separate_documents(with_context):
     if with_context:
         h0_rows = torch.cat([h0, h0_rows[1:]])
     y_ref, _ = run_documents(x, w, starts, h0_rows)
-    assert rel(y, y_ref) < 1e-12
-    dy = rand(*y.shape, seed=22)
-    leaves = [x, w] + ([h0] if with_context else [])
-    grads = torch.autograd.grad((y * dy).sum(), leaves)
-    grads_ref = torch.autograd.grad((y_ref * dy).sum(), leaves)
-    for got, want in zip(grads, grads_ref):
-        assert rel(got, want) < 1e-12
+    assert_same_values_and_gradients(y, y_ref, [x, w] + ([h0] if with_context else []), seed=22)
 
 
 def test_step_chained_equals_full_op():
