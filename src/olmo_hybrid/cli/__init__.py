@@ -16,6 +16,8 @@ COMMANDS = {
     "convert": "convert between training checkpoints and Hugging Face directories",
     "info": "parameters, FLOPs per token and inference memory of a preset or checkpoint",
     "eval": "evaluate a checkpoint: RULER, probes, multiple choice, bits per byte",
+    "sft": "supervised fine-tuning on chat conversations (loss on assistant turns)",
+    "dpo": "direct preference optimisation on chosen/rejected pairs",
 }
 
 

@@ -76,7 +76,7 @@ class Trainer:
         self.resume = resume
         t = cfg.trainer
         self.env = init_distributed(t.device)
-        self.log = log = rank_zero(log, self.env)
+        self.log = rank_zero(log, self.env)
         self.device = self.env.device
         self.fsdp = self.env.distributed
         self.bf16 = bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type != "cpu")
@@ -85,20 +85,7 @@ class Trainer:
         self.autocast = contextlib.nullcontext if self.fsdp else autocast_context(t.dtype, self.device)
         self._t_start = time.perf_counter()
         seed_everything(t.seed)
-        if cfg.data.path is None:
-            log("data: the bundled Shakespeare corpus (tokenized and cached on first use, ~10 s)")
-        if not self.env.is_main:
-            barrier(self.env)  # rank 0 prepares (and caches) the data first
-        self.train_set, self.val_set = open_datasets(cfg.data)
-        if self.env.is_main:
-            barrier(self.env)
-        if self.val_set is None:
-            raise DataError(f"{self.train_set.path} has no validation split: prepare it with val_fraction > 0")
-        self.tokenizer = self.train_set.tokenizer()
-        if self.train_set.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
-                              f"{self.train_set.path} ({self.train_set.vocab_size} ids)")
-        self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.env.rank, self.env.world_size)
+        self._open_data()
         torch.manual_seed(t.seed)  # weight init depends only on the seed (the same on every rank)
         # On CUDA the weights are drawn on the GPU (seconds for a 1B model; the CPU takes minutes).
         with torch.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
@@ -115,6 +102,40 @@ class Trainer:
         self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
         self.step = 0
         self.tokens = 0
+
+    # -- what the data decides (post-training overrides these three) --------------------------------
+    def _open_data(self) -> None:
+        """Set ``train_set``, ``val_set``, ``tokenizer`` and ``loader`` (``next_batch``, ``state_dict``,
+        ``load_state_dict``): the prepared token stream and its windows."""
+        cfg = self.cfg
+        if cfg.data.path is None:
+            self.log("data: the bundled Shakespeare corpus (tokenized and cached on first use, ~10 s)")
+        if not self.env.is_main:
+            barrier(self.env)  # rank 0 prepares (and caches) the data first
+        self.train_set, self.val_set = open_datasets(cfg.data)
+        if self.env.is_main:
+            barrier(self.env)
+        if self.val_set is None:
+            raise DataError(f"{self.train_set.path} has no validation split: prepare it with val_fraction > 0")
+        self.tokenizer = self.train_set.tokenizer()
+        if self.train_set.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
+                              f"{self.train_set.path} ({self.train_set.vocab_size} ids)")
+        self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.env.rank, self.env.world_size)
+
+    def _describe_data(self, tokens_per_step: int) -> float | None:
+        """Log what the run trains on; return the baseline the final validation loss is compared with."""
+        t = self.cfg.trainer
+        self.log(f"data: {self.train_set.path} ({self.train_set.n_tokens:,} train / {self.val_set.n_tokens:,} val "
+                 f"tokens, {self.tokenizer.name}); {tokens_per_step:,} tokens/step x {t.steps} steps = "
+                 f"{tokens_per_step * t.steps / 1e6:.2f}M tokens ({tokens_per_step * t.steps / self.train_set.n_tokens:.2f} epochs)")
+        unigram = unigram_loss(self.train_set, self.val_set)
+        self.log(f"unigram baseline on the validation split (same tokenizer): {unigram:.4f} nats/token")
+        return unigram
+
+    def _val_record(self, val: ValResult) -> dict:
+        """The metrics a validation pass adds to its step's record (``val_loss`` and ``val_bpb`` at least)."""
+        return {"val_loss": val.loss, "val_bpb": bits_per_byte(val.loss, self.val_set)}
 
     # -- pieces ------------------------------------------------------------------------------------
     def _logits(self, batch: dict, model=None, **kwargs) -> torch.Tensor:
@@ -279,11 +300,7 @@ class Trainer:
         self.log(f"model: {n_params / 1e6:.2f}M parameters ({self.model.num_params(embeddings=False) / 1e6:.2f}M "
                  f"without the embedding), layers {''.join(self.cfg.model.layer_types)}, {self.device}, {dtype}")
         self._log_plan()
-        self.log(f"data: {self.train_set.path} ({self.train_set.n_tokens:,} train / {self.val_set.n_tokens:,} val "
-                 f"tokens, {self.tokenizer.name}); {tokens_per_step:,} tokens/step x {t.steps} steps = "
-                 f"{tokens_per_step * t.steps / 1e6:.2f}M tokens ({tokens_per_step * t.steps / self.train_set.n_tokens:.2f} epochs)")
-        unigram = unigram_loss(self.train_set, self.val_set)
-        self.log(f"unigram baseline on the validation split (same tokenizer): {unigram:.4f} nats/token")
+        unigram = self._describe_data(tokens_per_step)
         logger = MetricsLogger(self.run_dir, t.steps, t.log_interval, resume_step=self.step,
                                tensorboard=t.tensorboard, wandb_project=t.wandb_project or None,
                                config=to_dict(self.cfg)) if self.env.is_main else NullLogger()
@@ -309,7 +326,7 @@ class Trainer:
                     # Periodic passes may use a prefix of the split; the final one scores all of it,
                     # on the same tokens as the unigram baseline.
                     val = self.validate(None if last or t.eval_batches == 0 else t.eval_batches)
-                    record.update(val_loss=val.loss, val_bpb=bits_per_byte(val.loss, self.val_set))
+                    record.update(self._val_record(val))
                     if last:
                         result.final_val_loss, result.final_val_bpb = record["val_loss"], record["val_bpb"]
                 logger.log(record)
@@ -323,8 +340,8 @@ class Trainer:
             logger.close()
         result.steps = self.step
         if result.final_val_loss is None:  # --resume of a run that had already finished
-            val = self.validate()
-            result.final_val_loss, result.final_val_bpb = val.loss, bits_per_byte(val.loss, self.val_set)
+            final = self._val_record(self.validate())
+            result.final_val_loss, result.final_val_bpb = final["val_loss"], final["val_bpb"]
         if t.export_hf or t.sample_tokens > 0:
             plain = self.plain_model()  # collective under FSDP; None on ranks other than 0
             if plain is not None and t.export_hf:
