@@ -67,7 +67,8 @@ def main() -> None:
     # with 4 ranks also 2 data-parallel x 2 context-parallel (each data-parallel rank one of the 2 rows).
     scenarios = [("ulysses", True, {}, "none", world), ("ulysses", False, {}, "none", world),
                  ("state_passing", True, ODD_GDN_HEADS, "none", world),
-                 ("state_passing", False, ODD_GDN_HEADS, "none", world), ("state_passing", True, {}, "full", world)]
+                 ("state_passing", False, ODD_GDN_HEADS, "none", world), ("state_passing", True, {}, "none", world),
+                 ("state_passing", True, {}, "full", world)]
     if world == 4:
         scenarios += [("ulysses", True, {}, "none", 2), ("state_passing", True, ODD_GDN_HEADS, "none", 2)]
     compile = "--compile" in sys.argv  # every block compiled (fullgraph), collectives included: one scenario

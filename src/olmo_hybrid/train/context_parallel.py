@@ -184,7 +184,7 @@ def apply_context_parallel(model: nn.Module, cp: CPGroup, mode: str) -> None:
     and make ``model(input_ids, doc_ids=...)`` take this rank's slice of every row (a forward pre-hook builds the
     context). The model then serves whole-sequence training and scoring calls only: no cache."""
     _check_degree_and_heads(model.config, cp.degree, mode)
-    for module in model.modules():
+    for module in list(model.modules()):
         if isinstance(module, Attention):
             module.attention_op = UlyssesAttention(module.attention_op, cp)
         elif isinstance(module, GatedDeltaNet):
