@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from train.conftest import corpus_dir  # noqa: F401  (the trainer tests' small prepared corpus)
 
 TINY_SIZES = {
     "t32": {"d_model": 32, "n_layers": 2, "n_heads": 2, "gdn_heads": 2, "gdn_head_k": 16, "gdn_head_v": 16,
@@ -12,18 +12,6 @@ TINY_SIZES = {
     "t48": {"d_model": 48, "n_layers": 2, "n_heads": 2, "gdn_heads": 2, "gdn_head_k": 16, "gdn_head_v": 32,
             "mlp_hidden": 96, "rope_theta": 10000.0, "max_seq_len": 64},
 }
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory):
-    """12 short Shakespeare excerpts, BPE of 384 ids, one held-out document (~25k training tokens)."""
-    from olmo_hybrid.data.corpus import Document, bundled_corpus
-    from olmo_hybrid.data.prepare import prepare
-
-    works = bundled_corpus()[:4]
-    docs = [Document(w.text[i * 4000:(i + 1) * 4000], f"{w.name}-{i}") for w in works for i in range(3)]
-    out = tmp_path_factory.mktemp("corpus") / "prepared"
-    return prepare(None, out, documents=docs, bpe_vocab=384, val_fraction=0.1, workers=1, progress=False)
 
 
 def tiny_ladder(data, **fields) -> dict:

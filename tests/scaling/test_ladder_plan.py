@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,6 +91,9 @@ def test_config_file_errors(corpus_dir, tmp_path):
     path.write_text(json.dumps({**tiny_ladder(corpus_dir), "sizez": ["t32"]}))
     with pytest.raises(LadderError, match="unknown config field 'sizez'"):
         load_ladder(path)
+    path.write_text(json.dumps({"sizes": ["t32"], "architectures": ["hybrid"]}))
+    with pytest.raises(LadderError, match="ladder.json: missing field\\(s\\) data"):
+        load_ladder(path)
     write_ladder(path, corpus_dir)
     assert load_ladder(path, ["recipe.decay_fraction=0.05"]).recipe.decay_fraction == 0.05
 
@@ -117,3 +121,14 @@ def test_plan_command_prints_flops_and_gpu_time(corpus_dir, tmp_path, capsys):
     assert "--archs: mamba not in the config" in capsys.readouterr().err
     assert main(["ladder", str(path), "architectures=retnet"]) == 2
     assert "unknown architecture 'retnet'" in capsys.readouterr().err
+
+
+def test_micro_sizes_follow_the_ladder_rule_and_span_8x():
+    from olmo_hybrid.config import _ladder
+
+    for d in (64, 128, 192, 256):
+        cfg = model_preset(f"micro-{d}")
+        assert cfg == dataclasses.replace(_ladder(d, 4, d // 64), vocab_size=4096)
+    for pattern in ("GGGA", "A", "G"):
+        n = [model_preset(f"micro-{d}").with_pattern(pattern).num_params(embeddings=False) for d in (64, 256)]
+        assert n[1] / n[0] >= 8

@@ -13,6 +13,7 @@ from olmo_hybrid.cli import main
 from olmo_hybrid.scaling.jobs import RESULTS
 from olmo_hybrid.scaling.ladder import load_ladder, plan_ladder
 from olmo_hybrid.scaling.results import read_results
+from olmo_hybrid.scaling.runner import lock_output
 from olmo_hybrid.train import read_metrics
 
 from .conftest import write_ladder
@@ -105,3 +106,17 @@ def test_branches_continue_the_stable_phase_and_record_the_point(corpus_dir, tmp
     assert main(["ladder", str(config), "--out", str(out), "--status"]) == 0
     assert "2/2 points done" in capsys.readouterr().out
     assert json.loads((out / "ladder.json").read_text())["data"] == str(corpus_dir.absolute())
+
+
+def test_deadline_and_lock(corpus_dir, tmp_path, capsys):
+    config = write_ladder(tmp_path / "ladder.json", corpus_dir)
+    out = tmp_path / "out"
+    assert main(["ladder", str(config), "--out", str(out), "--max-minutes", "0.5", "--report-interval", "600"]) == 3
+    assert "stopped at the time limit: 4 runs not finished" in capsys.readouterr().out  # none starts in the last minute
+    assert not (out / RESULTS).exists()
+    fd = lock_output(out)  # another ladder holds the directory
+    try:
+        assert main(["ladder", str(config), "--out", str(out)]) == 1
+        assert f"{out} is in use by another ladder process" in capsys.readouterr().err
+    finally:
+        os.close(fd)

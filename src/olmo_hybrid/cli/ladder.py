@@ -79,3 +79,6 @@ def main(argv: list[str]) -> int:
     except (LadderError, ResultsError) as e:
         print(f"olmo-hybrid ladder: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("olmo-hybrid ladder: interrupted; the same command continues from the checkpoints", file=sys.stderr)
+        return 130

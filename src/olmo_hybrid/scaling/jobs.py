@@ -118,14 +118,19 @@ def seed_branch(stable: Path, checkpoint: Path, branch: Path) -> None:
     os.replace(tmp, target)
 
 
-def _fit(cfg, directory: Path, log):
-    from olmo_hybrid.train import Trainer
-
-    return Trainer(cfg, directory, resume=True, log=log).fit()
-
-
 def _minutes_left(deadline: float | None) -> float:
     return 0.0 if deadline is None else (deadline - time.time()) / 60
+
+
+def _phase(plan: LadderPlan, run: RunPlan, steps: int, schedule: str, directory: Path, deadline, log):
+    """Train one phase to ``steps`` (resuming in ``directory``); None if the deadline stopped or skipped it."""
+    from olmo_hybrid.train import Trainer
+
+    if deadline is not None and _minutes_left(deadline) < MIN_SEGMENT_MINUTES:
+        return None
+    cfg = train_config(plan, run, steps, schedule, _minutes_left(deadline))
+    result = Trainer(cfg, directory, resume=True, log=log).fit()
+    return None if result.stopped_early else result
 
 
 def _stable_val_loss(stable: Path, step: int) -> float | None:
@@ -181,21 +186,16 @@ def run_job(plan: LadderPlan, run: RunPlan, out: Path, deadline: float | None = 
                 raise LadderError(f"{run.id}: the stable phase is at step {newest}, past the branch step "
                                   f"{point.branch_step} of the missing {point.budget:g}x point; delete {stable} to "
                                   "train the stable phase again")
-            if deadline is not None and _minutes_left(deadline) < MIN_SEGMENT_MINUTES:
-                return "paused"
             log(f"{run.id}: stable phase from step {newest} to {point.branch_step}")
-            result = _fit(train_config(plan, run, point.branch_step, "constant", _minutes_left(deadline)), stable, log)
-            if result.stopped_early:
+            if _phase(plan, run, point.branch_step, "constant", stable, deadline, log) is None:
                 return "paused"
             have = {c.step: c.path for c in list_checkpoints(stable)}
         branch = branch_dir(out, run, point)
         if not list_checkpoints(branch):
             seed_branch(stable, have[point.branch_step], branch)
-        if deadline is not None and _minutes_left(deadline) < MIN_SEGMENT_MINUTES:
-            return "paused"
         log(f"{run.id}: decay to 0 from step {point.branch_step} to {point.steps} ({point.budget:g}x)")
-        result = _fit(train_config(plan, run, point.steps, "wsd", _minutes_left(deadline)), branch, log)
-        if result.stopped_early:
+        result = _phase(plan, run, point.steps, "wsd", branch, deadline, log)
+        if result is None:
             return "paused"
         if result.steps != point.steps or result.final_val_loss is None:
             raise LadderError(f"{run.id} {point.budget:g}x: the branch ended at step {result.steps} of {point.steps}")

@@ -129,11 +129,14 @@ def load_ladder(path: str | Path, overrides: list[str] = ()) -> LadderConfig:
     from olmo_hybrid.config import apply_overrides, read_json_object
 
     try:
-        cfg = from_dict(LadderConfig, read_json_object(path))
+        data = read_json_object(path)
+        missing = [f.name for f in dataclasses.fields(LadderConfig)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise LadderError(f"{path}: missing field(s) {', '.join(missing)}")
+        cfg = from_dict(LadderConfig, data)
         return apply_overrides(cfg, list(overrides)) if overrides else cfg
     except ConfigError as e:
-        raise LadderError(f"{path}: {e}") from e
-    except TypeError as e:  # a required field missing
         raise LadderError(f"{path}: {e}") from e
 
 

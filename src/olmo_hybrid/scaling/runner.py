@@ -24,17 +24,11 @@ from pathlib import Path
 from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.scaling.jobs import RESULTS, branch_dir, done_points, last_logged_step, run_dir, run_job
 from olmo_hybrid.scaling.ladder import LadderError, LadderPlan, RunPlan
+from olmo_hybrid.train.metrics import format_duration
 
 SNAPSHOT = "ladder.json"
 PAUSED_EXIT = 3  # a worker (or the ladder) stopped at the deadline
-
-
-def format_duration(seconds: float) -> str:
-    if not seconds == seconds or seconds == float("inf"):
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    return f"{h}h{rem // 60:02d}m{rem % 60:02d}s" if h else f"{rem // 60}m{rem % 60:02d}s"
+START_MARGIN_S = 60.0  # no run is started with less time than this left before the deadline
 
 
 class Progress:
@@ -128,7 +122,7 @@ def write_snapshot(plan: LadderPlan, out: Path) -> Path:
 def _in_process(plan, runs, out, deadline, progress, console) -> dict[str, str]:
     status = {}
     for run in runs:
-        if deadline is not None and deadline - time.time() < 60:
+        if deadline is not None and deadline - time.time() < START_MARGIN_S:
             status[run.id] = "paused"
             continue
         progress.running = {run.id}
@@ -147,12 +141,12 @@ def _in_process(plan, runs, out, deadline, progress, console) -> dict[str, str]:
 
 
 def _workers(plan, runs, out, deadline, parallel, lock_fd, progress, console) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # a killed worker's log keeps its last lines
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     pending, running, status = list(runs), {}, {}
     try:
         while pending or running:
-            while pending and len(running) < parallel and (deadline is None or deadline - time.time() >= 60):
+            while pending and len(running) < parallel and (deadline is None or deadline - time.time() >= START_MARGIN_S):
                 run = pending.pop(0)
                 log_path = run_dir(out, run) / "log.txt"
                 log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +159,7 @@ def _workers(plan, runs, out, deadline, parallel, lock_fd, progress, console) ->
                 running[run.id] = proc
                 progress.running = set(running)
                 print(f"[ladder] {run.id}: started (pid {proc.pid}, log {log_path})", file=console, flush=True)
-            if deadline is not None and deadline - time.time() < 60 and not running:
+            if deadline is not None and deadline - time.time() < START_MARGIN_S and not running:
                 break
             time.sleep(0.5)
             for run_id, proc in list(running.items()):
