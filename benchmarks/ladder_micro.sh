@@ -23,6 +23,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 WORK=/tmp/olmo_ladder
+# the corpus beside the checkout (main checkout: ../shared; a worktree: ../../shared), or $GUTENBERG
+for d in ../shared/data/gutenberg_top_authors ../../shared/data/gutenberg_top_authors; do
+  [ -d "$d" ] && GUTENBERG=${GUTENBERG:-$d}
+done
 SOURCE=${GUTENBERG:-../shared/data/gutenberg_top_authors}/train.txt.xz
 SHA256=f94277b55b6a021d93dd9cade9359ba6991513ce87c4fdf7c948b5105002342c  # SOURCE.md
 DATA=$WORK/gutenberg-bpe4096

@@ -197,7 +197,8 @@ def run_ladder(plan: LadderPlan, out: str | Path, parallel: int = 1, max_minutes
         runs = [r for r in selected if any(r.key(p) not in done for p in r.points)]
         runs.sort(key=lambda r: -plan.flops(r, r.points[-1].steps))  # longest first: the last ones finish together
         n_points = sum(len(r.points) for r in plan.runs)
-        print(f"[ladder] {out / RESULTS}: {len(done)} of {n_points} points done; {len(runs)} runs to train "
+        n_done = sum(1 for r in plan.runs for p in r.points if r.key(p) in done)
+        print(f"[ladder] {out / RESULTS}: {n_done} of {n_points} points done; {len(runs)} runs to train "
               f"({'in this process' if parallel == 1 else f'{parallel} worker processes'})", file=console, flush=True)
         for w in plan.warnings:
             print(f"[ladder] warning: {w}", file=console, flush=True)
