@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from train.conftest import corpus_dir  # noqa: F401  (the trainer tests' small prepared corpus)
+import pytest
 
 TINY_SIZES = {
     "t32": {"d_model": 32, "n_layers": 2, "n_heads": 2, "gdn_heads": 2, "gdn_head_k": 16, "gdn_head_v": 16,
@@ -12,6 +12,18 @@ TINY_SIZES = {
     "t48": {"d_model": 48, "n_layers": 2, "n_heads": 2, "gdn_heads": 2, "gdn_head_k": 16, "gdn_head_v": 32,
             "mlp_hidden": 96, "rope_theta": 10000.0, "max_seq_len": 64},
 }
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """40 passages of 800 characters of one play, BPE of 384 ids, 1 held out: ~17k training tokens and a
+    validation split of ~450 (every phase of a ladder scores all of it)."""
+    from olmo_hybrid.data import Document, bundled_corpus, prepare
+
+    text = bundled_corpus()[0].text
+    passages = [Document(text[i:i + 800], f"p{i}") for i in range(0, 32_000, 800)]
+    out = tmp_path_factory.mktemp("ladder") / "corpus"
+    return prepare(None, out, documents=passages, bpe_vocab=384, val_fraction=0.025, workers=1, progress=False)
 
 
 def tiny_ladder(data, **fields) -> dict:

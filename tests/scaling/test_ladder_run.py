@@ -52,13 +52,13 @@ def test_killed_ladder_resumes_without_training_a_point_twice(corpus_dir, tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "olmo_hybrid", "ladder", str(config), "--out", str(out),
                              "--parallel", "2", "--report-interval", "600"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _wait_for_lines(results, 2, proc)
+    _wait_for_lines(results, 1, proc)
     proc.send_signal(signal.SIGKILL)  # the ladder process; its workers follow it (parent-death signal)
     log = proc.communicate(timeout=30)[0].decode()
     assert "2 worker processes" in log
     before = results.read_bytes()
     done_before = _keys(results)
-    assert 2 <= len(done_before) < 8
+    assert 1 <= len(done_before) < 8
     with open(results, "ab") as f:  # and a writer killed mid-line
         f.write(b'{"arch": "hybrid-half", "pattern": "G')
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.scaling.jobs import RESULTS, branch_dir, done_points, last_logged_step, run_dir, run_job
 from olmo_hybrid.scaling.ladder import LadderError, LadderPlan, RunPlan
-from olmo_hybrid.train.metrics import format_duration
 
 SNAPSHOT = "ladder.json"
 PAUSED_EXIT = 3  # a worker (or the ladder) stopped at the deadline
@@ -60,6 +59,8 @@ class Progress:
         return sum(self._run_left(r, done)[0] for r in self.runs)
 
     def line(self) -> str:
+        from olmo_hybrid.train.metrics import format_duration  # imported late: with --parallel, only workers need torch
+
         done = done_points(self.plan, self.out, log=lambda *_: None)
         total = sum(len(r.points) for r in self.plan.runs)
         n_done = sum(1 for r in self.plan.runs for p in r.points if r.key(p) in done)
