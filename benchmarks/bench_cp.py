@@ -2,6 +2,10 @@
 passing, with one GPU without CP as the reference where it fits.
 
     python benchmarks/bench_cp.py --md $OUT/cp.md --json $OUT/cp.json     # starts torchrun itself
+    python benchmarks/bench_cp.py --lengths 65536                            # one length (bash run_device_cp.sh 65536)
+    # plumbing check on a CPU (numbers meaningless): the tiny preset at 512 tokens, eager, on its own BPE
+    python benchmarks/bench_cp.py --preset tiny --lengths 512 --steps 4 --warmup 1 --no-compile \
+        --set data.bpe_vocab=4096 --set trainer.device=cpu
 
 Each configuration is the real trainer (``python -m olmo_hybrid.train`` under torchrun) for ``--steps`` steps on
 the bundled corpus with the dolma2 tokenizer (``data.bpe_vocab=0``), compiled blocks, chunked loss, selective
@@ -29,17 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = [  # (seq_len, gpus, cp_mode or None for no CP)
-    (32768, 1, None),
-    (32768, 2, "ulysses"),
-    (32768, 2, "state_passing"),
-    (65536, 1, None),
-    (65536, 2, "ulysses"),
-    (65536, 2, "state_passing"),
-]
+RUNS = [(1, None), (2, "ulysses"), (2, "state_passing")]  # (GPUs, cp_mode or None for no CP), at every length
 
 
-def overrides(preset: str, seq: int, gpus: int, mode: str | None, steps: int, compile: bool) -> list[str]:
+def overrides(seq: int, gpus: int, mode: str | None, steps: int, compile: bool) -> list[str]:
     out = [f"data.seq_len={seq}", "data.batch_size=1", "data.bpe_vocab=0", f"model.max_seq_len={max(seq, 8192)}",
            f"trainer.steps={steps}", f"trainer.compile={compile}", "trainer.loss_chunk_tokens=8192",
            "trainer.activation_checkpointing=selective", "trainer.eval_interval=0", "trainer.sample_tokens=0",
@@ -70,7 +67,7 @@ def run(args, seq: int, gpus: int, mode: str | None, compile: bool, work: Path) 
 
     name = f"{args.preset} seq {seq}, " + (f"{gpus} GPUs CP {mode}" if mode else f"{gpus} GPU, no CP")
     print(f"== {name} (compile {compile})", flush=True)
-    cfg = build_config(model=args.preset, overrides=overrides(args.preset, seq, gpus, mode, args.steps, compile))
+    cfg = build_config(model=args.preset, overrides=overrides(seq, gpus, mode, args.steps, compile) + args.set)
     cfg_file, out = work / f"{seq}_{gpus}_{mode}.json", work / f"run_{seq}_{gpus}_{mode}"
     cfg_file.write_text(json.dumps(to_dict(cfg)))
     shutil.rmtree(out, ignore_errors=True)
@@ -121,20 +118,24 @@ def main() -> None:
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--lengths", default="32768,65536", help="sequence lengths, comma-separated")
     ap.add_argument("--only", default="", help="only configurations whose name contains this")
+    ap.add_argument("--set", action="append", default=[], help="extra dotted config override (repeatable)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--md")
     ap.add_argument("--json")
     args = ap.parse_args()
-    import torch
+    from bench_train import versions as software  # this directory is on sys.path when run as a script
 
-    versions = (f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}"
-                f", CUDA {torch.version.cuda}")
+    v = software()
+    versions = (f"{v.get('gpu', 'no GPU')}, driver {v.get('driver', '?')}, torch {v['torch']}, Triton {v['triton']}, "
+                f"CUDA {v['cuda']}")
     work = Path(tempfile.mkdtemp(prefix="bench_cp_"))
-    comm = {s: comm_bytes_per_layer(args.preset, s, 2) for s in sorted({c[0] for c in CONFIGS})}
+    lengths = [int(x) for x in args.lengths.split(",")]
+    comm = {s: comm_bytes_per_layer(args.preset, s, 2) for s in lengths}
     results, first = [], {}
-    for seq, gpus, mode in CONFIGS:
+    for seq, (gpus, mode) in ((s, r) for s in lengths for r in RUNS):
         name = f"seq {seq} {gpus} {mode}"
         if args.only and args.only not in name:
             continue
@@ -156,10 +157,9 @@ def main() -> None:
 
 def save(args, results: list[dict], comm: dict, versions: str) -> str:
     table = markdown(results, comm, versions)
-    if args.md:
-        Path(args.md).write_text(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    for path, text in ((args.md, table), (args.json, json.dumps(results, indent=2))):
+        if path:
+            Path(path).write_text(text)
     return table
 
 
