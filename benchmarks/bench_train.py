@@ -18,14 +18,16 @@ The transformer keeps the hybrid's width, depth, heads and MLP and makes every l
 attention four 2048 x 2048 matrices) and fewer FLOPs per token. Both tokens/s and MFU (which counts
 each model's own FLOPs, ``ModelConfig.flops_per_token``, the ``olmo-hybrid info`` figure) are shown.
 
-Timing: a step ends with host syncs (loss and gradient norm read back), so wall time per
-``train_step`` is device time; the first ``--warmup`` steps (compilation, autotuning) are dropped and
-the median of the rest is reported. ``--profile`` adds a torch.profiler table of the top kernels.
+Timing: a step does not wait for the device (its loss and gradient norm are read back in a batch, as the
+trainer does at its log interval), so the first ``--warmup`` steps (compilation, autotuning) run and are
+synchronised, then ``--steps`` steps are timed as one block ending with a device sync and their mean is
+reported. ``--profile`` adds a torch.profiler table of the top kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -77,58 +79,62 @@ def versions() -> dict:
 # One configuration on one GPU (a child process)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_one(args) -> dict:
+    from olmo_hybrid.train.metrics import read_back
     from olmo_hybrid.train.trainer import Trainer
 
-    use_backend(args.gdn_backend)
     cfg = build_config(args.preset, args.pattern, args.seq, args.batch, args.warmup + args.steps,
                        not args.no_compile, args.set)
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, gdn_backend(args.gdn_backend):
         trainer = Trainer(cfg, run_dir)
         trainer.model.train()
-        times, losses = [], []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            record = trainer.train_step()
-            times.append(time.perf_counter() - t0)
-            losses.append(record["loss"])
+        t0 = time.perf_counter()
+        outputs = [trainer.train_step() for _ in range(args.warmup)]
+        _sync()
+        t1 = time.perf_counter()
+        outputs += [trainer.train_step() for _ in range(args.steps)]
+        _sync()
+        t2 = time.perf_counter()
+        losses = [r["loss"] for r in read_back(outputs)]
         profile = profile_steps(trainer, args.profile) if args.profile else None
     tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum
-    step_s = statistics.median(times[args.warmup:])
+    step_s = (t2 - t1) / args.steps
     m = cfg.model
     out = {
         "name": args.name, "pattern": m.layer_pattern, "seq_len": cfg.data.seq_len, "batch": cfg.data.batch_size,
         "compile": not args.no_compile, "gdn_backend": args.gdn_backend if m.n_gdn_layers else "-",
         "params_nonemb": m.num_params(embeddings=False), "flops_per_token": m.flops_per_token(cfg.data.seq_len),
-        "step_s": step_s, "step_s_min": min(times[args.warmup:]), "tokens_per_s": tokens / step_s,
+        "step_s": step_s, "tokens_per_s": tokens / step_s,
         "mfu": (tokens / step_s) * m.flops_per_token(cfg.data.seq_len) / trainer.peak_flops if trainer.peak_flops else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
         "first_loss": losses[0], "last_loss": losses[-1],
-        "warmup_s": sum(times[:args.warmup]), "steps": args.steps, **versions(),
+        "warmup_s": t1 - t0, "steps": args.steps, **versions(),
     }
     if profile:
         out["profile"] = profile
     return out
 
 
-def use_backend(name: str) -> None:
-    """Route the GDN ops to ``name``. fla has the gated delta rule but no short convolution, so with
-    ``fla`` the gated delta rule is fla's (registered in the ``triton`` slot) and the convolution stays on our
-    Triton kernel: the comparison isolates the GDN kernel."""
+@contextlib.contextmanager
+def gdn_backend(name: str):
+    """Within the block, the GDN ops run on ``name``. fla has the gated delta rule but no short convolution, so
+    with ``fla`` the gated delta rule is fla's and the convolution stays on our Triton kernel: the comparison
+    isolates the GDN kernel."""
     from olmo_hybrid import ops
 
-    if name == "fla":
-        from olmo_hybrid.ops import backend
-
-        # Import both backends first: the triton module registers its kernels when it is first imported,
-        # which would otherwise overwrite the slot later (as it did in run 3 of 2026-11-22).
-        ops.available_backends("gated_delta_rule")
-        fla = backend._registry.get(("gated_delta_rule", "fla"))
-        if fla is None or "fla" not in ops.available_backends("gated_delta_rule"):
-            raise SystemExit("--gdn-backend fla: fla is not importable here (carry the .whl wheels)")
-        backend.register("gated_delta_rule", "triton", fla.fn, supports=fla.supports)
-        name = "triton"
-    ops.set_backend(name)
+    if name != "fla":
+        with ops.use_backend(name):
+            yield
+        return
+    if "fla" not in ops.available_backends("gated_delta_rule"):
+        raise SystemExit("--gdn-backend fla: fla is not importable here (carry the .whl wheels)")
+    with ops.use_backend("triton"), ops.use_backend("fla", ops=("gated_delta_rule",)):
+        yield
 
 
 def profile_steps(trainer, n_steps: int) -> str:
@@ -209,7 +215,7 @@ def dist(args) -> list[dict]:
                         *args.set])
     from olmo_hybrid.config import to_dict
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OLMO_HYBRID_GDN_BACKEND": args.gdn_backend}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_TRAIN_GDN_BACKEND": args.gdn_backend}
     cfg_file = work / "cfg.json"
     cfg_file.write_text(json.dumps(to_dict(cfg)))
     run = work / "run"
@@ -256,12 +262,12 @@ def train_entry(argv: list[str]) -> None:
     """``bench_train.py train CFG RUN [--resume]``: the trainer under the requested GDN backend (torchrun target)."""
     from olmo_hybrid.config import from_dict
     from olmo_hybrid.train.config import TrainConfig
-    from olmo_hybrid.train.distributed import destroy
+    from olmo_hybrid.distributed import destroy
     from olmo_hybrid.train.trainer import train
 
-    use_backend(os.environ.get("OLMO_HYBRID_GDN_BACKEND", "auto"))
     cfg = from_dict(TrainConfig, json.loads(Path(argv[0]).read_text()))
-    train(cfg, argv[1], resume="--resume" in argv)
+    with gdn_backend(os.environ.get("BENCH_TRAIN_GDN_BACKEND", "auto")):
+        train(cfg, argv[1], resume="--resume" in argv)
     destroy()
 
 

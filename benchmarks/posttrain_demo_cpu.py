@@ -64,8 +64,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def load(path):
+    from olmo_hybrid.data.chat import ChatTemplate
     from olmo_hybrid.model import HybridLM
-    from olmo_hybrid.posttrain.chat import ChatTemplate
     from olmo_hybrid.posttrain.source import prepare_source
 
     src = prepare_source(path, log=lambda _: None)

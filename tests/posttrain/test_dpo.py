@@ -12,7 +12,9 @@ from olmo_hybrid.posttrain.config import DPOConfig, build_posttrain_config, with
 from olmo_hybrid.posttrain.dpo import REFERENCE_FILE, DPOTrainer
 from olmo_hybrid.posttrain.losses import dpo_loss, response_logps, sequence_logps
 from olmo_hybrid.posttrain.source import prepare_source
-from olmo_hybrid.train.metrics import read_metrics
+from olmo_hybrid.train.metrics import read_back, read_metrics
+from train.conftest import use_fused_adamw  # tests/ is on the path: the trainer tests' helpers
+from train.test_step_sync import CountHostReads
 
 from .conftest import crash_then_resume, quiet
 
@@ -110,3 +112,22 @@ def test_dpo_resumes_exactly_in_a_fresh_process(straight, source, pairs_file, tm
     resumed = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in records]
     assert [r["reward_margin"] for r in resumed] == [r["reward_margin"] for r in records]
+
+
+def test_a_dpo_step_reads_nothing_back_from_the_device(source, pairs_file, tmp_path):
+    """The reference lookup, the DPO loss and the reward metrics stay on the device until the trainer reads them
+    back (the model's own forward, which reads document boundaries, is replaced as in test_step_sync.py)."""
+    src = prepare_source(source, log=quiet)
+    trainer = DPOTrainer(with_source_model(dpo_config(pairs_file), src.config), tmp_path, src, log=quiet)
+    trainer.reference = trainer._score_reference()
+    use_fused_adamw(trainer)
+    lm = trainer.model
+    trainer.forward_model = lambda ids, doc_ids=None: lm.lm_head(lm.model.embed_tokens(ids))
+    trainer.train_step()  # the first step creates the optimizer state
+    with CountHostReads() as mode:
+        outputs = [trainer.train_step() for _ in range(2)]
+    assert mode.calls == []
+    records = read_back(outputs)
+    for r in records:
+        assert 0 <= r["reward_accuracy"] <= 1 and r["chosen_bpb"] > 0 and "skipped" not in r
+        assert r["reward_margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"], abs=1e-5)

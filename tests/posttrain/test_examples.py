@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from olmo_hybrid.data import DataError
-from olmo_hybrid.posttrain.chat import ChatTemplate, default_template
+from olmo_hybrid.data.chat import ChatTemplate, default_template
+from olmo_hybrid.errors import DataError
 from olmo_hybrid.posttrain.examples import read_records, split_pair, tokenize_conversations, tokenize_pairs
 from olmo_hybrid.posttrain.source import with_tokens
 

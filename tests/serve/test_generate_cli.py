@@ -1,5 +1,6 @@
 """``olmo-hybrid generate`` on the engine: the streamed text is the engine's text, greedy equals full forwards."""
 
+import pytest
 import torch
 from serve_util import greedy_by_full_forwards
 
@@ -43,3 +44,33 @@ def test_generate_cuts_at_a_stop_string_without_printing_it(tmp_path, capsys):
     assert len(full) > 5 and stop
     assert main(args + ["--stop", stop]) == 0
     assert capsys.readouterr().out == "the dog" + full[:full.find(stop)] + "\n"
+
+
+def test_cli_and_generate_refuse_the_same_sampling_settings(tmp_path, capsys):
+    model, tok = _checkpoint(tmp_path)
+    for flag, value in [("--temperature", "-0.5"), ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"),
+                        ("--top-p", "nan"), ("--top-k", "-1")]:
+        name = flag[2:].replace("-", "_")
+        number = int(value) if name == "top_k" else float(value)
+        with pytest.raises(ValueError, match=f"SamplingParams.{name} must be"):
+            model.generate(torch.tensor([tok.encode("the cat")]), 4, **{name: number})
+        # The CLI reports the same error as one line and a non-zero exit code.
+        assert main(["generate", str(tmp_path), "--prompt", "the cat", "--device", "cpu", flag, value]) != 0
+        err = capsys.readouterr().err.strip()
+        assert f"SamplingParams.{name} must be" in err and "\n" not in err, err
+
+
+def test_a_stop_string_that_one_token_completes_is_never_printed(tmp_path, capsys):
+    """A token reaches the streamer before the engine checks it for stops, so the streamer holds back as many
+    characters as the longest stop string: none of it reaches the terminal (``--chat`` stops at ``<|im_end|>``,
+    one token of ten characters)."""
+    model, tok = _checkpoint(tmp_path)
+    ids = greedy_by_full_forwards(model, torch.tensor(tok.encode("the cat")), 12)
+    ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+    texts = [tok.decode([i]) for i in ids]
+    full = "".join(texts)
+    assert tok.decode(ids) == full
+    k = next(k for k, t in enumerate(texts) if len(t) >= 2 and full.find(t) == len("".join(texts[:k])))
+    assert main(["generate", str(tmp_path), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12",
+                 "--device", "cpu", "--stop", texts[k]]) == 0
+    assert capsys.readouterr().out == "the cat" + full[:full.find(texts[k])] + "\n"

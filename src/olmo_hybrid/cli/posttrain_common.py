@@ -1,19 +1,21 @@
-"""What ``olmo-hybrid sft`` and ``olmo-hybrid dpo`` share: arguments, config building, errors and the summary."""
+"""What ``olmo-hybrid sft`` and ``olmo-hybrid dpo`` share: their arguments, the config they build and the run.
+
+Errors are raised (``olmo_hybrid.errors``) and the dispatcher prints them as one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
-from olmo_hybrid.config import ConfigError, to_dict
+from olmo_hybrid.cli import ArgumentParser
+from olmo_hybrid.config import to_dict
 
 
 def build_parser(kind: str, doc: str, examples: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"olmo-hybrid {kind}", description=doc, epilog=examples,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=f"olmo-hybrid {kind}", description=doc, epilog=examples,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="training run directory or Hugging Face checkpoint to start from")
     p.add_argument("data", help="JSONL file (or datasets dataset) of " +
                    ("conversations" if kind == "sft" else "preference pairs"))
@@ -24,6 +26,8 @@ def build_parser(kind: str, doc: str, examples: str) -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, help="a .jinja file or a Jinja string (default: the source "
                                                          "tokenizer's template, else ours)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run, deleting its checkpoints, export and metrics")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config (before the source and data "
                                                           "are read) and exit")
     return p
@@ -33,7 +37,6 @@ def run_posttrain(kind: str, argv: list[str], doc: str, examples: str) -> int:
     from olmo_hybrid.posttrain.config import DPOConfig, SFTConfig, build_posttrain_config
 
     args = build_parser(kind, doc, examples).parse_intermixed_args(argv)
-    prog = f"olmo-hybrid {kind}"
     overrides = list(args.args)
     config_file = overrides.pop(0) if overrides and "=" not in overrides[0] else None
     overrides.append(f"data.path={args.data}")
@@ -41,28 +44,18 @@ def run_posttrain(kind: str, argv: list[str], doc: str, examples: str) -> int:
         overrides.append(f"data.val_path={args.val}")
     if args.chat_template is not None:
         overrides.append(f"chat.template={args.chat_template}")
-    try:
-        cfg = build_posttrain_config(SFTConfig if kind == "sft" else DPOConfig, config_file, overrides)
-    except ConfigError as e:
-        print(f"{prog}: config error: {e}", file=sys.stderr)
-        return 2
-    rank = os.environ.get("RANK", "0")
+    cfg = build_posttrain_config(SFTConfig if kind == "sft" else DPOConfig, config_file, overrides)
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
-    from olmo_hybrid.data import DataError
-    from olmo_hybrid.train.checkpoint import CheckpointError
-    from olmo_hybrid.train.distributed import destroy
+    from olmo_hybrid.distributed import destroy
 
     if kind == "sft":
         from olmo_hybrid.posttrain.trainer import run_sft as run
     else:
         from olmo_hybrid.posttrain.dpo import run_dpo as run
     try:
-        run(cfg, args.source, Path(args.out or f"runs/{kind}"), resume=args.resume)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
-        print(f"{prog}{'' if rank == '0' else f' (rank {rank})'}: error: {e}", file=sys.stderr)
-        return 1
+        run(cfg, args.source, Path(args.out or f"runs/{kind}"), resume=args.resume, overwrite=args.overwrite)
     finally:
         destroy()
     return 0

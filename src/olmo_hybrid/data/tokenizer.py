@@ -2,10 +2,10 @@
 
 Both are Hugging Face ``tokenizers`` models behind one small wrapper, :class:`Tokenizer`. dolma2 has
 100,278 ids (the model pads its embedding to 100,352), ``<|endoftext|>`` = 100257 as end of document,
-``<|pad|>`` = 100277, no BOS, and ``<|im_start|>`` / ``<|im_end|>`` for chat turns; it carries our chat template
-(``assets/chat_template.jinja``, rendered by ``olmo_hybrid.posttrain.chat``). :func:`train_bpe` builds a tokenizer of a few thousand ids for tiny
-models, where a 100k vocabulary would hold most of the parameters; it splits text with dolma2's own
-pre-tokenizer, so the two differ only in their merges.
+``<|pad|>`` = 100277, no BOS, and ``<|im_start|>`` / ``<|im_end|>`` for chat turns; it carries our chat
+template (``assets/chat_template.jinja``, rendered by ``olmo_hybrid.data.chat``). :func:`train_bpe` builds a
+tokenizer of a few thousand ids for tiny models, where a 100k vocabulary would hold most of the parameters; it
+splits text with dolma2's own pre-tokenizer, so the two differ only in their merges.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from olmo_hybrid.config import ConfigError, apply_overrides, from_dict, read_json_object, to_dict
+from olmo_hybrid.config import apply_overrides, from_dict, read_json_object, to_dict
+from olmo_hybrid.errors import ConfigError
 from olmo_hybrid.posttrain.examples import TRUNCATION
 from olmo_hybrid.posttrain.losses import LOSSES
 from olmo_hybrid.train.config import OptimConfig, ScheduleConfig, TrainConfig, TrainerConfig
@@ -94,6 +95,9 @@ class PostTrainConfig(TrainConfig):
     chat: ChatConfig = field(default_factory=ChatConfig)
 
     def validate(self) -> None:
+        if self.parallel.cp_degree > 1:  # first: the trainer's own context-parallel checks would not apply
+            raise ConfigError(f"parallel.cp_degree={self.parallel.cp_degree}: post-training does not split its "
+                              "packed rows over context-parallel ranks; use cp_degree=1 (data parallelism works)")
         super().validate()
         _check_recipe(self.recipe, self.recipe_name)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from olmo_hybrid.posttrain.chat import ChatTemplate
+from olmo_hybrid.data.chat import ChatTemplate
 from olmo_hybrid.posttrain.examples import Sequence as Tokenized
 from olmo_hybrid.posttrain.examples import tokenize_pairs
 from olmo_hybrid.posttrain.losses import sequence_logps

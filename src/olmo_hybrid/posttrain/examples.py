@@ -1,12 +1,18 @@
 """Post-training examples: read conversations and preference pairs, check them, and tokenize them with the
-chat template into token ids plus the mask of tokens that are trained.
+chat template (``olmo_hybrid.data.chat``) into token ids plus the mask of tokens that are trained.
+
+Assistant tokens are found without any marker in the template: for assistant message ``i`` the span runs
+from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
+``render(messages[:i + 1])``, i.e. the message's content and whatever closes its turn (``<|im_end|>\\n``
+here). That needs a template whose rendering of a prefix of the conversation is a prefix of the whole
+rendering; a template that is not (one that closes the last turn differently, say) is refused by name.
 
 Inputs are JSONL files (one JSON object per line) or, when the ``datasets`` package is installed, a
 Hugging Face dataset (a saved directory or a hub name). Every error names the example: ``FILE line N`` or
 ``DATASET row N`` (1-based).
 
 * SFT: ``{"messages": [{"role": ..., "content": ...}, ...]}``; at least one assistant turn; roles from
-  ``chat.ROLES``. Every assistant turn is trained.
+  ``olmo_hybrid.data.chat.ROLES``. Every assistant turn is trained.
 * DPO: ``{"prompt" | "messages", "chosen", "rejected"}``. The prompt is a string (one user turn) or a message
   list; ``chosen`` / ``rejected`` are a string (one assistant turn), a message, or a message list (which may
   repeat the prompt first, as many hub datasets do). Without a prompt, ``chosen`` and ``rejected`` are two
@@ -24,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from olmo_hybrid.data import DataError
+from olmo_hybrid.data.chat import ChatTemplate, check_messages
 from olmo_hybrid.data.corpus import json_object
-from olmo_hybrid.posttrain.chat import ROLES, ChatTemplate
+from olmo_hybrid.errors import DataError
 
 TRUNCATION = ("truncate", "drop", "error")
 
@@ -57,8 +63,20 @@ class Report:
         return text
 
 
+def check_source(source: str) -> None:
+    """A source that names a local path (absolute, relative with a ``./``, deeper than a hub ``owner/name``, or
+    ending in ``.json`` / ``.jsonl``) must exist: a typo is reported before anything is loaded, not sent to the
+    hub as a dataset name."""
+    path = Path(source)
+    local = path.is_absolute() or source.startswith(".") or source.count("/") > 1 or path.suffix in (".json", ".jsonl")
+    if local and not path.exists():
+        raise DataError(f"{source} does not exist (expected a JSONL file, a datasets directory saved with "
+                        "save_to_disk, or a hub dataset name)")
+
+
 def read_records(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
     """``(where, record)`` for every example of a JSONL file or a ``datasets`` dataset."""
+    check_source(source)
     path = Path(source)
     if path.is_file():
         with open(path, encoding="utf-8") as f:
@@ -88,18 +106,35 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, dict]
         yield f"{path.name} row {n}", dict(record)
 
 
-def check_messages(messages, where: str, what: str = "messages") -> list[dict]:
-    """The message list, checked: a non-empty list of ``{"role", "content"}`` with known roles."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: '{what}' must be a non-empty list of {{\"role\", \"content\"}} messages")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: {what}[{j}] must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: {what}[{j}] has unknown role {m['role']!r} (known: {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise DataError(f"{where}: {what}[{j}].content must be a string, got {type(m['content']).__name__}")
-    return messages
+def assistant_spans(chat: ChatTemplate, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """``(text, [(start, end), ...])``: the rendering and the character span of every assistant turn from
+    message ``first`` on."""
+    text = chat.render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if i < first or message["role"] != "assistant":
+            continue
+        before = chat.render(messages[:i], add_generation_prompt=True)
+        through = chat.render(messages[:i + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise DataError("the chat template renders a conversation's first messages differently from the "
+                            "start of the whole conversation, so assistant tokens cannot be located; use a "
+                            "template whose turns do not depend on what follows them")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_with_mask(chat: ChatTemplate, messages: list[dict], first: int = 0) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation and, per token, whether it belongs to an assistant turn from message
+    ``first`` on (a token counts when it starts inside the turn's span)."""
+    text, spans = assistant_spans(chat, messages, first)
+    enc = chat.tokenize(text)
+    mask, j = [], 0
+    for start, _ in enc.offsets:
+        while j < len(spans) and start >= spans[j][1]:
+            j += 1
+        mask.append(j < len(spans) and spans[j][0] <= start)
+    return enc.ids, mask
 
 
 def _has_assistant(messages: list[dict]) -> bool:
@@ -107,7 +142,7 @@ def _has_assistant(messages: list[dict]) -> bool:
 
 
 def _sequence(chat: ChatTemplate, messages: list[dict], first_scored: int = 0) -> Sequence:
-    ids, scored = chat.encode_with_mask(messages, first_scored)
+    ids, scored = encode_with_mask(chat, messages, first_scored)
     ids, scored = np.asarray(ids, dtype=np.int64), np.asarray(scored, dtype=bool)
     return Sequence(ids, scored, _scored_bytes(chat, ids, scored))
 

@@ -19,17 +19,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from olmo_hybrid.data.loader import IGNORE_LABEL
+
 LOSSES = ("dpo", "dpo_norm")
-IGNORE_INDEX = -100
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor, n_seqs: int = 2
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sums, counts)`` ([rows, n_seqs]): the summed log-probability of the scored labels of sequences
     ``0 .. n_seqs-1`` of every row (``doc_ids`` says which sequence a position belongs to), in fp32."""
-    logp = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+    logp = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_LABEL,
                             reduction="none").view(labels.shape)
-    scored = labels != IGNORE_INDEX
+    scored = labels != IGNORE_LABEL
     member = (doc_ids[..., None] == torch.arange(n_seqs, device=doc_ids.device)) & scored[..., None]
     return (logp[..., None] * member).sum(1), member.sum(1)
 

@@ -19,10 +19,9 @@ from collections.abc import Sequence as Seq
 import numpy as np
 import torch
 
-from olmo_hybrid.data import DataError
+from olmo_hybrid.data.loader import IGNORE_LABEL
+from olmo_hybrid.errors import DataError
 from olmo_hybrid.posttrain.examples import Sequence
-
-IGNORE_INDEX = -100
 
 
 def next_fit(lengths: Seq[int], seq_len: int) -> list[list[int]]:
@@ -45,14 +44,14 @@ def build_rows(groups: Seq[Seq[Sequence]], seq_len: int, pad_id: int) -> dict[st
     """``input_ids``, ``labels``, ``doc_ids`` ([rows, seq_len] int64) for rows of sequences."""
     n = len(groups)
     input_ids = np.full((n, seq_len), pad_id, dtype=np.int64)
-    labels = np.full((n, seq_len), IGNORE_INDEX, dtype=np.int64)
+    labels = np.full((n, seq_len), IGNORE_LABEL, dtype=np.int64)
     doc_ids = np.empty((n, seq_len), dtype=np.int64)
     for r, group in enumerate(groups):
         pos = 0
         for j, seq in enumerate(group):
             end = pos + len(seq.ids)
             input_ids[r, pos:end] = seq.ids
-            labels[r, pos:end - 1] = np.where(seq.scored[1:], seq.ids[1:], IGNORE_INDEX)
+            labels[r, pos:end - 1] = np.where(seq.scored[1:], seq.ids[1:], IGNORE_LABEL)
             doc_ids[r, pos:end] = j
             pos = end
         doc_ids[r, pos:] = len(group)
@@ -128,7 +127,7 @@ def split_for_rank(rows: dict[str, np.ndarray], batch_size: int, rank: int, worl
         if len(idx) == 0:
             idx = np.array([0])
             batch = {k: torch.from_numpy(v[idx]) for k, v in rows.items()}
-            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_LABEL)
         else:
             batch = {k: torch.from_numpy(v[idx]) for k, v in rows.items()}
         batches.append(batch)

@@ -18,7 +18,7 @@ import torch
 
 from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.data import Tokenizer
-from olmo_hybrid.posttrain.chat import TURN_TOKENS, resolve_template
+from olmo_hybrid.data.chat import TURN_TOKENS, resolve_template
 
 
 @dataclass
@@ -28,14 +28,6 @@ class Source:
     state_dict: dict[str, torch.Tensor]
     tokenizer: Tokenizer  # chat_template set to the run's template
     added_tokens: tuple[str, ...] = ()
-
-
-def load_source(path: str | Path):
-    """``(model, tokenizer)`` of a run directory or HF checkpoint, on the CPU (the one place post-training
-    reads a checkpoint)."""
-    from olmo_hybrid.loading import load_checkpoint
-
-    return load_checkpoint(path, device="cpu")
 
 
 def with_tokens(tokenizer: Tokenizer, tokens: tuple[str, ...]) -> Tokenizer:
@@ -69,7 +61,9 @@ def init_token_rows(state: dict[str, torch.Tensor], config: ModelConfig, used: i
 def prepare_source(path: str | Path, template: str = "", log=print) -> Source:
     """Load the source, choose its chat template (``chat.template``, else its tokenizer's, else ours) and add
     the turn tokens the template uses that the tokenizer lacks (growing the model to match)."""
-    model, tok = load_source(path)
+    from olmo_hybrid.checkpoint import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(path, device="cpu", log=log)
     tok.chat_template = resolve_template(template, tok)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     config = model.config
