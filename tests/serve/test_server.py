@@ -229,3 +229,43 @@ def test_a_full_queue_answers_429_and_shutdown_ends_streams(served_checkpoint):
     http.close()
     pool.shutdown()
     assert idle(srv) and not srv.loop.alive
+
+
+def test_serve_command_serves_and_stops_gracefully_on_sigterm(served_checkpoint, capsys):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    assert main(["serve", str(served_checkpoint), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
+    with socket.socket() as s:  # a free port (the server binds it a moment later)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "olmo_hybrid", "serve", str(served_checkpoint), "--port", str(port), "--max-batch",
+           "2", "--prefix-cache-gib", "0.001", "--served-model-name", MODEL_NAME, "--log-level", "info"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            try:
+                if httpx.get(url + "/health", trust_env=False, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        out = openai_client(url).completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0)
+        assert out.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit status is the signal's.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = proc.stdout.read()
+        assert f"'{MODEL_NAME}' on http://127.0.0.1:{port} (2 slots x 160 tokens" in log
+        assert "shutting down: 0 requests in flight" in log and "Traceback" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

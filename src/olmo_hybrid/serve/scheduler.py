@@ -109,6 +109,7 @@ class EngineLoop:
         call waits for the first)."""
         self._accepting = False
         if self._drain_until is None:
+            log.info("shutting down: %d requests in flight may finish for up to %g s", len(self._in_flight), timeout)
             self._drain_until = time.monotonic() + timeout
         self._wake.set()
         if self._thread is not None:
@@ -155,6 +156,8 @@ class EngineLoop:
         while True:
             self._take_commands()
             if self._drain_until is not None and (not engine.has_work or time.monotonic() > self._drain_until):
+                if engine.has_work:
+                    log.info("shutdown timeout: aborting %d requests", engine.num_running + engine.num_waiting)
                 self._abort_all("aborted")
                 self._flush()
                 return
