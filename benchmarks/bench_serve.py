@@ -84,7 +84,7 @@ def serve_child(args) -> None:
     tok = train_bpe(["a b c"], vocab_size=300) if args.preset == "tiny" else load_tokenizer("dolma2")
     settings = ServeSettings(name=args.system, max_batch=args.concurrency, max_context=args.prompt + QUESTION + args.new,
                              max_queue=4 * args.concurrency, prefix_cache_bytes=0 if args.system == "hybrid-nocache"
-                             else None, prefill_budget=args.prefill_budget)
+                             else None, prefill_budget=args.prefill_budget, compile_decode=args.compile)
     app = build_app(model, tok, settings)
     print(f"child: {args.system} {describe(app)}", flush=True)
     run(app, "127.0.0.1", args.port, shutdown_timeout=5.0, log_level="warning")
@@ -179,6 +179,8 @@ def start_child(args, system: str, port: int) -> subprocess.Popen:
            "--prompt", str(args.prompt), "--new", str(args.new), "--concurrency", str(args.concurrency)]
     if args.prefill_budget:
         cmd += ["--prefill-budget", str(args.prefill_budget)]
+    if args.compile:
+        cmd += ["--compile"]
     return subprocess.Popen(cmd, start_new_session=True)
 
 
@@ -254,6 +256,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=None, help="requests per workload (default 128; 7b: 64)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--prefill-budget", type=int, default=None, help="the server's --prefill-budget")
+    p.add_argument("--compile", action="store_true", help="the server's --compile (torch.compile the decode step)")
     p.add_argument("--time-cap", type=float, default=300.0, help="seconds per workload before sending stops")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="append the markdown report to this file")

@@ -30,6 +30,23 @@ def greedy_by_full_forwards(model: HybridLM, prompt: torch.Tensor, n: int) -> li
     return ids[0, len(prompt):].tolist()
 
 
+def save_tiny_checkpoint(path, max_seq_len=128):
+    """A HF checkpoint directory of a tiny GGGA model (fp32) with a small BPE tokenizer; logits are peaked, so
+    greedy continuations vary rather than repeat one token. Returns (model, tokenizer)."""
+    from olmo_hybrid.data.tokenizer import train_bpe
+
+    tok = train_bpe(["the cat sat on the mat, the dog sat on the log"] * 4, vocab_size=270)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=272, d_model=32, n_layers=4, n_heads=2, gdn_heads=2, gdn_head_k=8, gdn_head_v=16,
+                      mlp_hidden=64, max_seq_len=max_seq_len, layer_pattern="GGGA")
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(path)
+    tok.save(path)
+    return model, tok
+
+
 def random_prompts(lengths, seed=1) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]

@@ -257,3 +257,4 @@ def test_model_generate_cuts_rows_at_stop_strings_and_pads_them():
     if len(want[0]) != len(want[1]):
         with pytest.raises(ValueError, match="pass pad_token_id"):
             model.generate(ids, 20, stop=stop, tokenizer=tok, attention_mask=mask)
+

@@ -44,6 +44,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--memory-fraction", type=float, default=0.9,
                    help="fraction of free device memory used when sizing --max-batch automatically")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode step eagerly")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (fuses its elementwise kernels; compiles before serving)")
     p.add_argument("--chat-template", default=None, help="jinja file overriding the checkpoint's chat template")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file or dir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> int:
         max_context=args.max_context, max_queue=args.max_queue,
         prefix_cache_bytes=None if args.prefix_cache_gib is None else int(args.prefix_cache_gib * 2**30),
         prefix_block=args.prefix_block, prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget,
-        cuda_graphs=not args.no_cuda_graphs, memory_fraction=args.memory_fraction,
+        cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile, memory_fraction=args.memory_fraction,
         shutdown_timeout=args.shutdown_timeout, chat_template=template)
     app = build_app(model, tok, settings, checkpoint_dir=args.checkpoint)
     print(f"olmo-hybrid serve: '{settings.name}' on http://{args.host}:{args.port} ({describe(app)})", flush=True)

@@ -26,23 +26,17 @@ class _EngineCollector:
         loop, engine = self.loop, self.loop.engine
         running = engine.num_running
 
+        def family(cls, name, doc, value, labels=None):
+            metric = cls(PREFIX + name, doc, labels=list(labels) if labels else None)
+            for key, v in (value.items() if labels else [((), value)]):
+                metric.add_metric([key] if labels else [], v)
+            return metric
+
         def gauge(name, doc, value, labels=None):
-            g = GaugeMetricFamily(PREFIX + name, doc, labels=list(labels) if labels else None)
-            if labels:
-                for key, v in value.items():
-                    g.add_metric([key], v)
-            else:
-                g.add_metric([], value)
-            return g
+            return family(GaugeMetricFamily, name, doc, value, labels)
 
         def counter(name, doc, value, labels=None):
-            c = CounterMetricFamily(PREFIX + name, doc, labels=list(labels) if labels else None)
-            if labels:
-                for key, v in value.items():
-                    c.add_metric([key], v)
-            else:
-                c.add_metric([], value)
-            return c
+            return family(CounterMetricFamily, name, doc, value, labels)
 
         yield gauge("queue_length", "requests waiting for a free slot", max(0, loop.in_flight - running))
         yield gauge("running_sequences", "requests holding a cache slot (prefilling or decoding)", running)

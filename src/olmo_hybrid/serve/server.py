@@ -37,6 +37,7 @@ class ServeSettings:
     prefill_chunk: int = 4096
     prefill_budget: int | None = None
     cuda_graphs: bool = True
+    compile_decode: bool = False  # torch.compile (inductor) the decode step
     memory_fraction: float = 0.9  # of the device memory free after loading the weights, for automatic sizing
     shutdown_timeout: float = 30.0
     chat_template: str | None = None  # None: the checkpoint's, else the default
@@ -73,7 +74,7 @@ def build_engine(model, tokenizer, settings: ServeSettings, eos_token_ids: set[i
     return Engine(model, max_batch=slots, max_context=context, tokenizer=tokenizer, eos_token_id=eos_token_ids,
                   prefill_chunk=settings.prefill_chunk, prefill_budget=settings.prefill_budget,
                   cuda_graphs=settings.cuda_graphs and device.type == "cuda", prefix_cache_bytes=prefix,
-                  prefix_block=settings.prefix_block)
+                  prefix_block=settings.prefix_block, compile_decode="inductor" if settings.compile_decode else None)
 
 
 def build_app(model, tokenizer, settings: ServeSettings, checkpoint_dir: str | Path | None = None):
