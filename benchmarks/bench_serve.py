@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import random
@@ -82,9 +81,10 @@ def serve_child(args) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(args.preset, args.system, device, dtype)
     tok = train_bpe(["a b c"], vocab_size=300) if args.preset == "tiny" else load_tokenizer("dolma2")
-    settings = ServeSettings(name=args.system, max_batch=args.concurrency, max_context=args.prompt + QUESTION + args.new,
-                             max_queue=4 * args.concurrency, prefix_cache_bytes=0 if args.system == "hybrid-nocache"
-                             else None, prefill_budget=args.prefill_budget, compile_decode=args.compile)
+    settings = ServeSettings(name=args.system, max_batch=args.concurrency,
+                             max_context=args.prompt + QUESTION + args.new, max_queue=4 * args.concurrency,
+                             prefix_cache_bytes=0 if args.system == "hybrid-nocache" else None,
+                             prefill_budget=args.prefill_budget, compile_decode=args.compile)
     app = build_app(model, tok, settings)
     print(f"child: {args.system} {describe(app)}", flush=True)
     run(app, "127.0.0.1", args.port, shutdown_timeout=5.0, log_level="warning")
@@ -225,7 +225,8 @@ def bench_system(args, system: str, vocab: int) -> list[str]:
             hit = after.get("olmo_hybrid_prefix_cache_hit_tokens_total", 0) - \
                 before.get("olmo_hybrid_prefix_cache_hit_tokens_total", 0)
             peak = after.get('olmo_hybrid_memory_bytes{kind="device_peak_allocated"}')
-            row = (f"| {system} | {kind} | {len(good)}/{len(prompts)} | {len(good) / wall:.2f} | {tokens / wall:,.0f} | "
+            row = (f"| {system} | {kind} | {len(good)}/{len(prompts)} | {len(good) / wall:.2f} | "
+                   f"{tokens / wall:,.0f} | "
                    f"{percentiles([r.ttft for r in good])} | {percentiles([r.tpot for r in good])} | "
                    f"{percentiles([g for r in good for g in r.gaps])} | "
                    f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'} | "
@@ -281,7 +282,8 @@ def main() -> int:
 
     vocab = ModelConfig(**SHAPES[args.preset]).vocab_size if not tiny else 300
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    head = (f"\n### Serving load test, {args.preset} shape ({datetime.date.today()}, {gpu}, torch {torch.__version__})\n\n"
+    head = (f"\n### Serving load test, {args.preset} shape ({datetime.date.today()}, {gpu}, "
+            f"torch {torch.__version__})\n\n"
             f"{args.requests} requests per workload, {args.concurrency} concurrent, prompt {args.prompt} tokens "
             f"(+{QUESTION}-token question), {args.new} new tokens each; latencies in ms as p50 / p90 / p99.\n\n"
             "| system | workload | ok | req/s | output tok/s | TTFT | TPOT | ITL | peak GPU mem | prefix hit |\n"

@@ -54,7 +54,8 @@ class _EngineCollector:
                         pc.stats.hit_rate)
             yield counter("prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache",
                           pc.stats.queried_tokens)
-            yield counter("prefix_cache_hit_tokens", "prompt tokens restored from the prefix cache", pc.stats.hit_tokens)
+            yield counter("prefix_cache_hit_tokens", "prompt tokens restored from the prefix cache",
+                          pc.stats.hit_tokens)
             yield gauge("prefix_cache_blocks", "prefix cache blocks", {"used": pc.used_blocks, "total": pc.num_blocks},
                         labels=("state",))
         report = engine.memory_report()

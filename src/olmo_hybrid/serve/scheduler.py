@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from olmo_hybrid.model.engine import Engine, RequestOutput, TokenLogprob
+from olmo_hybrid.model.engine import Engine, RequestOutput
 from olmo_hybrid.model.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class GenerationRequest:
 
 @dataclass(eq=False)
 class RequestHandle:
-    """One request as the event loop sees it: ``events`` yields ``("token", id, TokenLogprob | None)``, then one
+    """One request as the event loop sees it: ``events`` yields ``("token", id, engine.TokenLogprob | None)``, then one
     ``("done", RequestOutput)`` or ``("error", exception)``."""
 
     request: GenerationRequest
@@ -262,4 +262,4 @@ def _deliver(batch: list) -> None:
             handle.events.put_nowait(("token", what, value))
 
 
-__all__ = ["EngineLoop", "GenerationRequest", "QueueFullError", "RequestHandle", "ShuttingDownError", "TokenLogprob"]
+__all__ = ["EngineLoop", "GenerationRequest", "QueueFullError", "RequestHandle", "ShuttingDownError"]

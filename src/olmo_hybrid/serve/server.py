@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 import torch
@@ -17,7 +16,6 @@ from olmo_hybrid.model.memory import (MemoryBudgetError, format_bytes, free_devi
 from olmo_hybrid.serve import chat
 from olmo_hybrid.serve.protocol import ServedModel
 
-log = logging.getLogger(__name__)
 MAX_AUTO_SLOTS = 256
 CPU_SLOTS = 8
 DEFAULT_PREFIX_CACHE_BYTES = {"cuda": 4 * 2**30, "cpu": 256 * 2**20}
