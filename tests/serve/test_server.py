@@ -186,21 +186,21 @@ def test_a_disconnect_mid_stream_frees_the_slot(server):
 def test_a_failing_engine_step_fails_its_requests_only(server):
     url, srv = server
     client = openai_client(url)
-    engine, step = srv.engine, srv.engine.step
+    engine, decode = srv.engine, srv.engine._decode_step
     calls = []
 
-    def fail_once():
+    def fail_once():  # the first decode step raises after the prefill put the request in a slot
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 1:
             raise RuntimeError("injected failure")
-        return step()
+        return decode()
 
-    engine.step = fail_once
+    engine._decode_step = fail_once
     try:
         with pytest.raises(openai.InternalServerError, match="injected failure"):
             client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0)
     finally:
-        del engine.step
+        del engine._decode_step
     wait_until(lambda: idle(srv), what="idle after the failure")
     ok = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0)
     assert ok.usage.completion_tokens >= 1 and srv.loop.step_errors == 1

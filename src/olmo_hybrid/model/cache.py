@@ -125,6 +125,10 @@ class HybridCache:
         self.lengths[slot] = 0
         heapq.heappush(self._free, slot)
 
+    def release_all(self) -> None:
+        self.lengths.zero_()
+        self._free = list(range(self.num_slots))
+
     # -- addressing -----------------------------------------------------------------------------------
     def _check_rows(self, rows: slice) -> slice:
         if not (isinstance(rows, slice) and rows.step in (None, 1) and isinstance(rows.start, int)

@@ -286,6 +286,15 @@ class Engine:
                 return self._output(req, "aborted")
         return None
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Drop every waiting and running request and free every slot (also one that a step which raised half-way
+        left without its request)."""
+        outs = [self.abort(r.id) for r in [*self._waiting, *self._prefilling, *self._running.values()]]
+        self.cache.release_all()
+        self._active.zero_()
+        self._counter.zero_()
+        return outs
+
     # -- scheduling ----------------------------------------------------------------------------------
     def _check_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):

@@ -158,7 +158,7 @@ class EngineLoop:
             if self._drain_until is not None and (not engine.has_work or time.monotonic() > self._drain_until):
                 if engine.has_work:
                     log.info("shutdown timeout: aborting %d requests", engine.num_running + engine.num_waiting)
-                self._abort_all("aborted")
+                self._abort_all()
                 self._flush()
                 return
             if not engine.has_work:
@@ -211,16 +211,19 @@ class EngineLoop:
         self.finished[out.finish_reason] += 1
         self._batch.append((handle, "done", out))
 
-    def _abort_all(self, reason: str | Exception) -> None:
+    def _abort_all(self, error: Exception | None = None) -> None:
+        """End every request in flight: aborted (shutdown), or failed with ``error`` (a step raised)."""
+        outs = {out.request_id: out for out in self.engine.abort_all()}
         for rid, handle in list(self._handles.items()):
-            out = self.engine.abort(rid)
-            if isinstance(reason, Exception):
-                self._handles.pop(rid)
-                handle.finished = True
+            del self._handles[rid]
+            handle.finished = True
+            out = outs.get(rid)
+            if error is None and out is not None:
+                self.finished[out.finish_reason] += 1
+                self._batch.append((handle, "done", out))
+            else:  # failed, or lost by the failed step
                 self.finished["error"] += 1
-                self._batch.append((handle, "error", reason))
-            elif out is not None:
-                self._finish(out)
+                self._batch.append((handle, "error", error or RuntimeError("the request was lost by the engine")))
 
     def _flush(self) -> None:
         """Hand this step's events to the event loop in one call."""
