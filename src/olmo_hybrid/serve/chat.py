@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from olmo_hybrid.config import read_json_object
+
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -32,7 +34,7 @@ def read_chat_template(checkpoint_dir: str | Path) -> str | None:
             return jinja.read_text(encoding="utf-8")
         config = directory / "tokenizer_config.json"
         if config.is_file():
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+            template = read_json_object(config, "tokenizer config").get("chat_template")
             if isinstance(template, list):  # named templates: the default one
                 template = next((t["template"] for t in template if t.get("name") == "default"), None)
             if template:
@@ -73,7 +75,7 @@ def end_token_ids(tokenizer, template: str, checkpoint_dir: str | Path | None = 
         for directory in (Path(checkpoint_dir), Path(checkpoint_dir) / "hf"):
             config = directory / "generation_config.json"
             if config.is_file():
-                eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+                eos = read_json_object(config, "generation config").get("eos_token_id")
                 ids.update([eos] if isinstance(eos, int) else eos or [])
                 break
     if END_OF_TURN in template:
