@@ -38,6 +38,15 @@ Default system, {{ {'k': 'v<>'} | tojson }}<|im_end|>
 {%- if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
+# Another: a system-prompt branch with set, loop.index and break, tojson of a string, raise_exception, eos_token.
+FANCY = ("{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% set rest = messages[1:] %}"
+         "{% else %}{% set sys = 'default' %}{% set rest = messages %}{% endif %}"
+         "<|system|>{{ sys | tojson }}\n"
+         "{% for m in rest %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}"
+         "{% endif %}{% if loop.index > 10 %}{% break %}{% endif %}"
+         "<|{{ m['role'] }}|>\n  {{ m['content'] }}{{ eos_token if m['role'] == 'assistant' else '' }}\n"
+         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
 
 @pytest.fixture
 def chat_tokenizer():
@@ -72,6 +81,22 @@ def test_rendered_tokens_equal_transformers_apply_chat_template(chat_tokenizer, 
     assert ours.encode(CONVERSATIONS[0], True).count(chat_tokenizer.backend.token_to_id("<|im_start|>")) == \
         (2 if template == "ours" else 3)  # the markers are single ids
     assert ours.end_of_turn_id == chat_tokenizer.backend.token_to_id("<|im_end|>") == 301
+
+
+@pytest.mark.parametrize("template", ["ours", "fancy"])
+def test_dolma2_renders_as_transformers_renders(template):
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer("dolma2")
+    source = default_template() if template == "ours" else FANCY
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token=tok.eos_token)
+    hf.chat_template = source
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Héllo 👋 <b>"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "2+2?"}]
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    want = want["input_ids"] if not isinstance(want, list) else want
+    assert ChatTemplate(tok, source).prompt_ids(messages) == list(want)
+    with pytest.raises(DataError, match="chat template: bad role"):
+        ChatTemplate(tok, FANCY).render([{"role": "environment", "content": "x"}])
 
 
 def test_bad_templates_and_messages_are_refused_by_name(chat_tokenizer):

@@ -2,25 +2,11 @@
 
 import pytest
 import torch
-from serve_util import greedy_by_full_forwards
+from serve_util import greedy_by_full_forwards, save_tiny_checkpoint
 
 from olmo_hybrid.cli import main
-from olmo_hybrid.config import ModelConfig
-from olmo_hybrid.data.tokenizer import train_bpe
-from olmo_hybrid.model import HybridLM
 
-
-def _checkpoint(tmp_path):
-    tok = train_bpe(["the cat sat on the mat, the dog sat on the log"] * 4, vocab_size=270)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=272, d_model=32, n_layers=4, n_heads=2, gdn_heads=2, gdn_head_k=8, gdn_head_v=16,
-                      mlp_hidden=64, max_seq_len=128, layer_pattern="GGGA")
-    model = HybridLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # peaked logits: a varied continuation rather than one repeated token
-    model.save_pretrained(tmp_path)
-    tok.save(tmp_path)
-    return model, tok
+_checkpoint = save_tiny_checkpoint
 
 
 def test_generate_streams_the_greedy_continuation(tmp_path, capsys):
@@ -58,19 +44,3 @@ def test_cli_and_generate_refuse_the_same_sampling_settings(tmp_path, capsys):
         assert main(["generate", str(tmp_path), "--prompt", "the cat", "--device", "cpu", flag, value]) != 0
         err = capsys.readouterr().err.strip()
         assert f"SamplingParams.{name} must be" in err and "\n" not in err, err
-
-
-def test_a_stop_string_that_one_token_completes_is_never_printed(tmp_path, capsys):
-    """A token reaches the streamer before the engine checks it for stops, so the streamer holds back as many
-    characters as the longest stop string: none of it reaches the terminal (``--chat`` stops at ``<|im_end|>``,
-    one token of ten characters)."""
-    model, tok = _checkpoint(tmp_path)
-    ids = greedy_by_full_forwards(model, torch.tensor(tok.encode("the cat")), 12)
-    ids = ids[:ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
-    texts = [tok.decode([i]) for i in ids]
-    full = "".join(texts)
-    assert tok.decode(ids) == full
-    k = next(k for k, t in enumerate(texts) if len(t) >= 2 and full.find(t) == len("".join(texts[:k])))
-    assert main(["generate", str(tmp_path), "--prompt", "the cat", "--temperature", "0", "--max-new-tokens", "12",
-                 "--device", "cpu", "--stop", texts[k]]) == 0
-    assert capsys.readouterr().out == "the cat" + full[:full.find(texts[k])] + "\n"
