@@ -1,6 +1,6 @@
 """Post-training demonstration on a CPU: SFT, then DPO, of the tiny pretrained hybrid on a synthetic task.
 
-    python benchmarks/posttrain_demo_cpu.py [--source runs/tiny] [--out runs/posttrain-demo]
+    python benchmarks/posttrain_demo_cpu.py [--source runs/tiny] [--out runs/posttrain-demo] [--quick]
 
 The task is generated here: questions about a short list of common words from the pretraining corpus, each
 with one correct answer in a fixed format (the word itself, or two words), in four kinds:
@@ -21,6 +21,9 @@ with one correct answer in a fixed format (the word itself, or two words), in fo
 4. Exact match of greedy replies on 400 held-out questions (new draws: a question may repeat a training one
    by chance, the word lists are 4 of 24 words) and the margin log p(correct) - log p(wrong word) on 400
    held-out pairs, after each stage. The summary goes to stdout and ``OUT/summary.json``.
+
+``--quick`` checks that the pipeline runs end to end in a minute or two (a tenth of the examples, a few steps of
+each stage); its numbers say nothing about the method.
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ def main() -> None:
     p.add_argument("--source", default="runs/tiny", help="the pretrained tiny run (trained first when absent)")
     p.add_argument("--out", default="runs/posttrain-demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a tenth of the examples and a few steps: a smoke check")
     args = p.parse_args()
+    n = {"held_out": 40, "sft": 200, "pairs": 100} if args.quick else {"held_out": 400, "sft": 2000, "pairs": 1000}
+    quick = 4 if args.quick else 0  # steps per stage (0: the recipe's epochs)
     from olmo_hybrid.config import apply_overrides
     from olmo_hybrid.posttrain.config import DPOConfig, SFTConfig
     from olmo_hybrid.posttrain.dpo import run_dpo
@@ -105,16 +111,16 @@ def main() -> None:
         print(f"{source} not found: training the tiny recipe into it first (olmo-hybrid train --out {source})")
         train(build_config(), source)
     rng = random.Random(args.seed)
-    held_out = [question(rng) for _ in range(400)]
+    held_out = [question(rng) for _ in range(n["held_out"])]
     held_pairs = [{"prompt": q, "chosen": a, "rejected": rng.choice(wrong)} for q, a, wrong in held_out]
-    sft_data = write_jsonl(out / "sft.jsonl", conversations(rng, 2000))
+    sft_data = write_jsonl(out / "sft.jsonl", conversations(rng, n["sft"]))
     results = {"before": judge(source, held_out, held_pairs)}
     print("before post-training:", results["before"])
 
     common = ["data.seq_len=256", "data.batch_size=8", "trainer.eval_interval=20", "trainer.log_interval=10",
               "trainer.save_interval=0", f"data.seed={args.seed}", f"trainer.seed={args.seed}"]
     sft_cfg = apply_overrides(SFTConfig(), common + ["data.batch_size=4", "optim.lr=2e-3", "sft.epochs=3",
-                                                     f"data.path={sft_data}"])
+                                                     f"sft.max_steps={quick}", f"data.path={sft_data}"])
     run_sft(sft_cfg, source, out / "sft")
     results["sft"] = judge(out / "sft" / "hf", held_out, held_pairs)
     print("after SFT:", results["sft"])
@@ -123,13 +129,14 @@ def main() -> None:
     from olmo_hybrid.posttrain.evaluate import greedy_replies
 
     model, chat = load(out / "sft" / "hf")
-    fresh = [question(rng) for _ in range(1000)]
+    fresh = [question(rng) for _ in range(n["pairs"])]
     replies = greedy_replies(model, chat, [q for q, _, _ in fresh])
     pairs = [{"prompt": q, "chosen": a, "rejected": r.strip() if r.strip() and r.strip() != a else rng.choice(wrong)}
              for (q, a, wrong), r in zip(fresh, replies)]
     own = sum(r.strip() != a and bool(r.strip()) for (_, a, _), r in zip(fresh, replies))
     dpo_data = write_jsonl(out / "pairs.jsonl", pairs)
-    dpo_cfg = apply_overrides(DPOConfig(), common + ["data.seq_len=128", "optim.lr=5e-5", f"data.path={dpo_data}"])
+    dpo_cfg = apply_overrides(DPOConfig(), common + ["data.seq_len=128", "optim.lr=5e-5", f"dpo.max_steps={quick}",
+                                                     f"data.path={dpo_data}"])
     run_dpo(dpo_cfg, out / "sft" / "hf", out / "dpo")
     results["dpo"] = judge(out / "dpo" / "hf", held_out, held_pairs)
     print("after DPO:", results["dpo"])

@@ -100,8 +100,9 @@ def read_back(outputs: list[StepOutput]) -> list[dict]:
     ``skipped`` with the reason when the update was skipped), read from the device in one transfer."""
     if not outputs:
         return []
-    values = torch.cat([torch.stack([o.loss.float(), o.z_loss.float(), o.grad_norm.float(),
-                                     *(v.float() for v in o.extra.values())]) for o in outputs]).tolist()
+    # float64: the fp32 metrics read back as they are, a float64 extra (DPO's sums) keeps its precision
+    values = torch.cat([torch.stack([o.loss.double(), o.z_loss.double(), o.grad_norm.double(),
+                                     *(v.double() for v in o.extra.values())]) for o in outputs]).tolist()
     records, at = [], 0
     for o in outputs:
         (loss, z_loss, grad_norm), extra = values[at:at + 3], values[at + 3:at + 3 + len(o.extra)]
