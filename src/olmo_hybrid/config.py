@@ -371,6 +371,11 @@ def _ladder(d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
     )
 
 
+def _micro(d_model: int) -> ModelConfig:
+    """A micro-ladder size: ``_ladder`` at 4 layers with one 64-wide head per 64 channels and a 4096-id vocabulary."""
+    return dataclasses.replace(_ladder(d_model, 4, d_model // 64), vocab_size=4096)
+
+
 def _olmo_hybrid_7b() -> ModelConfig:
     return ModelConfig()  # the defaults are the released model
 
@@ -392,6 +397,12 @@ MODEL_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     "600m": lambda: _ladder(1280, 16, 16),
     "760m": lambda: _ladder(1536, 16, 16),
     "1b": lambda: _ladder(2048, 16, 16),
+    # Micro ladder for scaling studies on one GPU (docs/scaling.md): 4 layers, 64-wide heads, the same rule;
+    # vocabulary 4096, a BPE trained by `olmo-hybrid prepare --bpe-vocab 4096` (the ladder sets the corpus's).
+    "micro-64": lambda: _micro(64),
+    "micro-128": lambda: _micro(128),
+    "micro-192": lambda: _micro(192),
+    "micro-256": lambda: _micro(256),
     "olmo-hybrid-7b": _olmo_hybrid_7b,
 }
 

@@ -46,7 +46,7 @@ def test_generate_cuts_at_a_stop_string_without_printing_it(tmp_path, capsys):
     assert capsys.readouterr().out == "the dog" + full[:full.find(stop)] + "\n"
 
 
-def test_cli_and_generate_refuse_the_same_sampling_settings(tmp_path):
+def test_cli_and_generate_refuse_the_same_sampling_settings(tmp_path, capsys):
     model, tok = _checkpoint(tmp_path)
     for flag, value in [("--temperature", "-0.5"), ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"),
                         ("--top-p", "nan"), ("--top-k", "-1")]:
@@ -54,5 +54,7 @@ def test_cli_and_generate_refuse_the_same_sampling_settings(tmp_path):
         number = int(value) if name == "top_k" else float(value)
         with pytest.raises(ValueError, match=f"SamplingParams.{name} must be"):
             model.generate(torch.tensor([tok.encode("the cat")]), 4, **{name: number})
-        with pytest.raises(ValueError, match=f"SamplingParams.{name} must be"):
-            main(["generate", str(tmp_path), "--prompt", "the cat", "--device", "cpu", flag, value])
+        # The CLI reports the same error as one line and a non-zero exit code.
+        assert main(["generate", str(tmp_path), "--prompt", "the cat", "--device", "cpu", flag, value]) != 0
+        err = capsys.readouterr().err.strip()
+        assert f"SamplingParams.{name} must be" in err and "\n" not in err, err

@@ -28,6 +28,8 @@ COMMANDS = {
     "convert": "convert between training checkpoints and Hugging Face directories",
     "info": "parameters, FLOPs per token and inference memory of a preset or checkpoint",
     "eval": "evaluate a checkpoint: RULER, probes, multiple choice, bits per byte",
+    "ladder": "train a scaling ladder (sizes x architectures, WSD-S budgets), resumable",
+    "scaling": "fit Chinchilla laws to ladder results: token savings, rollout check, plots",
     "extend": "continue a run or checkpoint at a longer context (YaRN, DRoPE or unchanged positions)",
     "longctx-experiment": "the resumable long-context experiment: train, extend, RULER over lengths, report",
 }
