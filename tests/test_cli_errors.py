@@ -38,7 +38,7 @@ BAD_INPUTS = {
     "generate": [([], "the following arguments are required"),
                  (["MISSING", "--prompt", "x"], "does not exist"),
                  (["EMPTY", "--prompt", "x"], "neither a Hugging Face checkpoint"),
-                 (["HF", "--prompt", "x", "--temperature", "-1"], "temperature must be a number >= 0"),
+                 (["HF", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
                  (["HF", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
                  (["HF", "--prompt", "x", "--top-k", "-3"], "top_k must be an integer >= 0"),
                  (["HF", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
@@ -57,6 +57,10 @@ BAD_INPUTS = {
              (["HF", "--suite", ""], "--suite is empty"),
              (["HF", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["HF", "--suite", "ruler", "--lengths", "4096", "--out", "OUT"], "exceed the model's window")],
+    "ladder": [(["MISSING/ladder.json"], "does not exist"),
+               (["TEXT"], "is not valid JSON")],
+    "scaling": [(["fit", "MISSING/results.jsonl", "--out", "OUT"], "does not exist"),
+                (["bogus"], "invalid choice: 'bogus'")],
 }
 
 

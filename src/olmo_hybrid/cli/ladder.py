@@ -12,6 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from olmo_hybrid.cli import ArgumentParser
+from olmo_hybrid.errors import UsageError
+
 EXAMPLES = """examples:
   olmo-hybrid ladder benchmarks/ladder_micro.json --plan                 # runs, steps, epochs, FLOPs, GPU time
   olmo-hybrid ladder benchmarks/ladder_micro.json --out runs/ladder-micro --parallel 4 --max-minutes 9
@@ -19,15 +22,13 @@ EXAMPLES = """examples:
   olmo-hybrid ladder my_ladder.json recipe.decay_fraction=0.05 --archs hybrid,transformer --sizes micro-64
   olmo-hybrid scaling fit runs/ladder-micro/results.jsonl --out runs/ladder-micro/fit
 """
-EXIT_CONFIG = 2
-
 
 def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="olmo-hybrid ladder", description=__doc__,
+    p = ArgumentParser(prog="olmo-hybrid ladder", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("config", help="a ladder config (JSON; fields in docs/scaling.md)")
     p.add_argument("overrides", nargs="*", metavar="field=value", help="dotted overrides of the ladder config")
@@ -49,14 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    from olmo_hybrid.scaling.ladder import LadderError, describe, load_ladder, plan_ladder
-    from olmo_hybrid.scaling.results import ResultsError
+    from olmo_hybrid.scaling.ladder import describe, load_ladder, plan_ladder
 
-    try:
-        plan = plan_ladder(load_ladder(args.config, args.overrides))
-    except LadderError as e:
-        print(f"olmo-hybrid ladder: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    plan = plan_ladder(load_ladder(args.config, args.overrides))
     if args.plan:
         print(describe(plan, peak_flops=args.peak_tflops * 1e12, mfu=args.mfu))
         return 0
@@ -64,9 +60,7 @@ def main(argv: list[str]) -> int:
                                 ("--sizes", args.sizes, plan.config.sizes)):
         unknown = sorted(set(chosen or ()) - set(known))
         if unknown:
-            print(f"olmo-hybrid ladder: error: {name}: {', '.join(unknown)} not in the config "
-                  f"({', '.join(known)})", file=sys.stderr)
-            return EXIT_CONFIG
+            raise UsageError(f"{name}: {', '.join(unknown)} not in the config ({', '.join(known)})")
     out = Path(args.out or f"runs/ladder-{plan.config.name}")
     from olmo_hybrid.scaling.runner import Progress, run_ladder
 
@@ -76,9 +70,6 @@ def main(argv: list[str]) -> int:
             return 0
         return run_ladder(plan, out, parallel=args.parallel, max_minutes=args.max_minutes, archs=args.archs,
                           sizes=args.sizes, report_interval=args.report_interval)
-    except (LadderError, ResultsError) as e:
-        print(f"olmo-hybrid ladder: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("olmo-hybrid ladder: interrupted; the same command continues from the checkpoints", file=sys.stderr)
         return 130

@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from olmo_hybrid.cli import ArgumentParser
+from olmo_hybrid.errors import OlmoHybridError, UsageError
+
 EXAMPLES = """examples:
   olmo-hybrid scaling fit runs/ladder-micro/results.jsonl --out runs/ladder-micro/fit
   olmo-hybrid scaling fit results.jsonl --out fit --reference transformer --target-loss 3.2 --sizes 1e9,7e9,70e9
@@ -37,7 +40,7 @@ def _sizes(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="olmo-hybrid scaling", description=__doc__,
+    p = ArgumentParser(prog="olmo-hybrid scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="fit L(N, D) per architecture; token savings against a reference")
@@ -83,27 +86,20 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from olmo_hybrid.fsio import atomic_write_text
     from olmo_hybrid.scaling.fit import FitOptions, analyse
-    from olmo_hybrid.scaling.results import ResultsError
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr)
 
     if args.bootstrap < 0:
-        print("olmo-hybrid scaling fit: --bootstrap must be >= 0", file=sys.stderr)
-        return 2
+        raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     opts = FitOptions(reference=args.reference, target_loss=args.target_loss, sizes=args.sizes,
                       bootstrap=args.bootstrap, seed=args.seed)
     if args.starts is not None:
         opts.top_k = args.starts
     try:
         an = analyse(args.results, opts, log=log)
-    except (ResultsError, OSError) as e:
-        print(f"olmo-hybrid scaling fit: error: {e}", file=sys.stderr)
-        return 1
     except ImportError as e:
-        print(f"olmo-hybrid scaling fit: {e.name or 'scipy'} is needed: pip install scipy (the 'scaling' extra)",
-              file=sys.stderr)
-        return 1
+        raise OlmoHybridError(f"{e.name or 'scipy'} is needed to fit: pip install scipy (the 'scaling' extra)") from e
     out = Path(args.out)
     atomic_write_text(out / "fit.json", json.dumps(an.fit_json, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "fit_details.json", json.dumps(an.details, indent=2, allow_nan=False) + "\n")

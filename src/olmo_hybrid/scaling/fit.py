@@ -70,6 +70,8 @@ class Analysis:
 
 
 def load_points(path: str | Path, log=print) -> dict[str, ArchData]:
+    if not Path(path).is_file():
+        raise ResultsError(f"results file {path} does not exist")
     points = read_results(path, log=log)
     if not points:
         raise ResultsError(f"{path} holds no points")

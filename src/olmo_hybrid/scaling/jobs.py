@@ -170,7 +170,7 @@ def point_record(plan: LadderPlan, run: RunPlan, point: PointPlan, result, loss_
 def run_job(plan: LadderPlan, run: RunPlan, out: Path, deadline: float | None = None, log=print) -> str:
     """Train every missing point of ``run``; ``"done"``, or ``"paused"`` when the deadline stopped it (its
     checkpoints stay: the next call continues)."""
-    from olmo_hybrid.train import list_checkpoints
+    from olmo_hybrid.checkpoint import list_checkpoints
 
     out = Path(out)
     stable = run_dir(out, run) / "stable"

@@ -41,7 +41,7 @@ ARCHITECTURES = {
 MAMBA2 = "M"
 
 
-class LadderError(ValueError):
+class LadderError(ConfigError):
     """A ladder config cannot be planned (the message names the field, size or architecture)."""
 
 

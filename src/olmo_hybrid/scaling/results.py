@@ -10,12 +10,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from olmo_hybrid.errors import DataError
 from olmo_hybrid.fsio import append_jsonl, read_jsonl
 
 REQUIRED = ("arch", "pattern", "params_nonemb", "tokens", "loss", "budget", "seed")
 
 
-class ResultsError(ValueError):
+class ResultsError(DataError):
     """A results file or one of its lines is unusable (the message names the file and line)."""
 
 

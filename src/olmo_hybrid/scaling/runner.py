@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from olmo_hybrid.errors import CheckpointError
 from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.scaling.jobs import RESULTS, branch_dir, done_points, last_logged_step, run_dir, run_job
 from olmo_hybrid.scaling.ladder import LadderError, LadderPlan, RunPlan
@@ -110,7 +111,7 @@ def lock_output(out: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise LadderError(f"{out} is in use by another ladder process (or its workers); wait for it or stop it") from None
+        raise CheckpointError(f"{out} is in use by another ladder process (or its workers); wait for it or stop it") from None
     return fd
 
 
