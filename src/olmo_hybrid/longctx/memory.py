@@ -7,6 +7,7 @@ Training memory per rank is three parts:
   (projection inputs and outputs, fp32 norm copies, the attention kernel's inputs, the GDN kernel's saved
   buffers: per 64-token chunk a K x V state and a 64 x 64 matrix per head), all blocks without activation
   checkpointing, only each checkpointed block's input with it (plus one block recomputed during backward);
+  compiled blocks keep about 0.6 of the eager count (measured on the 1b hybrid);
 - the loss: logits in fp32 for the whole micro-batch, or for ``trainer.loss_chunk_tokens`` tokens at a time.
 Context parallelism (``parallel.cp_degree``, when the trainer has it) divides the tokens each rank holds.
 
@@ -32,6 +33,10 @@ from olmo_hybrid.train.parallel import checkpointed_layers
 CHUNK = 64  # the GDN kernels' chunk length
 CUDA_RESERVE = 2 * 2**30  # CUDA context, cuBLAS/Triton workspaces, allocator slack
 MARGIN = 1.1
+# Compiled blocks fuse the norms' and MLP's elementwise work and keep fewer tensors: the 1b hybrid's measured peak on
+# one H100 at 8,192 tokens per step is 47.4 GiB compiled against 61.4 eager (docs/benchmarks.md), whose activations
+# the eager count below matches (33 GiB); compiled, they are 0.58 of it.
+COMPILED_ACTIVATIONS = 0.6
 
 
 @dataclass
@@ -94,6 +99,8 @@ def estimate_training_memory(cfg: TrainConfig, device_type: str, world_size: int
     per_token = kept + (2 * 4 + act) * c.d_model  # + final norm
     gradients = max(per_layer)  # one block's activation gradients in flight during backward
     activations = tokens * (per_token + recompute + gradients)
+    if t.compile:
+        activations = int(COMPILED_ACTIVATIONS * activations)
     if cfg.data.doc_masking:  # a [T, T] boolean mask per sequence
         activations += cfg.data.batch_size * (cfg.data.seq_len // cp) * cfg.data.seq_len
     loss_tokens = min(t.loss_chunk_tokens, tokens) if t.loss_chunk_tokens else tokens
