@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BASE_LEN, quiet
+from .conftest import BASE_LEN, quiet
 
 from olmo_hybrid.checkpoint import load_model_and_tokenizer
 from olmo_hybrid.cli import main as cli_main
@@ -18,7 +18,10 @@ from olmo_hybrid.longctx import extend, plan_extension, read_extend_record
 from olmo_hybrid.train.metrics import read_metrics
 
 LONG = 4 * BASE_LEN
-STAGE = ["trainer.save_interval=2", "trainer.eval_interval=0", "trainer.log_interval=1"]
+# The stage's long-context settings: packed documents with intra-document masking, every block checkpointed, the
+# loss in chunks of 64 tokens; checkpoints every 2 steps.
+STAGE = ["data.doc_masking=true", "trainer.activation_checkpointing=full", "trainer.loss_chunk_tokens=64",
+         "trainer.save_interval=2", "trainer.eval_interval=0", "trainer.log_interval=1"]
 
 KILL_SCRIPT = r"""
 import os, signal, sys
@@ -111,8 +114,10 @@ def test_extended_run_loads_in_generate_eval_and_transformers(straight, tmp_path
     model, tok = load_model_and_tokenizer(out)
     assert (model.config.rope_type, model.config.rope_factor, model.config.max_seq_len) == ("yarn", 4.0, LONG)
     assert cli_main(["generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    text = tmp_path / "held_out.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 4)
     assert cli_main(["eval", str(out), "--suite", "bpb", "--out", str(tmp_path / "eval"), "--quiet",
-                     "--max-docs", "1"]) == 0
+                     "--text", str(text)]) == 0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["suites"]["bpb"]["bpb"] > 0
     transformers = pytest.importorskip("transformers")
     ref = transformers.OlmoHybridForCausalLM.from_pretrained(out / "hf").eval()

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import quiet
+from .conftest import quiet
 
 from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.errors import ConfigError

@@ -203,11 +203,14 @@ class Runner:
         return self.out / "runs" / f"{arch}-s{seed}" / stage
 
     def available(self, piece: Piece) -> bool:
-        """Whether what a finished piece made is on this machine: the prepared data, or a trained model's export."""
+        """Whether what a finished piece made is on this machine: the prepared data, or a run trained to its last
+        step and exported (a run stopped at a deadline has an export too, of a model not finished)."""
         if piece.kind == "data":
             return (self.data_path() / "manifest.json").is_file()
-        stage = NO_EXTENSION if piece.kind == "train" else piece.method
-        return ckpt.is_hf_dir(self.run_dir(piece.arch, piece.seed, stage) / ckpt.HF_EXPORT)
+        run = self.run_dir(piece.arch, piece.seed, NO_EXTENSION if piece.kind == "train" else piece.method)
+        newest = ckpt.latest_checkpoint(run, log=lambda _: None)
+        return newest is not None and ckpt.is_hf_dir(run / ckpt.HF_EXPORT) and \
+            newest.step == ckpt.read_run_config(run)["trainer"]["steps"]
 
     def minutes_left(self) -> float:
         return math.inf if self.deadline is None else (self.deadline - time.time()) / 60

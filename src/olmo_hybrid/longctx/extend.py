@@ -25,14 +25,14 @@ import os
 from pathlib import Path
 
 from olmo_hybrid import checkpoint as ckpt
-from olmo_hybrid.config import apply_overrides, from_dict, to_dict
+from olmo_hybrid.config import apply_overrides, coerce_field, from_dict, to_dict
 from olmo_hybrid.data import TokenDataset
 from olmo_hybrid.distributed import dist_env_world_size, resolve_device
 from olmo_hybrid.errors import CheckpointError, ConfigError, DataError
 from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.longctx.memory import check_fits
 from olmo_hybrid.longctx.methods import describe_positions, extended_config, original_length
-from olmo_hybrid.train.config import TrainConfig
+from olmo_hybrid.train.config import TrainConfig, TrainerConfig
 from olmo_hybrid.train.trainer import Trainer, TrainResult
 
 EXTEND_RECORD = "extend.json"
@@ -116,7 +116,7 @@ def _steps(steps: int | None, tokens: int | None, tokens_per_step: int, override
         if steps < 1:
             raise ConfigError(f"--steps must be positive, got {steps}")
         return steps
-    return int(given[-1])
+    return coerce_field(TrainerConfig, "steps", given[-1], "trainer.steps")
 
 
 def _check_paths(source: Path, out: Path) -> None:
