@@ -47,7 +47,8 @@ def losses(run) -> list[float]:
 def test_stage_config_follows_the_long_context_recipe(base_run, corpus):
     plan = plan_extension(base_run, "yarn", LONG, tokens=10_000,
                           overrides=["data.doc_masking=true", "trainer.activation_checkpointing=full",
-                                     "trainer.loss_chunk_tokens=64", "optim.lr=1e-3"])
+                                     "trainer.loss_chunk_tokens=64", "optim.lr=1e-3", "parallel.cp_degree=2",
+                                     "parallel.cp_mode=state_passing"])
     c = plan.config
     assert (c.data.seq_len, c.data.batch_size, c.trainer.steps) == (LONG, 2, 40)  # same tokens per step
     assert (c.schedule.name, c.schedule.final_lr_fraction, c.schedule.warmup_steps) == ("linear", 0.0, 2)
@@ -55,6 +56,7 @@ def test_stage_config_follows_the_long_context_recipe(base_run, corpus):
         ("yarn", 4.0, BASE_LEN, LONG)
     assert c.data.doc_masking and c.trainer.activation_checkpointing == "full" and c.trainer.loss_chunk_tokens == 64
     assert c.optim.lr == 1e-3 and c.data.path == str(corpus)  # the source's recipe, then the overrides
+    assert (c.parallel.cp_degree, c.parallel.cp_mode) == (2, "state_passing")  # passed through to the trainer
     recal = plan_extension(base_run, "drope", LONG, steps=5, recalibrate=True)
     assert (recal.train_len, recal.config.data.seq_len, recal.config.model.max_seq_len,
             recal.config.model.rope_theta) == (BASE_LEN, BASE_LEN, LONG, None)

@@ -53,6 +53,9 @@ def test_checkpointing_and_the_chunked_loss_shrink_the_estimate():
     assert ac.activations < plain.activations / 2 and chunked.loss == plain.loss // 8
     sharded = estimate_training_memory(train_config("GGGA", 8192), "cuda", world_size=8)
     assert sharded.static == plain.static // 8 and sharded.activations == plain.activations  # FSDP shards state only
+    cp = merge_config(train_config("GGGA", 8192), {"parallel": {"cp_degree": 4}})
+    split = estimate_training_memory(cp, "cuda", world_size=8)
+    assert split.tokens == 8192 // 4 and split.static == sharded.static  # each rank holds a quarter of a sequence
 
 
 def test_a_length_that_cannot_fit_is_refused_up_front_saying_what_fits(monkeypatch, base_run, tmp_path):

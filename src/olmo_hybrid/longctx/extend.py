@@ -8,9 +8,10 @@ its checkpoints, exact resume, export), configured as OLMo Hybrid's long-context
 ``train_len`` tokens (default ``seq_len``) packed from the documents, with intra-document masking off unless
 ``data.doc_masking=true``; the same tokens per step as the source (fewer, longer sequences); a warmup then a linear
 decay to 0 over the stage; activation checkpointing and the chunked loss through the trainer's settings. Any
-``section.field=value`` override of the training config is applied last, including ones the trainer gains later
-(``parallel.cp_degree`` ...). The model config in ``OUT/config.json`` records the positions, so every later load
-(generate, eval, serve, export) rebuilds them; ``OUT/extend.json`` records the stage itself once it finishes.
+``section.field=value`` override of the training config is applied last (``parallel.cp_degree`` and
+``parallel.cp_mode`` for context parallelism under torchrun, ...). The model config in ``OUT/config.json``
+records the positions, so every later load (generate, eval, serve, export) rebuilds them; ``OUT/extend.json``
+records the stage itself once it finishes.
 
 The source's weights are loaded only when the stage starts from step 0; a resumed stage continues from its own
 newest checkpoint. A configuration estimated not to fit the device is refused before any work (``memory.py``).

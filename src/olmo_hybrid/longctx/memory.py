@@ -9,7 +9,7 @@ Training memory per rank is three parts:
   checkpointing, only each checkpointed block's input with it (plus one block recomputed during backward);
   compiled blocks keep about 0.6 of the eager count (measured on the 1b hybrid);
 - the loss: logits in fp32 for the whole micro-batch, or for ``trainer.loss_chunk_tokens`` tokens at a time.
-Context parallelism (``parallel.cp_degree``, when the trainer has it) divides the tokens each rank holds.
+Context parallelism (``parallel.cp_degree``) divides the tokens each rank holds.
 
 It is an estimate (allocator fragmentation and kernel workspaces are not modelled; a margin covers them):
 ``benchmarks/bench_train.py long`` prints it beside the measured peak for the 1b preset. ``check_fits`` refuses
@@ -88,9 +88,10 @@ def estimate_training_memory(cfg: TrainConfig, device_type: str, world_size: int
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device_type != "cpu")
     act = 2 if bf16 else 4
     n_params = c.num_params()
-    shards = world_size if world_size > 1 else 1
+    # FSDP shards over dp_shard x cp_degree ranks, i.e. all of them but the replicas.
+    shards = max(1, world_size // cfg.parallel.dp_replicate) if world_size > 1 else 1
     static = 16 * n_params // shards + (2 * n_params if bf16 else 0)
-    cp = getattr(cfg.parallel, "cp_degree", 1) or 1
+    cp = cfg.parallel.cp_degree
     tokens = cfg.data.batch_size * cfg.data.seq_len // cp
     per_layer = [_block_bytes_per_token(c, kind, act, reference_gdn=device_type == "cpu") for kind in c.layer_types]
     chosen = set(checkpointed_layers(c.n_layers, t.activation_checkpointing, t.ac_every))
