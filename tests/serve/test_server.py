@@ -156,6 +156,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
                                                          "messages[0].role")):
         r = post(json.dumps(body).encode(), "/v1/chat/completions")
         assert r.status_code == 400 and error_of(r)["param"] == param
+    # OpenAI's developer role, which the project's chat template (the default here) does not render.
+    r = post(json.dumps({"messages": [{"role": "developer", "content": "x"}]}).encode(), "/v1/chat/completions")
+    assert r.status_code == 400 and error_of(r)["param"] == "messages"
+    assert "unknown role developer" in error_of(r)["message"]
     r = httpx.get(url + "/v1/nothing", trust_env=False)
     assert r.status_code == 404 and error_of(r)["code"] == "not_found"
     r = httpx.get(url + "/v1/completions", trust_env=False)

@@ -33,6 +33,8 @@ COMMANDS = {
     "scaling": "fit Chinchilla laws to ladder results: token savings, rollout check, plots",
     "extend": "continue a run or checkpoint at a longer context (YaRN, DRoPE or unchanged positions)",
     "longctx-experiment": "the resumable long-context experiment: train, extend, RULER over lengths, report",
+    "sft": "supervised fine-tuning on chat conversations (loss on assistant turns)",
+    "dpo": "direct preference optimisation on chosen/rejected pairs",
 }
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "OLMO_HYBRID_DEBUG"

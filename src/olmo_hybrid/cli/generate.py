@@ -33,6 +33,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user turn of the checkpoint's chat "
+                                                       "template (ours if it has none) and stop at the turn's end")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file or dir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -44,7 +46,12 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device, setting="--device")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tok = load_model_and_tokenizer(args.checkpoint, device=device, dtype=dtype, tokenizer=args.tokenizer)
-    ids = tok.encode(args.prompt)
+    if args.chat:
+        from olmo_hybrid.data.chat import END_OF_TURN, ChatTemplate
+
+        ids, args.stop = ChatTemplate(tok).prompt_ids(args.prompt), args.stop + [END_OF_TURN]
+    else:
+        ids = tok.encode(args.prompt)
     if not ids:
         raise UsageError(f"--prompt {args.prompt!r} encodes to zero tokens")
     engine = Engine(model, max_batch=1, max_context=len(ids) + args.max_new_tokens, tokenizer=tok,
@@ -60,7 +67,7 @@ def main(argv: list[str]) -> int:
         if token not in engine.eos_token_ids:  # an end-of-text token ends the request and is not printed
             stream.push(token)
 
-    write(args.prompt)
+    write(args.prompt + ("\n" if args.chat else ""))
     engine.submit(ids, args.max_new_tokens, sampling, stop=args.stop, on_token=on_token)
     (out,) = list(engine.run_until_done())
     write(stream.finish(out.text) + "\n")  # the held-back tail, cut before a stop string

@@ -53,6 +53,17 @@ def bundled_corpus() -> list[Document]:
         return [Document(rec["text"], rec["name"]) for rec in map(json.loads, f)]
 
 
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line as an object; anything else is a ``DataError`` that names ``where``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _logical_suffix(path: Path) -> str:
     suffixes = path.suffixes
     if suffixes and suffixes[-1] in _COMPRESSED:
@@ -146,11 +157,8 @@ class FileDocuments:
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict) or field not in record:
+            record = json_object(line, where)
+            if field not in record:
                 raise DataError(f"{where}: expected a JSON object with a '{field}' field")
             text = record[field]
             if not isinstance(text, str):

@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from olmo_hybrid.errors import DataError
 from olmo_hybrid.model.engine import MAX_TOP_LOGPROBS, RequestOutput, TokenLogprob
 from olmo_hybrid.model.sampling import SamplingParams
 from olmo_hybrid.serve.scheduler import GenerationRequest
@@ -245,7 +246,10 @@ def parse_chat(body: dict, served: ServedModel) -> ParsedRequest:
     _model(body, served)
     sampling, stream = _sampling(body), _stream(body)
     messages = _messages(body)
-    ids = served.render_chat(messages)
+    try:
+        ids = served.render_chat(messages)
+    except DataError as e:  # the chat template refused the conversation (a role it does not render, say)
+        raise bad(str(e), "messages") from None
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _max_tokens(body, served, len(ids), None, field)
     top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from olmo_hybrid.data.chat import ChatTemplate
 from olmo_hybrid.model.engine import Engine
 from olmo_hybrid.model.memory import (MemoryBudgetError, format_bytes, free_device_bytes, max_sequences,
                                       sequence_bytes, workspace_bytes)
@@ -38,7 +39,7 @@ class ServeSettings:
     compile_decode: bool = False  # torch.compile (inductor) the decode step
     memory_fraction: float = 0.9  # of the device memory free after loading the weights, for automatic sizing
     shutdown_timeout: float = 30.0
-    chat_template: str | None = None  # None: the checkpoint's, else the default
+    chat_template: str | None = None  # None: the one the checkpoint's tokenizer carries, else ours
 
 
 def auto_slots(model, context: int, dtype: torch.dtype, device: torch.device, reserved: int, prefill_chunk: int,
@@ -79,13 +80,9 @@ def build_app(model, tokenizer, settings: ServeSettings, checkpoint_dir: str | P
     """The Starlette app serving ``model`` (on its device, in its dtype) with ``settings``."""
     from olmo_hybrid.serve.app import create_app
 
-    template_text = settings.chat_template or (chat.read_chat_template(checkpoint_dir) if checkpoint_dir else None)
-    if template_text is None:
-        template_text = chat.DEFAULT_CHAT_TEMPLATE
-    template = chat.compile_template(template_text)
-    engine = build_engine(model, tokenizer, settings, chat.end_token_ids(tokenizer, template_text, checkpoint_dir))
-    served = ServedModel(settings.name, model.config.vocab_size, engine.max_context, tokenizer,
-                         lambda messages: chat.render_chat(messages, tokenizer, template))
+    template = ChatTemplate(tokenizer, settings.chat_template)
+    engine = build_engine(model, tokenizer, settings, chat.end_token_ids(tokenizer, template.source, checkpoint_dir))
+    served = ServedModel(settings.name, model.config.vocab_size, engine.max_context, tokenizer, template.prompt_ids)
     return create_app(engine, served, max_queue=settings.max_queue, shutdown_timeout=settings.shutdown_timeout)
 
 
