@@ -6,8 +6,8 @@ rendered as transformers' ``apply_chat_template`` renders it (a sandboxed jinja2
 and ``lstrip_blocks``, ``raise_exception``, a JSON ``tojson``, the tokenizer's special tokens as variables) and the
 text is tokenized with special tokens recognised, so the same messages give the same ids as transformers.
 
-:func:`render_chat` is the one function the server calls: the project's shared chat renderer (``data/chat.py``)
-replaces it once it lands.
+:func:`render_chat` is the one function the server calls: the project's shared chat renderer
+(``olmo_hybrid.data.chat``) replaces it once it lands.
 """
 
 from __future__ import annotations
