@@ -1,4 +1,4 @@
-"""Context parallelism on GPUs (issue 21): the 1b hybrid at 32K and 64K tokens on 2 GPUs, Ulysses against state
+"""Context parallelism on GPUs: the 1b hybrid at 32K and 64K tokens on 2 GPUs, Ulysses against state
 passing, with one GPU without CP as the reference where it fits.
 
     python benchmarks/bench_cp.py --md $OUT/cp.md --json $OUT/cp.json     # starts torchrun itself

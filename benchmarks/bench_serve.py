@@ -37,7 +37,7 @@ import time
 
 import torch
 
-# The 1.5B OLMo-Hybrid shape (as benchmarks/bench_generate.py) and the released 7B (ModelConfig defaults).
+# The 1.5B OLMo-Hybrid shape of benchmarks/bench_generate.py and the released 7B (ModelConfig defaults).
 SHAPES = {
     "1.5b": dict(vocab_size=100352, d_model=2048, n_layers=16, n_heads=16, gdn_heads=16, gdn_head_k=96,
                  gdn_head_v=192, mlp_hidden=8192, rope_theta=500_000.0, layer_pattern="GGGA", max_seq_len=65536),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device wrapper for benchmarks/bench_cp.py (issue 21; docs/training.md, "Context parallelism"), on nvidia-h100-x2,
+# Device wrapper for benchmarks/bench_cp.py (docs/training.md, "Context parallelism"), on nvidia-h100-x2,
 # one call per step (each under the device tool's 10 minutes):
 #   bash benchmarks/run_device_cp.sh tests   # GPU tests of state passing (compiled Triton kernels) and every CPU
 #                                            # context-parallel test, the slow ones included (4 ranks, compiled)

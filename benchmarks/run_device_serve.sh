@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device-machine call for serving (issue 19); logs go to $OUT. Usage (repo root; the server's and the load
+# One device-machine call for serving; logs go to $OUT. Usage (repo root; the server's and the load
 # test's packages carried as wheels in .whl/, since the device machine has no network: starlette, uvicorn,
 # prometheus_client, openai, httpx and their dependencies):
 #   bash benchmarks/run_device_serve.sh [phase ...]     phases, in the order given (default: tests bandwidth serve):

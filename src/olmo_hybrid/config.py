@@ -325,7 +325,8 @@ class ModelConfig:
 
         Dense matmuls count 6 per parameter (embedding lookup excluded). Attention adds the causal
         score and value matmuls (2 * 2 * T/2 * d per layer forward). GDN adds the chunked
-        algorithm's forward work, 6CK + 4CV + 6KV per token-head with chunk C=64 (kernels.md 1.4).
+        algorithm's forward work, 6CK + 4CV + 6KV per token-head with chunk C=64 (the products of fla's
+        chunked forward: K K^T 2CK, W 2CK, U 2CV, state update 4KV, output 2KV + 2CK + 2CV).
         """
         dense = 6 * (self.num_params(embeddings=False) - self.d_model)
         attn = self.n_attn_layers * 3 * (2 * 2 * (seq_len / 2) * self.n_heads * self.head_dim)
@@ -382,7 +383,7 @@ def _olmo_hybrid_7b() -> ModelConfig:
 
 
 def _tiny_model() -> ModelConfig:
-    # Sized for the 10-minute CPU job on the bundled corpus with a small BPE vocabulary.
+    # Sized for the main job (2 CPU cores, the bundled corpus, a small BPE vocabulary; time: README, "Training").
     return ModelConfig(
         vocab_size=4096, d_model=256, n_layers=4, n_heads=4, gdn_heads=4, gdn_head_k=48,
         gdn_head_v=96, mlp_hidden=768, rope_theta=10_000.0, max_seq_len=1024, init_std=0.02,

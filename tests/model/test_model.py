@@ -32,7 +32,7 @@ def test_preset_counts_agree_with_modules(name):
 
 
 def test_ladder_matches_published_non_embedding_counts():
-    # OLMo-core hybrid-ladder non-embedding counts (LM head included), paper.md 2.1.
+    # OLMo-core's hybrid-ladder non-embedding counts (LM head included), from its ladder fitting script.
     for name, expected in [("60m", 72.9e6), ("190m", 254.4e6), ("760m", 947.9e6), ("1b", 1.48e9)]:
         got = model_preset(name).num_params(embeddings=False)
         assert abs(got - expected) / expected < 0.005, (name, got)

@@ -4,8 +4,8 @@ Input formats (a file may be compressed: ``.gz``, ``.bz2``, ``.xz``; directories
 recursively, in sorted order, for ``.txt``, ``.text``, ``.md``, ``.jsonl`` and ``.ndjson`` files):
 
 * **text**: a file is one document, unless it contains lines that are exactly ``<|endoftext|>``;
-  then those lines separate documents (the convention of TinyStories and of the corpora in
-  ``shared/data``). Line endings are normalised to ``\\n``.
+  then those lines separate documents (the convention of TinyStories and of the Gutenberg
+  corpora used with this project). Line endings are normalised to ``\\n``.
 * **JSONL** (``.jsonl``, ``.ndjson``): one JSON object per line with a string field ``text`` (or
   ``text_field``); blank lines are skipped.
 * **Hugging Face dataset**: ``datasets.load_dataset(name, config, split=...)`` (optional dependency).

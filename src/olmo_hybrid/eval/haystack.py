@@ -2,8 +2,8 @@
 
 RULER's essay haystack (Paul Graham essays) and its word lists (``wonderwords``) cannot ship with the
 project, so the generators here draw both from public-domain prose: by default the Shakespeare corpus
-bundled by ``olmo_hybrid.data``, or any UTF-8 text / ``.xz`` file (for example the Gutenberg splits in
-``shared/data``). Every result file records which source was used (``HaystackText.description``).
+bundled by ``olmo_hybrid.data``, or any UTF-8 text / ``.xz`` file (for example a Gutenberg
+split). Every result file records which source was used (``HaystackText.description``).
 """
 
 from __future__ import annotations

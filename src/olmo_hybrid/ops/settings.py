@@ -20,7 +20,7 @@ def _power_of_two(n: int) -> bool:
 @dataclass(frozen=True)
 class KernelSettings:
     """Dot precision and tile/warp choices of the chunked gated-delta-rule kernels; the defaults are the settings
-    measured fastest at the stated accuracy on an H100 (docs/benchmarks.md). The torch and fla backends and the
+    measured fastest at the stated accuracy on an H100 (docs/benchmarks_history.md). The torch and fla backends and the
     decode-step kernel have no such choices and ignore them."""
 
     dot: str = "bf16"
@@ -48,7 +48,7 @@ class KernelSettings:
 
     backward_warps: int = 4
     """Warps per program of the parallel backward kernels (8 miscompiled small heads with tf32 operands on
-    Triton 3.6, docs/benchmarks.md)."""
+    Triton 3.6, docs/benchmarks_history.md)."""
 
     backward_stages: int = 1
     """Software-pipelining stages of the parallel backward kernels."""

@@ -1,5 +1,5 @@
 """Post-training configs: the trainer's config plus a chat section and a recipe section, with the recipes of
-OLMo Hybrid's post-training (../shared/reference/paper.md section 6) as defaults.
+OLMo Hybrid's post-training (Merrill et al. 2026, arXiv:2604.03444) as defaults.
 
 ``SFTConfig`` and ``DPOConfig`` extend ``TrainConfig`` (same optim / schedule / trainer / parallel sections,
 same dotted overrides and errors); ``data`` describes conversations or pairs instead of a token stream.

@@ -5,7 +5,7 @@ the frozen reference model's, and ``z = (pi_c - pi_r) - (ref_c - ref_r)``:
 
 * ``dpo`` (Rafailov et al., 2023): ``loss = -log sigmoid(beta * z)`` with each log-probability the **sum**
   over the response's tokens.
-* ``dpo_norm`` (the variant OLMo Hybrid's Instruct-DPO used, with beta = 5: ../shared/reference/paper.md
+* ``dpo_norm`` (the variant OLMo Hybrid's Instruct-DPO used, with beta = 5: Merrill et al. 2026, arXiv:2604.03444,
   section 6; defined in open-instruct's ``dpo_utils.py`` as DPO on ``average_log_prob``): the same formula
   with each log-probability the **mean** over the response's tokens, for policy and reference alike, so a
   long response does not dominate by its length.

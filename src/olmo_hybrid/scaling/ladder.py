@@ -1,6 +1,6 @@
 """A ladder: sizes x architectures x seeds, each run yielding one point per token budget, and its plan.
 
-The recipe turns a size into a run with the reference's WSD-S Chinchilla rules (OLMo-core's
+The recipe turns a size into a run with OLMo-core's WSD-S Chinchilla rules (its
 ``WSDSChinchillaRunConfigurator``; docs/scaling.md), every constant a field of ``RecipeConfig``:
 
 * budget b (a multiple of Chinchilla) = b x 20 tokens per non-embedding parameter N;
@@ -12,7 +12,7 @@ The recipe turns a size into a run with the reference's WSD-S Chinchilla rules (
   ``decay_fraction`` of that budget's steps (the trainer's ``wsd`` schedule), then a validation loss.
 
 N is ``ModelConfig.num_params(embeddings=False)``: everything but the input embedding (the LM head counts),
-the reference's convention. Every model gets the corpus's (padded) vocabulary.
+OLMo-core's convention. Every model gets the corpus's (padded) vocabulary.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class LadderError(ConfigError):
 
 @dataclass
 class RecipeConfig:
-    """The reference's rules (module docstring); ``fixed_*`` replace a rule for every size (small tests)."""
+    """OLMo-core's rules (module docstring); ``fixed_*`` replace a rule for every size (small tests)."""
 
     tokens_per_param: float = 20.0
     decay_fraction: float = 0.1  # the paper: 5% of each budget's tokens; OLMo-core's default: 10%

@@ -177,7 +177,7 @@ def _check_finite(cfg, path: str = "") -> None:
 
 
 def _tiny() -> dict:
-    """The main job: the tiny hybrid on the bundled Shakespeare corpus in ~6 minutes on 2 CPU cores.
+    """The main job: the tiny hybrid on the bundled Shakespeare corpus on 2 CPU cores (time: README, "Training").
 
     400 steps of 8 x 256 tokens (0.8M tokens, about half an epoch). Small batches and a high peak
     learning rate suit this budget: the model sees few tokens, so the number of updates matters more
