@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gdn.py                       # both shapes, all implementations, + decode
     python benchmarks/bench_gdn.py --impls ours --profile  # our kernels only, with a per-kernel breakdown
+    python benchmarks/bench_gdn.py --impls ours --kernel-settings '{"dot": "tf32"}'  # other KernelSettings
 
 Method: bf16 q, k, v; g = logsigmoid(randn) and beta = sigmoid(randn) in fp32; q/k l2-normalised in the kernel;
 ``triton.testing.do_bench`` medians (first calls, which compile/autotune, excluded). "fwd" runs with inputs that
@@ -52,11 +53,12 @@ def make_inputs(B, T, H, K, V, device="cuda", seed=0):
     return q, k, v, g, beta
 
 
-def gdn_impls(use_fla: bool, bypass_guard: bool):
-    from olmo_hybrid.ops import gated_delta_rule
+def gdn_impls(use_fla: bool, bypass_guard: bool, settings_json: str = "{}"):
+    from olmo_hybrid.ops import KernelSettings, gated_delta_rule
 
+    settings = KernelSettings(**json.loads(settings_json))
     impls = {"ours": lambda q, k, v, g, b: gated_delta_rule(q, k, v, g, b, use_qk_l2norm_in_kernel=True,
-                                                            backend="triton")[0]}
+                                                            settings=settings, backend="triton")[0]}
     if use_fla:
         import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -85,10 +87,10 @@ def slice_fla_autotuners(index: int, count: int) -> None:
                     [obj.configs[index % n]]
 
 
-def warm_worker(index: int, count: int, shapes: list[str], bypass_guard: bool) -> None:
+def warm_worker(index: int, count: int, shapes: list[str], bypass_guard: bool, settings_json: str) -> None:
     """One warm-up worker: fla (sliced configs) and, for worker 0, ours, once fwd+bwd at every shape and at the
     reference-error shape, so that the main process finds their kernels compiled."""
-    impls = gdn_impls(True, bypass_guard)
+    impls = gdn_impls(True, bypass_guard, settings_json)
     slice_fla_autotuners(index, count)
     for shape in shapes:
         B, T, H, K, V = SHAPES[shape]
@@ -103,13 +105,14 @@ def warm_worker(index: int, count: int, shapes: list[str], bypass_guard: bool) -
     torch.cuda.synchronize()
 
 
-def run_warm_workers(count: int, shapes: str, bypass_guard: bool, timeout_s: float = 150.0) -> None:
+def run_warm_workers(count: int, shapes: str, bypass_guard: bool, settings_json: str,
+                     timeout_s: float = 150.0) -> None:
     """Start the warm-up workers and wait for them (those still running after timeout_s are killed: whatever
     they did not compile, the main process compiles during its own autotuning)."""
     import time
 
     t0 = time.time()
-    args = [sys.executable, os.path.abspath(__file__), "--shapes", shapes]
+    args = [sys.executable, os.path.abspath(__file__), "--shapes", shapes, "--kernel-settings", settings_json]
     if not bypass_guard:
         args.append("--no-fla-guard-bypass")
     procs = [subprocess.Popen(args + ["--warm-worker", f"{i}/{count}"]) for i in range(count)]
@@ -228,8 +231,13 @@ def kernel_breakdown(fn, inputs, do, iters=5):
 
 
 def bench_decode(use_fla):
-    from olmo_hybrid.ops.triton import gated_delta_rule_step_inplace
     from triton.testing import do_bench
+
+    from olmo_hybrid.ops import gated_delta_rule_step
+
+    def step(q, k, v, g, beta, state):  # the in-place decode step of the serving engine
+        return gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True, inplace=True,
+                                     backend="triton")
 
     rows = []
     for B, H, K, V in [(1, 16, 128, 128), (128, 16, 128, 128), (128, 30, 96, 192), (256, 30, 96, 192)]:
@@ -239,16 +247,15 @@ def bench_decode(use_fla):
         beta = torch.sigmoid(torch.randn(B, H, device="cuda"))
         state = torch.randn(B, H, K, V, device="cuda") * 0.1
         state_bytes = state.numel() * 4
-        ms = do_bench(lambda: gated_delta_rule_step_inplace(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True),
-                      warmup=25, rep=100, return_mode="median")
+        ms = do_bench(lambda: step(q, k, v, g, beta, state), warmup=25, rep=100, return_mode="median")
         row = dict(B=B, H=H, K=K, V=V, ours_us=ms * 1e3, ours_TBps=2 * state_bytes / ms / 1e9)
         # Kernel-only time from a CUDA graph replay (removes the Python launch overhead that dominates small B).
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            gated_delta_rule_step_inplace(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True)
+            step(q, k, v, g, beta, state)
             with torch.cuda.graph(graph, stream=stream):
-                gated_delta_rule_step_inplace(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True)
+                step(q, k, v, g, beta, state)
         torch.cuda.synchronize()
         ms_graph = do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
         row.update(ours_graph_us=ms_graph * 1e3, ours_graph_TBps=2 * state_bytes / ms_graph / 1e9)
@@ -293,6 +300,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="per-kernel CUDA time breakdown of fwd+bwd")
     p.add_argument("--decode", action="store_true", help="also time the decode step")
     p.add_argument("--json", help="write all results to this file (rewritten after every shape)")
+    p.add_argument("--kernel-settings", default="{}", metavar="JSON",
+                   help='our kernels\' olmo_hybrid.ops.KernelSettings fields, e.g. \'{"dot": "tf32", "warps": 8}\'')
     p.add_argument("--fla-warm", type=int, default=0, metavar="N",
                    help="compile fla's autotune configs (and ours) in N parallel worker processes first")
     p.add_argument("--fla-warm-timeout", type=float, default=150.0, help="seconds the warm-up workers may take")
@@ -300,15 +309,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.warm_worker:
         index, count = map(int, args.warm_worker.split("/"))
-        warm_worker(index, count, args.shapes.split(","), not args.no_fla_guard_bypass)
+        warm_worker(index, count, args.shapes.split(","), not args.no_fla_guard_bypass, args.kernel_settings)
         return 0
     impls_wanted = args.impls.split(",")
     if args.fla_warm and "fla" in impls_wanted:
-        run_warm_workers(args.fla_warm, args.shapes, not args.no_fla_guard_bypass, args.fla_warm_timeout)
+        run_warm_workers(args.fla_warm, args.shapes, not args.no_fla_guard_bypass, args.kernel_settings,
+                         args.fla_warm_timeout)
     env = environment()
     print(json.dumps(env))
-    impls = gdn_impls("fla" in impls_wanted, not args.no_fla_guard_bypass)
-    results = dict(env=env, gdn=[], decode=[], breakdown={})
+    impls = gdn_impls("fla" in impls_wanted, not args.no_fla_guard_bypass, args.kernel_settings)
+    results = dict(env=env, kernel_settings=json.loads(args.kernel_settings), gdn=[], decode=[], breakdown={})
 
     def save():
         if args.json:

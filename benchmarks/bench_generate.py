@@ -207,7 +207,7 @@ def kernel_bench(device: torch.device, dtype: torch.dtype, length: int = 32768, 
     from triton.testing import do_bench
 
     from olmo_hybrid.ops import decode_attention
-    from olmo_hybrid.ops.triton.decode_attention import decode_attention_triton
+    from olmo_hybrid.ops.decode_attention.kernel import decode_attention_triton
 
     print(f"\ndecode attention alone: {heads} heads x {dim}, {length} keys per row, {dtype}", flush=True)
     for batch in (1, 16):

@@ -26,6 +26,7 @@ the median of the rest is reported. ``--profile`` adds a torch.profiler table of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -80,10 +81,9 @@ def versions() -> dict:
 def run_one(args) -> dict:
     from olmo_hybrid.train.trainer import Trainer
 
-    use_backend(args.gdn_backend)
     cfg = build_config(args.preset, args.pattern, args.seq, args.batch, args.warmup + args.steps,
                        not args.no_compile, args.set)
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, gdn_backend(args.gdn_backend):
         trainer = Trainer(cfg, run_dir)
         trainer.model.train()
         times, losses = [], []
@@ -111,24 +111,21 @@ def run_one(args) -> dict:
     return out
 
 
-def use_backend(name: str) -> None:
-    """Route the GDN ops to ``name``. fla has the gated delta rule but no short convolution, so with
-    ``fla`` the gated delta rule is fla's (registered in the ``triton`` slot) and the convolution stays on our
-    Triton kernel: the comparison isolates the GDN kernel."""
+@contextlib.contextmanager
+def gdn_backend(name: str):
+    """Within the block, the GDN ops run on ``name``. fla has the gated delta rule but no short convolution, so
+    with ``fla`` the gated delta rule is fla's and the convolution stays on our Triton kernel: the comparison
+    isolates the GDN kernel."""
     from olmo_hybrid import ops
 
-    if name == "fla":
-        from olmo_hybrid.ops import backend
-
-        # Import both backends first: the triton module registers its kernels when it is first imported,
-        # which would otherwise overwrite the slot later (as it did in run 3 of 2026-11-22).
-        ops.available_backends("gated_delta_rule")
-        fla = backend._registry.get(("gated_delta_rule", "fla"))
-        if fla is None or "fla" not in ops.available_backends("gated_delta_rule"):
-            raise SystemExit("--gdn-backend fla: fla is not importable here (carry the .whl wheels)")
-        backend.register("gated_delta_rule", "triton", fla.fn, supports=fla.supports)
-        name = "triton"
-    ops.set_backend(name)
+    if name != "fla":
+        with ops.use_backend(name):
+            yield
+        return
+    if "fla" not in ops.available_backends("gated_delta_rule"):
+        raise SystemExit("--gdn-backend fla: fla is not importable here (carry the .whl wheels)")
+    with ops.use_backend("triton"), ops.use_backend("fla", ops=("gated_delta_rule",)):
+        yield
 
 
 def profile_steps(trainer, n_steps: int) -> str:
@@ -209,7 +206,7 @@ def dist(args) -> list[dict]:
                         *args.set])
     from olmo_hybrid.config import to_dict
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OLMO_HYBRID_GDN_BACKEND": args.gdn_backend}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_TRAIN_GDN_BACKEND": args.gdn_backend}
     cfg_file = work / "cfg.json"
     cfg_file.write_text(json.dumps(to_dict(cfg)))
     run = work / "run"
@@ -259,9 +256,9 @@ def train_entry(argv: list[str]) -> None:
     from olmo_hybrid.train.distributed import destroy
     from olmo_hybrid.train.trainer import train
 
-    use_backend(os.environ.get("OLMO_HYBRID_GDN_BACKEND", "auto"))
     cfg = from_dict(TrainConfig, json.loads(Path(argv[0]).read_text()))
-    train(cfg, argv[1], resume="--resume" in argv)
+    with gdn_backend(os.environ.get("BENCH_TRAIN_GDN_BACKEND", "auto")):
+        train(cfg, argv[1], resume="--resume" in argv)
     destroy()
 
 

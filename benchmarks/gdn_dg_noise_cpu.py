@@ -9,7 +9,7 @@ inputs |sum_t dg_t| is 2-20% of |dg| sqrt(T). So both parts look at that sum, no
 Part 1, the op on its own: the inputs and output gradient of each GDN layer of the small GGGA model of
 ``param_grad_noise_cpu.py`` (bf16 autocast, torch backend; batch row 0) and of model-like random inputs. For the
 same bf16 inputs it compares dg of the torch reference (fp32 math), of our Triton kernels (interpreted: tf32
-operands rounded to nearest, as ``_dot_precision`` emulates) and of our kernels with tf32 operands *truncated*
+operands rounded to nearest, as ``dot_precision`` emulates) and of our kernels with tf32 operands *truncated*
 (what an NVIDIA tensor core reads: the top 10 mantissa bits; Triton does not round them first) against float64:
 dg's relative L2 error, and the error of the per-head sum over tokens in units of |dg| sqrt(T), signed so that
 negative means "towards zero" (a bias shows up as a mean far from zero with most heads negative).
@@ -34,7 +34,7 @@ import triton.language as tl
 from olmo_hybrid import ops
 from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.model import HybridLM
-from olmo_hybrid.ops.triton import gdn_chunk
+from olmo_hybrid.ops.gated_delta_rule import chunk_common
 
 CFG = ModelConfig(vocab_size=512, d_model=128, n_layers=4, layer_pattern="GGGA", n_heads=4, gdn_heads=4,
                   gdn_head_k=32, gdn_head_v=64, mlp_hidden=256, max_seq_len=256, rope_theta=1e4)
@@ -85,10 +85,10 @@ def captured_op_inputs(seed: int) -> list[dict]:
         caps.append(rec)
         return o, s
 
-    ops.set_backend("torch")
     ops.gated_delta_rule = recording
     try:
-        loss(model, tokens, bf16=True).backward()
+        with ops.use_backend("torch"):
+            loss(model, tokens, bf16=True).backward()
     finally:
         ops.gated_delta_rule = GDR
     return caps
@@ -108,14 +108,14 @@ def random_op_inputs(seed: int, T=256, H=4, K=32, V=64) -> dict:
 def op_dg(inp: dict, backend: str, dtype=None, truncate_tf32: bool = False) -> torch.Tensor:
     xs = [inp[n].to(dtype) if dtype else inp[n] for n in ("q", "k", "v", "g", "beta")]
     xs = [x.detach().requires_grad_() for x in xs]
-    rounding = gdn_chunk._round_tf32
+    rounding = chunk_common.round_tf32
     if truncate_tf32:  # the interpreter looks the helper up when the kernel runs, so swapping it here suffices
-        gdn_chunk._round_tf32 = _truncate_tf32
+        chunk_common.round_tf32 = _truncate_tf32
     try:
         o, _ = ops.gated_delta_rule(*xs, use_qk_l2norm_in_kernel=True, backend=backend)
         o.backward(inp["do"].to(o.dtype))
     finally:
-        gdn_chunk._round_tf32 = rounding
+        chunk_common.round_tf32 = rounding
     return xs[3].grad.double()
 
 
@@ -160,13 +160,13 @@ def part2(seeds, triton_seeds) -> None:
         rows, all_errs = [], []
         for seed in (triton_seeds if backend == "triton" else seeds):
             model, tokens = model_and_tokens(seed)
-            ops.set_backend("torch")
             truth = copy.deepcopy(model)
-            loss(truth, tokens, bf16=False).backward()
-            ops.set_backend(backend)
+            with ops.use_backend("torch"):
+                loss(truth, tokens, bf16=False).backward()
             ops.gated_delta_rule = wrapper or GDR
             try:
-                loss(model, tokens, bf16=True).backward()
+                with ops.use_backend(backend):
+                    loss(model, tokens, bf16=True).backward()
             finally:
                 ops.gated_delta_rule = GDR
             errs = [float((m.dt_bias.grad - t.dt_bias.grad).norm() / t.dt_bias.grad.norm())
@@ -175,7 +175,6 @@ def part2(seeds, triton_seeds) -> None:
             all_errs += errs
         if rows:
             print(f"  {name:36s} %  median {100 * torch.tensor(all_errs).median():.1f}  " + "  ".join(rows), flush=True)
-    ops.set_backend("auto")
 
 
 def main() -> None:

@@ -35,18 +35,17 @@ def main() -> None:
                       gdn_head_k=32, gdn_head_v=64, mlp_hidden=256, max_seq_len=256, rope_theta=1e4)
     model = HybridLM(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (4, 256))
-    ops.set_backend("torch")
-    truth = gradients(copy.deepcopy(model), tokens, bf16=False)
+    with ops.use_backend("torch"):
+        truth = gradients(copy.deepcopy(model), tokens, bf16=False)
     shown = [n for n in truth if n.endswith(("dt_bias", "A_log", "linear_attn.q_proj.weight"))]
     for backend in ("torch", "triton"):
-        ops.set_backend(backend)
-        g16 = gradients(copy.deepcopy(model), tokens, bf16=True)
-        g32 = gradients(copy.deepcopy(model), tokens, bf16=False)
+        with ops.use_backend(backend):
+            g16 = gradients(copy.deepcopy(model), tokens, bf16=True)
+            g32 = gradients(copy.deepcopy(model), tokens, bf16=False)
         print(f"backend {backend}: relative L2 error against the fp32 torch gradient")
         for n in shown:
             rel = lambda g: float((g[n] - truth[n]).norm() / truth[n].norm())
             print(f"  {n:45s} bf16 autocast {rel(g16):.3f}   fp32 {rel(g32):.1e}")
-    ops.set_backend("auto")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("TRITON_INTERPRET", "0")  # compiled kernels even without a GPU (see ops/triton/_interpret.py)
+os.environ.setdefault("TRITON_INTERPRET", "0")  # compiled kernels even without a GPU (see ops/triton_runtime.py)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from olmo_hybrid.ops.triton import gdn_chunk, gdn_chunk_bwd  # noqa: E402
+from olmo_hybrid.ops import KernelSettings  # noqa: E402
+from olmo_hybrid.ops.gated_delta_rule import chunk_bwd, chunk_common, chunk_fwd  # noqa: E402
 
 
 def ptxas_report(fn, constexprs: dict, pointer_types: dict, num_warps: int, num_stages: int) -> str:
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--bwd-warps", type=int, help="warps of the parallel backward kernel (default: as the launcher)")
     p.add_argument("--stages", type=int, default=1)
     args = p.parse_args(argv)
-    cfg = gdn_chunk._config(args.K, args.V, args.prec)
+    cfg = chunk_common.kernel_config(args.K, args.V, args.prec, KernelSettings())
     BK = cfg["BK"]
     bv = args.bv or cfg["BV_seq"]
     bv_bwd = args.bv_bwd or cfg["BV_bwd"]
@@ -76,15 +77,15 @@ def main(argv=None) -> int:
     ptrs.update(tg_ptr="*fp32", p_ptr=op, hbuf_ptr=op, dhbuf_ptr=op, vn_ptr=op, dvn_ptr=op)
     flags = dict(HV=16, BT=64, IS_VARLEN=False, HAS_RESET=False)
     common = dict(flags, H=16, K=args.K, V=args.V, BK=BK, L2NORM=True, PREC=args.prec)
-    tprec = dict(TPREC=gdn_chunk._inverse_precision(args.prec))
+    tprec = dict(TPREC=chunk_common.inverse_precision(args.prec))
     todo = {
-        "prepare": (gdn_chunk._prepare_kernel, dict(flags, H=16, K=args.K, BK=BK, L2NORM=True, PREC=args.prec),
+        "prepare": (chunk_fwd._prepare_kernel, dict(flags, H=16, K=args.K, BK=BK, L2NORM=True, PREC=args.prec),
                     cfg["prep"]["num_warps"]),
-        "inverse": (gdn_chunk._inverse_kernel, flags, 1),
-        "fwd": (gdn_chunk._fwd_kernel, dict(common, BV=bv, HAS_H0=False, SAVE_H=True, **tprec), warps),
-        "dh": (gdn_chunk_bwd._bwd_dh_kernel, dict(common, BV=bv, HAS_DHT=False, **tprec), warps),
-        "bwd_dq": (gdn_chunk_bwd._bwd_dq_kernel, dict(common, BV=bv_bwd), bwd_warps),
-        "bwd_dk": (gdn_chunk_bwd._bwd_dk_kernel, dict(common, BV=bv_bwd, **tprec), bwd_warps),
+        "inverse": (chunk_fwd._inverse_kernel, flags, 1),
+        "fwd": (chunk_fwd._fwd_kernel, dict(common, BV=bv, HAS_H0=False, SAVE_H=True, **tprec), warps),
+        "dh": (chunk_bwd._bwd_dh_kernel, dict(common, BV=bv, HAS_DHT=False, **tprec), warps),
+        "bwd_dq": (chunk_bwd._bwd_dq_kernel, dict(common, BV=bv_bwd), bwd_warps),
+        "bwd_dk": (chunk_bwd._bwd_dk_kernel, dict(common, BV=bv_bwd, **tprec), bwd_warps),
     }
     print(f"K={args.K} V={args.V} prec={args.prec} BK={BK} BV(seq)={bv} BV(bwd)={bv_bwd} stages={args.stages}")
     for name in args.kernels.split(","):

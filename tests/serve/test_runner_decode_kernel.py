@@ -9,7 +9,7 @@ from olmo_hybrid import ops
 from olmo_hybrid.serve.runner import ModelRunner
 from olmo_hybrid.serve.slots import SlotCache
 
-da = pytest.importorskip("olmo_hybrid.ops.triton.decode_attention")
+da = pytest.importorskip("olmo_hybrid.ops.decode_attention.kernel")
 
 
 def test_runner_decode_with_the_kernel_equals_masked_sdpa(monkeypatch):

@@ -47,12 +47,10 @@ def test_compiled_blocks_and_chunked_loss_are_as_accurate_as_eager_bf16():
         ce, z, _ = loss_terms(model(ids), labels)
         return (ce + 1e-4 * z) / n
 
-    before = ops.get_backend()
-    try:
-        ops.set_backend("torch")
+    with ops.use_backend("torch"):
         want = plain_loss(reference)
         want.backward()
-        ops.set_backend("triton")
+    with ops.use_backend("triton"):
         apply_activation_checkpointing(fast, "selective", every=2)
         apply_compile(fast)  # inductor, fullgraph: a graph break around the GDN custom ops would raise here
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -62,8 +60,6 @@ def test_compiled_blocks_and_chunked_loss_are_as_accurate_as_eager_bf16():
             got_fast, _, _ = fast(ids, lm_head_fn=head)
         got_eager.backward()
         got_fast.backward()
-    finally:
-        ops.set_backend(before)
     print(f"loss fp32 {want.item():.6f}, bf16 eager {got_eager.item():.6f}, bf16 compiled+chunked {got_fast.item():.6f}")
     assert abs(got_fast.item() - want.item()) / want.item() < 5e-3
     assert abs(got_eager.item() - want.item()) / want.item() < 5e-3

@@ -262,13 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from olmo_hybrid import ops
 
-    ops.set_backend(args.ops_backend)
     cfg = ProbeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeConfig)})
     variants = [v.strip() for v in args.models.split(",") if v.strip()]
     for v in variants:
         if v not in MODEL_VARIANTS:
             p.error(f"unknown model '{v}' (known: {', '.join(MODEL_VARIANTS)})")
-    results = run_probe(cfg, variants)
+    with ops.use_backend(args.ops_backend):
+        results = run_probe(cfg, variants)
     path = save_probe_results(results, args.out, plot=not args.no_plot)
     print(results_table(results))
     print(f"results: {path}")

@@ -1,37 +1,38 @@
-"""Sequence-mixing ops: the GDN layer's gated delta rule and short causal conv, and the serving engine's
-decode attention, with backend dispatch.
+"""Sequence-mixing ops: the GDN layer's gated delta rule and short causal conv, and the serving engine's decode
+attention, each with a PyTorch reference and Triton kernels.
 
-    from olmo_hybrid.ops import gated_delta_rule, causal_conv1d
-    o, state = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, reset_mask=reset)
+    from olmo_hybrid import ops
+    o, state = ops.gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, reset_mask=reset)
+    with ops.use_backend("torch"):           # the references, for every op called inside
+        ...
 
-Each op takes ``backend`` ("auto", "torch", "triton", "fla"; None = the default set by :func:`set_backend`).
-See ``api.py`` for layouts and document-boundary semantics, ``backend.py`` for registering kernels.
+One folder per op (``gated_delta_rule/``, ``short_conv/``, ``decode_attention/``), each with its public functions
+(``api.py``), reference, kernels and custom ops side by side; ``dispatch.py`` holds the (op, backend) table,
+``settings.py`` the :class:`KernelSettings` the GDN ops take as ``settings=``. Importing this package imports
+neither triton nor fla. The public functions shadow the subpackages of the same name as attributes of this
+package: import submodules by their full path (``from olmo_hybrid.ops.gated_delta_rule import reference``).
 """
 
-from .api import (
-    causal_conv1d,
-    causal_conv1d_step,
-    decode_attention,
-    gated_delta_rule,
-    gated_delta_rule_step,
-    recurrent_gated_delta_rule,
-)
-from .backend import BackendUnavailableError, available_backends, get_backend, register, set_backend
-from .gdn_reference import l2norm
+from .decode_attention import decode_attention
+from .dispatch import BackendUnavailableError, available_backends, current_backend, use_backend
+from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step, recurrent_gated_delta_rule
+from .gated_delta_rule.reference import l2norm
+from .settings import KernelSettings
+from .short_conv import causal_conv1d, causal_conv1d_step
 from .varlen import reset_mask_from_doc_ids
 
 __all__ = [
     "BackendUnavailableError",
+    "KernelSettings",
     "available_backends",
     "causal_conv1d",
     "causal_conv1d_step",
+    "current_backend",
     "decode_attention",
     "gated_delta_rule",
     "gated_delta_rule_step",
-    "get_backend",
     "l2norm",
     "recurrent_gated_delta_rule",
-    "register",
     "reset_mask_from_doc_ids",
-    "set_backend",
+    "use_backend",
 ]

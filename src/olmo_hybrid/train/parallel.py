@@ -48,7 +48,7 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, backend: str = "indu
     static (``dynamic=False``): training batches all have one shape, and the validation tail costs one
     more compile rather than symbolic shapes everywhere."""
     from olmo_hybrid import ops
-    from olmo_hybrid.ops.backend import OPS
+    from olmo_hybrid.ops.dispatch import OPS
 
     for op in OPS:  # import the kernel backends now: an import inside a compiled block is a graph break
         ops.available_backends(op)

@@ -8,7 +8,7 @@ it needs (programs past a row's length exit at once). Each (row, head) is split 
 ``n_splits`` programs (flash-decoding), so batch 1 fills the GPU, and a second small kernel merges the partial
 softmaxes. On an H100 at 32k keys it ran 8% (batch 1) to 20% (batch 16) slower than SDPA's flash kernel over
 exactly the keys needed (docs/benchmarks.md, "Generation"). The "triton" backend of
-``olmo_hybrid.ops.decode_attention`` (which checks the arguments); the launch settings are tunable here.
+``olmo_hybrid.ops.decode_attention`` (``api.py`` checks the arguments); the launch settings are tunable here.
 
 Bytes moved per call: the keys and values actually attended (2 * lengths * head_dim * 2 per kv head) plus
 ``n_splits * (head_dim + 2) * 4`` per (row, head) of partial results: the kernel is memory-bound.
@@ -20,8 +20,7 @@ import math
 
 import torch
 
-import triton
-import triton.language as tl
+from ..triton_runtime import tl, triton
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # partial results per (row, head) the merge kernel holds at once
@@ -103,7 +102,8 @@ def plan_splits(rows: int, heads: int, capacity: int, num_sms: int, block_n: int
     return split, math.ceil(capacity / split)
 
 
-def supports_decode_attention(q, keys, values, lengths, scale):
+def triton_decode_attention_refusal(q, keys, values, lengths, scale):
+    """Why the Triton kernel cannot run these arguments, or None."""
     if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         return "q, keys and values need a contiguous last dimension"
     return None

@@ -4,7 +4,7 @@ On a machine without a GPU the kernels run in Triton's interpreter (small shapes
 compiled kernels at realistic head sizes (``pytest -m gpu`` on the device machine).
 
 Tolerances (relative L2 error ||x - ref|| / ||ref||): float32 inputs 1e-4 (exact fp32 dots; the interpreter and
-the GPU's IEEE fp32 path both land near 1e-6). bfloat16 inputs with tf32 products (``OLMO_HYBRID_GDN_DOT=tf32``)
+the GPU's IEEE fp32 path both land near 1e-6). bfloat16 inputs with tf32 products (``KernelSettings(dot="tf32")``)
 5e-3, dominated by rounding the bf16 outputs and gradients themselves (~1.5e-3). bfloat16 inputs with bf16 dot
 operands (the default): 5e-3 at a realistic shape on the GPU (K=V=128, beta in (0, 1); measured 3.8e-3, fla 4.1e-3),
 and 4e-2 for the stress inputs the other tests use (K=32 or less, beta in (0, 2), gates near 0 or 1; measured up to
@@ -19,21 +19,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # must precede the first import of triton (see ops/triton/_interpret.py)
+if not torch.cuda.is_available():  # must precede the first import of triton (see ops/triton_runtime.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from olmo_hybrid.ops import BackendUnavailableError, gated_delta_rule, gated_delta_rule_step  # noqa: E402
-from olmo_hybrid.ops import recurrent_gated_delta_rule  # noqa: E402
+from olmo_hybrid import ops  # noqa: E402
+from olmo_hybrid.ops import BackendUnavailableError, KernelSettings, gated_delta_rule  # noqa: E402
+from olmo_hybrid.ops import gated_delta_rule_step, recurrent_gated_delta_rule  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
 BF16_OPERAND_STRESS_TOL = 4e-2
 
 
-def default_tol(dtype) -> float:
-    if dtype == torch.bfloat16 and os.environ.get("OLMO_HYBRID_GDN_DOT", "bf16") == "bf16":
+def default_tol(dtype, settings: KernelSettings) -> float:
+    if dtype == torch.bfloat16 and settings.dot == "bf16":
         return BF16_OPERAND_STRESS_TOL
     return TOL[dtype]
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -64,8 +67,8 @@ def make_inputs(B, T, H, HV, K, V, dtype, gate="normal", l2norm=True, n_states=N
 
 
 def check_against_reference(inputs, dtype, use_h0=True, l2norm=True, cu_seqlens=None, reset_mask=None,
-                            tol=None, loss_on_state=True):
-    tol = default_tol(dtype) if tol is None else tol
+                            tol=None, loss_on_state=True, settings=KernelSettings()):
+    tol = default_tol(dtype, settings) if tol is None else tol
     q, k, v, g, beta, h0 = inputs
     h0 = h0 if use_h0 else None
     ours = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta)]
@@ -74,7 +77,7 @@ def check_against_reference(inputs, dtype, use_h0=True, l2norm=True, cu_seqlens=
     h0_ref = h0.detach().double().requires_grad_() if use_h0 else None
     kw = dict(output_final_state=True, cu_seqlens=cu_seqlens, reset_mask=reset_mask,
               use_qk_l2norm_in_kernel=l2norm)
-    o, s = gated_delta_rule(*ours, initial_state=h0_ours, backend="triton", **kw)
+    o, s = gated_delta_rule(*ours, initial_state=h0_ours, backend="triton", settings=settings, **kw)
     o_ref, s_ref = recurrent_gated_delta_rule(*ref, initial_state=h0_ref, backend="torch", **kw)
     assert o.dtype == q.dtype and s.dtype == torch.float32
     do = torch.randn_like(o_ref)
@@ -96,10 +99,10 @@ def check_against_reference(inputs, dtype, use_h0=True, l2norm=True, cu_seqlens=
 
 @pytest.mark.parametrize("dtype,dot", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"), (torch.bfloat16, "tf32")])
 @pytest.mark.parametrize("gate", ["normal", "slow", "fast"])
-def test_chunk_matches_reference(dtype, dot, gate, monkeypatch):
-    monkeypatch.setenv("OLMO_HYBRID_GDN_DOT", dot)  # fp32 inputs ignore it: exact fp32 products
+def test_chunk_matches_reference(dtype, dot, gate):
     inputs = make_inputs(B=2, T=77, H=2, HV=2, K=32, V=16, dtype=dtype, gate=gate, seed=1)
-    check_against_reference(inputs, dtype)
+    # fp32 inputs ignore the dot setting: exact fp32 products
+    check_against_reference(inputs, dtype, settings=KernelSettings(dot=dot))
 
 
 @pytest.mark.gpu
@@ -142,7 +145,7 @@ def test_chunk_reset_mask_with_packed_documents():
 
 
 def test_inference_mode_skips_saved_states_and_matches():
-    import olmo_hybrid.ops.triton  # noqa: F401  (defines the torch.ops.olmo_hybrid custom ops)
+    from olmo_hybrid.ops.gated_delta_rule.custom_ops import settings_args  # defines torch.ops.olmo_hybrid.gdr_*
 
     q, k, v, g, beta, h0 = make_inputs(B=1, T=70, H=1, HV=1, K=16, V=16, dtype=torch.float32, seed=5)
     with torch.no_grad():
@@ -151,14 +154,13 @@ def test_inference_mode_skips_saved_states_and_matches():
     o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                               backend="torch", use_qk_l2norm_in_kernel=True)
     assert rel_err(o, o_ref) < 1e-4 and rel_err(s, s_ref) < 1e-4
-    states = torch.ops.olmo_hybrid.gdr_chunk_fwd(q, k, v, g, beta, 0.25, None, None, None, True, False)[5]
+    states = torch.ops.olmo_hybrid.gdr_chunk_fwd(q, k, v, g, beta, 0.25, None, None, None, True, False,
+                                                 *settings_args(KernelSettings()))[5]
     assert states.numel() == 0
 
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_decode_step_matches_reference(inplace):
-    from olmo_hybrid.ops.triton import gated_delta_rule_step_inplace
-
     B, H, HV, K, V = 3, 2, 4, 32, 48
     q, k, v, g, beta, _ = make_inputs(B=B, T=1, H=H, HV=HV, K=K, V=V, dtype=torch.float32, seed=6)
     q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
@@ -166,11 +168,11 @@ def test_decode_step_matches_reference(inplace):
     o_ref, s_ref = gated_delta_rule_step(*(t.double() for t in (q, k, v, g, beta, state)), backend="torch",
                                          use_qk_l2norm_in_kernel=True)
     before = state.clone()
+    o, s = gated_delta_rule_step(q, k, v, g, beta, state, backend="triton", use_qk_l2norm_in_kernel=True,
+                                 inplace=inplace)
     if inplace:
-        o = gated_delta_rule_step_inplace(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True)
-        s = state
+        assert s is state
     else:
-        o, s = gated_delta_rule_step(q, k, v, g, beta, state, backend="triton", use_qk_l2norm_in_kernel=True)
         assert torch.equal(state, before), "the out-of-place step must not modify its input state"
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
@@ -190,39 +192,48 @@ def test_decode_steps_continue_the_chunked_prefill():
 
 
 def test_compile_fullgraph_traces_custom_ops():
-    """torch.compile traces forward and backward through the fake implementations without graph breaks."""
+    """torch.compile traces forward and backward through the fake implementations without graph breaks, with the
+    backend chosen by ``ops.use_backend`` and non-default kernel settings."""
     q, k, v, g, beta, h0 = make_inputs(B=1, T=20, H=1, HV=1, K=16, V=16, dtype=torch.float32, seed=8)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+    settings = KernelSettings(dot="tf32", block_v=16, backward_warps=2)
 
     def layer(q, k, v, g, beta):
-        o, s = gated_delta_rule(q, k, v, g, beta, output_final_state=True, backend="triton",
-                                use_qk_l2norm_in_kernel=True)
+        o, s = gated_delta_rule(q, k, v, g, beta, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                settings=settings)
         return (o * o).sum() + s.sum()
 
     torch._dynamo.reset()
-    loss = torch.compile(layer, fullgraph=True, backend="aot_eager")(*leaves)
-    loss.backward()
-    eager = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
-    layer(*eager).backward()
-    assert rel_err(loss.detach(), layer(q, k, v, g, beta).detach()) < 1e-6
+    with ops.use_backend("triton"):
+        loss = torch.compile(layer, fullgraph=True, backend="aot_eager")(*leaves)
+        loss.backward()
+        eager = [t.clone().requires_grad_() for t in (q, k, v, g, beta)]
+        layer(*eager).backward()
+        assert rel_err(loss.detach(), layer(q, k, v, g, beta).detach()) < 1e-6
     for a, b in zip(leaves, eager):
         assert rel_err(a.grad, b.grad) < 1e-6
 
 
 def test_custom_ops_pass_opcheck():
     """Schemas, fake (meta) implementations, autograd registration and AOT dispatch of the custom ops."""
-    import olmo_hybrid.ops.triton  # noqa: F401  (defines the torch.ops.olmo_hybrid custom ops)
+    from olmo_hybrid.ops.gated_delta_rule.custom_ops import settings_args  # defines torch.ops.olmo_hybrid.gdr_*
 
     q, k, v, g, beta, h0 = make_inputs(B=1, T=70, H=1, HV=1, K=16, V=16, dtype=torch.float32, n_states=2, seed=15)
     leaves = [t.requires_grad_() for t in (q, k, v, g, beta)]
     cu = torch.tensor([0, 5, 70], device=DEVICE)
-    step = (*(t[:, 0].detach() for t in (q, k, v, g, beta)), h0[:1].clone(), 0.25, True)  # decode: no autograd
+    defaults, tuned = settings_args(KernelSettings()), settings_args(KernelSettings(dot="tf32", block_v=32))
+    step = [t[:, 0].detach() for t in (q, k, v, g, beta)]  # decode: no autograd
+    pool = torch.randn(3, 1, 16, 16, device=DEVICE)  # rows 1..2 of a pool, one of them inactive
+    active = torch.tensor([False, True], device=DEVICE)
+    step2 = [torch.cat([t, t.flip(-1)]) for t in step]
     cases = [
-        (torch.ops.olmo_hybrid.gdr_chunk_fwd.default, (*leaves, 0.25, None, None, None, True, True)),
+        (torch.ops.olmo_hybrid.gdr_chunk_fwd.default, (*leaves, 0.25, None, None, None, True, True, *defaults)),
         (torch.ops.olmo_hybrid.gdr_chunk_fwd.default,  # inference: no saved states, packed documents
-         (*(t.detach() for t in leaves), 0.25, h0, cu, None, True, False)),
-        (torch.ops.olmo_hybrid.gdr_step.default, step),
-        (torch.ops.olmo_hybrid.gdr_step_.default, step),
+         (*(t.detach() for t in leaves), 0.25, h0, cu, None, True, False, *tuned)),
+        (torch.ops.olmo_hybrid.gdr_step.default, (*step, h0[:1].clone(), None, 0.25, True)),
+        (torch.ops.olmo_hybrid.gdr_step_.default, (*step, h0[:1].clone(), None, 0.25, True)),
+        (torch.ops.olmo_hybrid.gdr_step.default, (*step2, pool[1:], active, 0.25, True)),
+        (torch.ops.olmo_hybrid.gdr_step_.default, (*step2, pool[1:], active, 0.25, True)),
     ]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
@@ -300,7 +311,6 @@ def test_gpu_tiny_model_layer_trains_under_autocast():
     """The trainer's tiny GDN layer (B=4, T=32, H=2, K=V=16) forward and backward under bf16 autocast: with the
     Triton ops it must be as close to the float32 layer (reference ops, no autocast) as with the reference ops
     under the same autocast, within 2x (both errors, 1e-2 to 5e-2 here, come mostly from autocast's bf16 rounding)."""
-    from olmo_hybrid import ops
     from olmo_hybrid.config import ModelConfig
     from olmo_hybrid.model.gated_deltanet import GatedDeltaNet
 
@@ -312,18 +322,14 @@ def test_gpu_tiny_model_layer_trains_under_autocast():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(4, 32, 32, device=DEVICE)
     results = {}
-    before = ops.get_backend()
-    try:
-        for backend, autocast in (("torch", False), ("torch", True), ("triton", True)):
-            ops.set_backend(backend)
-            layer.zero_grad(set_to_none=True)
-            xb = x.clone().requires_grad_()
+    for backend, autocast in (("torch", False), ("torch", True), ("triton", True)):
+        layer.zero_grad(set_to_none=True)
+        xb = x.clone().requires_grad_()
+        with ops.use_backend(backend):
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
                 y = layer(xb)
             (y.float() ** 2).sum().backward()
-            results[backend, autocast] = [y.detach(), xb.grad] + [p.grad for p in layer.parameters()]
-    finally:
-        ops.set_backend(before)
+        results[backend, autocast] = [y.detach(), xb.grad] + [p.grad for p in layer.parameters()]
     exact = results["torch", False]
     for i, (ours, ref) in enumerate(zip(results["triton", True], results["torch", True])):
         err, err_ref = rel_err(ours, exact[i]), rel_err(ref, exact[i])
@@ -332,12 +338,12 @@ def test_gpu_tiny_model_layer_trains_under_autocast():
 
 @pytest.mark.gpu
 def test_gpu_decode_batch():
-    from olmo_hybrid.ops.triton import gated_delta_rule_step_inplace
-
     q, k, v, g, beta, _ = make_inputs(B=128, T=1, H=4, HV=4, K=96, V=192, dtype=torch.bfloat16, seed=13)
     q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
     state = torch.randn(128, 4, 96, 192, device=DEVICE)
     o_ref, s_ref = gated_delta_rule_step(*(t.double() for t in (q, k, v, g, beta, state)), backend="torch",
                                          use_qk_l2norm_in_kernel=True)
-    o = gated_delta_rule_step_inplace(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True)
+    o, s = gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm_in_kernel=True, inplace=True,
+                                 backend="triton")
+    assert s is state
     assert rel_err(o, o_ref) < 5e-3 and rel_err(state, s_ref) < 1e-5

@@ -1,7 +1,8 @@
-"""torch.library custom ops around the Triton short-conv kernels, and the "triton" backend functions.
+"""torch.library custom ops around the Triton short-conv kernels (``kernels.py``), and the "triton" backend
+functions.
 
 ``olmo_hybrid::causal_conv1d_fwd`` / ``_bwd`` (autograd-registered) and ``olmo_hybrid::causal_conv1d_step``
-(new state out of place) / ``olmo_hybrid::causal_conv1d_step_`` (in place, :func:`causal_conv1d_step_inplace`).
+(new state out of place) / ``olmo_hybrid::causal_conv1d_step_`` (in place).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .conv import conv_bounds, conv_bwd, conv_final_state, conv_fwd, conv_step
-from .gdn import _device_ok
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..triton_runtime import device_refusal, dtype_refusal, rows_contiguous
+from .kernels import conv_bounds, conv_bwd, conv_final_state, conv_fwd, conv_step
 
 
 @torch.library.custom_op("olmo_hybrid::causal_conv1d_fwd", mutates_args=())
@@ -56,40 +55,43 @@ causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("olmo_hybrid::causal_conv1d_step", mutates_args=())
-def causal_conv1d_step_op(x: Tensor, conv_state: Tensor, weight: Tensor, silu: bool) -> tuple[Tensor, Tensor]:
-    new_state = torch.empty_like(conv_state)
-    return conv_step(x, conv_state.contiguous(), new_state, weight, silu), new_state
+def causal_conv1d_step_op(x: Tensor, conv_state: Tensor, weight: Tensor, active: Optional[Tensor],
+                          silu: bool) -> tuple[Tensor, Tensor]:
+    new_state = conv_state.new_empty(conv_state.shape)
+    conv_state = conv_state if rows_contiguous(conv_state) else conv_state.contiguous()
+    return conv_step(x, conv_state, new_state, weight, active, silu), new_state
 
 
 @causal_conv1d_step_op.register_fake
-def _(x, conv_state, weight, silu):
-    return torch.empty_like(x), torch.empty_like(conv_state)
+def _(x, conv_state, weight, active, silu):
+    return torch.empty_like(x), conv_state.new_empty(conv_state.shape)
 
 
 @torch.library.custom_op("olmo_hybrid::causal_conv1d_step_", mutates_args=("conv_state",))
-def causal_conv1d_step_inplace_op(x: Tensor, conv_state: Tensor, weight: Tensor, silu: bool) -> Tensor:
-    return conv_step(x, conv_state, conv_state, weight, silu)
+def causal_conv1d_step_inplace_op(x: Tensor, conv_state: Tensor, weight: Tensor, active: Optional[Tensor],
+                                  silu: bool) -> Tensor:
+    return conv_step(x, conv_state, conv_state, weight, active, silu)
 
 
 @causal_conv1d_step_inplace_op.register_fake
-def _(x, conv_state, weight, silu):
+def _(x, conv_state, weight, active, silu):
     return torch.empty_like(x)
 
 
-def supports_conv(x, weight, **_) -> str | None:
-    if not _device_ok(x):
-        return f"Triton kernels need CUDA tensors, got {x.device.type}"
-    if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
-        return f"x/weight have dtypes {x.dtype}/{weight.dtype}; the Triton kernels take float32, bfloat16, float16"
-    if weight.shape[1] < 2:
-        return "the Triton conv kernels need a window W >= 2"
-    return None
+def triton_conv_refusal(x, weight, **_) -> str | None:
+    """Why the Triton conv kernels cannot run these arguments, or None."""
+    why = device_refusal(x) or dtype_refusal(x=x, weight=weight)
+    if why is None and weight.shape[1] < 2:
+        why = "the Triton conv kernels need a window W >= 2"
+    return why
 
 
-def supports_conv_step(x, conv_state, weight, **kwargs) -> str | None:
-    if conv_state.dtype not in _FLOAT_DTYPES:
-        return f"conv_state has dtype {conv_state.dtype}; the Triton kernels take float32, bfloat16, float16"
-    return supports_conv(x, weight)
+def triton_conv_step_refusal(x, conv_state, weight, inplace=False, **_) -> str | None:
+    """Why the Triton conv step kernel cannot run these arguments, or None."""
+    why = dtype_refusal(conv_state=conv_state) or triton_conv_refusal(x, weight)
+    if why is None and inplace and not rows_contiguous(conv_state):
+        why = "the in-place Triton conv step needs each state row conv_state[b] contiguous"
+    return why
 
 
 def _is_silu(activation) -> bool:
@@ -112,15 +114,8 @@ def causal_conv1d_triton(x, weight, activation="silu", initial_state=None, outpu
     return y, final_state
 
 
-def causal_conv1d_step_triton(x, conv_state, weight, activation="silu"):
-    """One decode token; ``conv_state`` is left unchanged (see :func:`causal_conv1d_step_inplace`)."""
-    return causal_conv1d_step_op(x, conv_state, weight, _is_silu(activation))
-
-
-def causal_conv1d_step_inplace(x, conv_state, weight, activation="silu"):
-    """One decode token updating ``conv_state`` [B, C, W-1] in place; returns y [B, C]. weight is [C, W]."""
-    if not conv_state.is_contiguous():
-        raise ValueError("conv_state must be contiguous for the in-place update")
-    if weight.dim() == 3:
-        weight = weight[:, 0]
-    return causal_conv1d_step_inplace_op(x, conv_state, weight, _is_silu(activation))
+def causal_conv1d_step_triton(x, conv_state, weight, activation="silu", inplace=False, active=None):
+    """One decode token; arguments as ``olmo_hybrid.ops.causal_conv1d_step`` (weight already [C, W])."""
+    if inplace:
+        return causal_conv1d_step_inplace_op(x, conv_state, weight, active, _is_silu(activation)), conv_state
+    return causal_conv1d_step_op(x, conv_state, weight, active, _is_silu(activation))

@@ -4,9 +4,9 @@ Per value head, with the state S in [K, V] layout (fla's convention):
 
     S_t = exp(g_t) * S_{t-1};   delta_t = beta_t * (v_t - S_t^T k_t);   S_t += k_t delta_t^T;   o_t = scale * S_t^T q_t
 
-These are the "torch" backend of the public ops in ``olmo_hybrid.ops`` (which validate arguments and document
-them). Math runs in float32, or float64 when q is float64 (so the token loop can serve as a float64 oracle);
-outputs are cast back to q's dtype, states stay in the compute dtype.
+These are the "torch" backend of the public ops (``api.py`` validates the arguments and documents them). Math
+runs in float32, or float64 when q is float64 (so the token loop can serve as a float64 oracle); outputs are cast
+back to q's dtype, states stay in the compute dtype.
 
 Chunked form (chunk C = 64, positions i, j inside a chunk, Gamma = chunk-local cumsum of g). Let
 D[i, j] = exp(Gamma_i - Gamma_j) if j <= i and no reset lies in (j, i], else 0, and d_i = exp(Gamma_i) if no
@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import register
-from .varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
+from ..varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
 
 CHUNK_SIZE = 64
 L2NORM_EPS = 1e-6
@@ -149,8 +148,9 @@ def _run(scan, op, q, k, v, g, beta, scale, initial_state, output_final_state, c
 
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
-                                 cu_seqlens=None, use_qk_l2norm_in_kernel=False, reset_mask=None):
-    """Chunked reference (see the module docstring); arguments as ``olmo_hybrid.ops.gated_delta_rule``."""
+                                 cu_seqlens=None, use_qk_l2norm_in_kernel=False, reset_mask=None, settings=None):
+    """Chunked reference (see the module docstring); arguments as ``olmo_hybrid.ops.gated_delta_rule``
+    (``settings`` concerns the Triton kernels only)."""
     return _run(_chunk_scan, "gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state,
                 cu_seqlens, use_qk_l2norm_in_kernel, reset_mask)
 
@@ -162,14 +162,18 @@ def recurrent_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state=None
                 output_final_state, cu_seqlens, use_qk_l2norm_in_kernel, reset_mask)
 
 
-def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale, use_qk_l2norm_in_kernel=False):
-    """One decode step; arguments as ``olmo_hybrid.ops.gated_delta_rule_step``. Does not modify ``state``."""
+def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale, use_qk_l2norm_in_kernel=False, inplace=False,
+                                active=None):
+    """One decode step; arguments as ``olmo_hybrid.ops.gated_delta_rule_step`` (the specification of
+    ``inplace`` and ``active``)."""
     dtype = _compute_dtype(q)
     qs, ks = _prepare_qk(q, k, v.shape[1], scale, use_qk_l2norm_in_kernel, dtype)
     o, s = _step(qs, ks, v.to(dtype), g.to(dtype), beta.to(dtype), state.to(dtype))
-    return o.to(q.dtype), s
-
-
-register("gated_delta_rule", "torch", chunk_gated_delta_rule_torch)
-register("recurrent_gated_delta_rule", "torch", recurrent_gated_delta_rule_torch)
-register("gated_delta_rule_step", "torch", gated_delta_rule_step_torch)
+    o = o.to(q.dtype)
+    if active is not None:
+        # torch.where, not boolean indexing: no host sync. Inactive rows take the old state's own values.
+        s = torch.where(active[:, None, None, None], s, state.to(dtype))
+        o = torch.where(active[:, None, None], o, 0)
+    if inplace:
+        return o, state.copy_(s)
+    return o, s

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of triton (see ops/triton/_interpret.py)
+if not torch.cuda.is_available():  # must precede the first import of triton (see ops/triton_runtime.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
@@ -85,19 +85,16 @@ def test_conv_resets_fixed_rows_window3():
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_conv_step(inplace):
-    from olmo_hybrid.ops.triton import causal_conv1d_step_inplace
-
     B, C, W = 3, 300, 4
     x = torch.randn(B, C, device=DEVICE)
     state = torch.randn(B, C, W - 1, device=DEVICE)
     w = torch.randn(C, W, device=DEVICE)
     y_ref, s_ref = causal_conv1d_step(x.double(), state.double(), w.double(), backend="torch")
     before = state.clone()
+    y, s = causal_conv1d_step(x, state, w, backend="triton", inplace=inplace)
     if inplace:
-        y = causal_conv1d_step_inplace(x, state, w)
-        s = state
+        assert s is state
     else:
-        y, s = causal_conv1d_step(x, state, w, backend="triton")
         assert torch.equal(state, before)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) == 0.0
 
@@ -118,20 +115,25 @@ def test_conv_compile_fullgraph():
 
 
 def test_conv_custom_ops_pass_opcheck():
-    import olmo_hybrid.ops.triton  # noqa: F401  (defines the torch.ops.olmo_hybrid custom ops)
+    import olmo_hybrid.ops.short_conv.custom_ops  # noqa: F401  (defines the torch.ops.olmo_hybrid conv ops)
+    from olmo_hybrid.ops.short_conv.kernels import conv_bounds
 
     x = torch.randn(1, 10, 8, device=DEVICE, requires_grad=True)
     w = torch.randn(8, 4, device=DEVICE, requires_grad=True)
     h0 = torch.randn(2, 8, 3, device=DEVICE, requires_grad=True)
-    from olmo_hybrid.ops.triton.conv import conv_bounds
-
     doc_start, init_row = conv_bounds(1, 10, torch.tensor([0, 4, 10], device=DEVICE), None, DEVICE)
     state = torch.randn(2, 8, 3, device=DEVICE)
+    pool = torch.randn(5, 8, 3, device=DEVICE)
+    active = torch.tensor([True, False], device=DEVICE)
+    step = (x[0, :2].detach(), state, w.detach())
+    strided = (x[0, :2].detach(), pool[1::2], w.detach())  # every other row of a pool, one row inactive
     cases = [
         (torch.ops.olmo_hybrid.causal_conv1d_fwd.default, (x, w, None, None, None, True)),
         (torch.ops.olmo_hybrid.causal_conv1d_fwd.default, (x, w, h0, doc_start, init_row, False)),
-        (torch.ops.olmo_hybrid.causal_conv1d_step.default, (x[0, :2].detach(), state, w.detach(), True)),
-        (torch.ops.olmo_hybrid.causal_conv1d_step_.default, (x[0, :2].detach(), state, w.detach(), True)),
+        (torch.ops.olmo_hybrid.causal_conv1d_step.default, (*step, None, True)),
+        (torch.ops.olmo_hybrid.causal_conv1d_step_.default, (*step, None, True)),
+        (torch.ops.olmo_hybrid.causal_conv1d_step.default, (*strided, active, True)),
+        (torch.ops.olmo_hybrid.causal_conv1d_step_.default, (*strided, active, False)),
     ]
     for op, args in cases:
         result = torch.library.opcheck(op, args)

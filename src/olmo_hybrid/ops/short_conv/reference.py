@@ -4,7 +4,7 @@
 
 i.e. ``F.conv1d`` with ``groups=C`` and W-1 zeros of left padding (or the previous W-1 inputs, the conv state).
 Math runs in float32 (float64 for float64 inputs); the output has x's dtype. These are the "torch" backend of the
-public ops in ``olmo_hybrid.ops``, which validate arguments.
+public ops (``api.py`` validates the arguments and documents them).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import register
-from .varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
+from ..varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -65,13 +64,16 @@ def causal_conv1d_torch(x, weight, activation="silu", initial_state=None, output
     return _activate(y, activation).to(x.dtype), (last.to(x.dtype) if output_final_state else None)
 
 
-def causal_conv1d_step_torch(x, conv_state, weight, activation="silu"):
-    """Reference for ``olmo_hybrid.ops.causal_conv1d_step``; does not modify ``conv_state``."""
+def causal_conv1d_step_torch(x, conv_state, weight, activation="silu", inplace=False, active=None):
+    """Reference for ``olmo_hybrid.ops.causal_conv1d_step`` (the specification of ``inplace`` and ``active``)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     window = torch.cat([conv_state.to(dtype), x.to(dtype)[..., None]], dim=-1)  # [B, C, W]
-    y = (window * weight.to(dtype)).sum(-1)
-    return _activate(y, activation).to(x.dtype), window[..., 1:].to(conv_state.dtype)
-
-
-register("causal_conv1d", "torch", causal_conv1d_torch)
-register("causal_conv1d_step", "torch", causal_conv1d_step_torch)
+    y = _activate((window * weight.to(dtype)).sum(-1), activation).to(x.dtype)
+    new_state = window[..., 1:].to(conv_state.dtype)
+    if active is not None:
+        # torch.where, not boolean indexing: no host sync. Inactive rows take the old state's own values.
+        new_state = torch.where(active[:, None, None], new_state, conv_state)
+        y = torch.where(active[:, None], y, 0)
+    if inplace:
+        return y, conv_state.copy_(new_state)
+    return y, new_state

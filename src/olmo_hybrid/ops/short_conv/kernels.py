@@ -1,4 +1,4 @@
-"""Triton short causal depthwise convolution (W taps, W = 4 in GDN layers): full sequence, backward, decode.
+"""Triton short causal depthwise convolution (W taps, W = 4 in GDN layers): full sequence, backward, decode step.
 
     y_t[c] = act(sum_j weight[c, j] * x_{t-(W-1)+j}[c])
 
@@ -6,7 +6,9 @@ Tokens are handled as one packed row of B*T. Document boundaries come in per tok
 packed index of the first token of the token's document) and ``init_row`` (the initial-state row the document
 may read for positions before its start, or -1): a tap that falls before ``doc_start`` reads the initial state
 or zero, never another document. Without cu_seqlens or reset_mask both are derived from T inside the kernels.
-The final conv state and the initial-state gradient are small gathers, done with torch ops.
+The final conv state and the initial-state gradient are small gathers, done with torch ops. The decode step
+takes states that may be rows of a larger pool (a row stride), updates them in place or out of place, and skips
+rows that an ``active`` mask (read on the device) marks inactive.
 """
 
 from __future__ import annotations
@@ -255,31 +257,49 @@ def conv_final_state(x, initial_state, W: int, B: int, T: int, cu_seqlens, reset
 
 
 @triton.jit
-def _conv_step_kernel(x_ptr, s_in, s_out, w_ptr, y_ptr, C, W: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr):
+def _conv_step_kernel(x_ptr, s_in, s_out, w_ptr, active_ptr, y_ptr, C, stride_in, stride_out, W: tl.constexpr,
+                      BC: tl.constexpr, SILU: tl.constexpr, HAS_ACTIVE: tl.constexpr, INPLACE: tl.constexpr):
     b = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mc = c < C
+    if HAS_ACTIVE:
+        act = tl.load(active_ptr + b) != 0
+        m_row = mc & act
+    else:
+        m_row = mc
+    m_state = m_row if INPLACE else mc  # in place, inactive rows are neither read nor written
     x = tl.load(x_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
     acc = tl.load(w_ptr + c * W + (W - 1), mask=mc, other=0.0).to(tl.float32) * x
-    base = (b * C + c).to(tl.int64) * (W - 1)
-    prev = tl.load(s_in + base, mask=mc, other=0.0)
+    base_in = b.to(tl.int64) * stride_in + c * (W - 1)
+    base_out = b.to(tl.int64) * stride_out + c * (W - 1)
     for j in tl.static_range(W - 1):
+        prev = tl.load(s_in + base_in + j, mask=m_state, other=0.0)
         acc += tl.load(w_ptr + c * W + j, mask=mc, other=0.0).to(tl.float32) * prev.to(tl.float32)
+    # Every slot is read above before any is written here, so s_out may be s_in.
+    for j in tl.static_range(W - 1):
         if j + 1 < W - 1:
-            nxt = tl.load(s_in + base + j + 1, mask=mc, other=0.0)
-            tl.store(s_out + base + j, nxt, mask=mc)
-            prev = nxt
-    tl.store(s_out + base + (W - 2), x.to(s_out.dtype.element_ty), mask=mc)
+            nxt = tl.load(s_in + base_in + j + 1, mask=m_state, other=0.0)
+        else:
+            nxt = x.to(s_out.dtype.element_ty)
+        if HAS_ACTIVE and not INPLACE:  # inactive rows copied through
+            nxt = tl.where(act, nxt, tl.load(s_in + base_in + j, mask=mc, other=0.0))
+        tl.store(s_out + base_out + j, nxt, mask=m_state)
     if SILU:
         acc = acc * tl.sigmoid(acc)
+    if HAS_ACTIVE:
+        acc = tl.where(act, acc, 0.0)
     tl.store(y_ptr + b * C + c, acc.to(y_ptr.dtype.element_ty), mask=mc)
 
 
-def conv_step(x, state_in, state_out, weight, silu: bool) -> Tensor:
-    """x [B, C]; states [B, C, W-1] (may be the same tensor: each program reads its slots before writing)."""
+def conv_step(x, state_in, state_out, weight, active, silu: bool) -> Tensor:
+    """x [B, C]; states [B, C, W-1] with contiguous rows (the same tensor for an in-place update); active bool [B]
+    or None."""
     B, C = x.shape
     W = weight.shape[1]
+    x = x.contiguous()
     y = torch.empty_like(x)
-    _conv_step_kernel[(B, triton.cdiv(C, 256))](x.contiguous(), state_in, state_out, weight.contiguous(), y, C,
-                                                W=W, BC=256, SILU=silu, num_warps=4)
+    _conv_step_kernel[(B, triton.cdiv(C, 256))](
+        x, state_in, state_out, weight.contiguous(), active.contiguous().view(torch.int8) if active is not None else x,
+        y, C, state_in.stride(0), state_out.stride(0), W=W, BC=256, SILU=silu, HAS_ACTIVE=active is not None,
+        INPLACE=state_in is state_out, num_warps=4)
     return y

@@ -4,22 +4,16 @@ Error metric everywhere: rel(a, b) = max|a - b| / max|b|, with b the float64 ora
 against float64 (the chunked op measures ~1e-6 on these inputs).
 """
 
-import logging
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from olmo_hybrid.ops import (
-    BackendUnavailableError,
     gated_delta_rule,
     gated_delta_rule_step,
-    get_backend,
     recurrent_gated_delta_rule,
     reset_mask_from_doc_ids,
-    set_backend,
 )
-from olmo_hybrid.ops import backend as backend_mod
 
 TOL = 2e-5
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -247,53 +241,6 @@ def test_bad_inputs_name_the_tensor():
     with pytest.raises(ValueError, match="state must have shape"):
         gated_delta_rule_step(x["q"][:, 0], x["k"][:, 0], x["v"][:, 0], x["g"][:, 0], x["beta"][:, 0],
                               x["initial_state"][:, :, :4])
-
-
-def test_backend_dispatch(monkeypatch, caplog):
-    """A registered fake "triton" backend: chosen by "auto" only for CUDA devices and accepted arguments;
-    otherwise "auto" falls back to torch with a single warning, and an explicit request raises."""
-    calls = []
-    fake = lambda **kw: calls.append(kw) or ("fake", None)
-    refuse_reset = lambda reset_mask=None, **_: "reset_mask is not supported" if reset_mask is not None else None
-    monkeypatch.setattr(backend_mod, "_loaded", {"torch", "triton"})
-    monkeypatch.setattr(backend_mod, "_load_errors", {})
-    monkeypatch.setattr(backend_mod, "_warned", set())
-    monkeypatch.setitem(backend_mod._registry, ("gated_delta_rule", "triton"), backend_mod._Impl(fake, refuse_reset))
-    # The real Triton package may have registered its conv already (it is imported by other test modules).
-    monkeypatch.delitem(backend_mod._registry, ("causal_conv1d", "triton"), raising=False)
-    torch_fn = backend_mod._registry[("gated_delta_rule", "torch")].fn
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-
-    assert backend_mod.resolve("gated_delta_rule", "auto", cuda, {}) is fake
-    assert backend_mod.resolve("gated_delta_rule", "auto", cpu, {}) is torch_fn
-    with caplog.at_level(logging.WARNING, logger="olmo_hybrid.ops"):
-        for _ in range(3):
-            assert backend_mod.resolve("gated_delta_rule", "auto", cuda, {"reset_mask": 1}) is torch_fn
-    assert [r.getMessage() for r in caplog.records].count(
-        "gated_delta_rule: using the slow PyTorch reference on CUDA because reset_mask is not supported") == 1
-    with pytest.raises(BackendUnavailableError, match="reset_mask is not supported"):
-        backend_mod.resolve("gated_delta_rule", "triton", cpu, {"reset_mask": 1})
-    with pytest.raises(BackendUnavailableError, match="has no implementation of causal_conv1d"):
-        backend_mod.resolve("causal_conv1d", "triton", cpu, {})
-
-    x = {n: t.float() for n, t in make_inputs(1, 4, 1, 4, 4, seed=14).items()}
-    assert gated_delta_rule(**x, backend="triton") == ("fake", None) and calls[0]["scale"] == 0.5
-    assert set_backend("triton") is None and get_backend() == "triton"
-    try:
-        assert gated_delta_rule(**x) == ("fake", None)
-        assert gated_delta_rule(**x, backend="torch")[0].shape == (1, 4, 1, 4)
-    finally:
-        set_backend("auto")
-    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
-        gated_delta_rule(**x, backend="cuda")
-
-
-def test_unavailable_backend_raises(monkeypatch):
-    monkeypatch.setattr(backend_mod, "_loaded", {"torch", "fla"})
-    monkeypatch.setattr(backend_mod, "_load_errors", {"fla": "olmo_hybrid.ops.fla_backend could not be imported"})
-    x = {n: t.float() for n, t in make_inputs(1, 4, 1, 4, 4, seed=15).items()}
-    with pytest.raises(BackendUnavailableError, match="backend 'fla' is unavailable: .*could not be imported"):
-        gated_delta_rule(**x, backend="fla")
 
 
 @pytest.mark.gpu

@@ -1,6 +1,6 @@
 """Pure-PyTorch decode attention: one query per row over the first ``lengths[b]`` keys of that row's cache.
 
-The "torch" backend of ``olmo_hybrid.ops.decode_attention`` (which checks the arguments): SDPA with a key mask,
+The "torch" backend of ``olmo_hybrid.ops.decode_attention`` (``api.py`` checks the arguments): SDPA with a key mask,
 in float32 (float64 for float64 inputs), output in q's dtype. The serving engine's decode step calls this op with
 per-row lengths that live on the device, so that one CUDA graph serves every context length.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import register
 
 
 def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -23,5 +22,3 @@ def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     o = F.scaled_dot_product_attention(q.to(compute), k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return o.to(q.dtype)
 
-
-register("decode_attention", "torch", decode_attention_torch)
