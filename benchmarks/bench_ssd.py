@@ -71,7 +71,7 @@ def import_mamba_ssd():
 
 
 def ssd_impls(wanted):
-    from olmo_hybrid.ops.ssd import ssd
+    from olmo_hybrid.ops import ssd
     from olmo_hybrid.ops.ssd.reference import ssd_torch
 
     impls = {}
@@ -90,7 +90,7 @@ def ssd_impls(wanted):
 
 def reference_errors(fn, T=1024):
     """Relative errors of fn's output and gradients vs the float64 token loop (B=1, T tokens, the timed heads)."""
-    from olmo_hybrid.ops.ssd import recurrent_ssd
+    from olmo_hybrid.ops import recurrent_ssd
 
     inputs = make_ssd_inputs(1, T, **SSD_SHAPE, seed=1)
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
@@ -118,7 +118,7 @@ def cross_check(fn, ref_fn, inputs, dy):
 def bench_decode(Bsz=128):
     from triton.testing import do_bench
 
-    from olmo_hybrid.ops.ssd import ssd_step
+    from olmo_hybrid.ops import ssd_step
 
     H, P, G, N = SSD_SHAPE.values()
     x, dt, A, B, C, D = (t.detach() for t in make_ssd_inputs(Bsz, 1, H, P, G, N, seed=2))

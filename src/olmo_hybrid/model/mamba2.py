@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from olmo_hybrid import ops
-from olmo_hybrid.ops.ssd import ssd, ssd_step
 
 
 class GroupGatedRMSNorm(nn.Module):
@@ -85,13 +84,13 @@ class Mamba2Mixer(nn.Module):
     def _conv(self, xbc, reset_mask, conv_state):
         """silu(conv1d(xBC) + bias) [B, T, C]; updates ``conv_state`` [B, C, W-1] in place when given."""
         if conv_state is not None and xbc.shape[1] == 1 and (reset_mask is None or not reset_mask.any()):
-            y, new_state = ops.causal_conv1d_step(xbc[:, 0], conv_state, self.conv1d.weight, activation=None)
+            y, _ = ops.causal_conv1d_step(xbc[:, 0], conv_state, self.conv1d.weight, activation=None, inplace=True)
             y = y[:, None]
         else:
             y, new_state = ops.causal_conv1d(xbc, self.conv1d.weight, activation=None, initial_state=conv_state,
                                              output_final_state=conv_state is not None, reset_mask=reset_mask)
-        if conv_state is not None:
-            conv_state.copy_(new_state)
+            if conv_state is not None:
+                conv_state.copy_(new_state)
         if self.conv1d.bias is not None:
             y = y + self.conv1d.bias.to(y.dtype)
         return F.silu(y)
@@ -113,13 +112,13 @@ class Mamba2Mixer(nn.Module):
         A = -self.A_log.float().exp()
         xs, B, C = xs.view(b, t, H, P), B.view(b, t, G, N), C.view(b, t, G, N)
         if ssm_state is None:
-            y, _ = ssd(xs, dt, A, B, C, self.D, reset_mask=reset_mask)
+            y, _ = ops.ssd(xs, dt, A, B, C, self.D, reset_mask=reset_mask)
         elif t == 1 and (reset_mask is None or not reset_mask.any()):
-            y, _ = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state, self.D, inplace=True)
+            y, _ = ops.ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state, self.D, inplace=True)
             y = y[:, None]
         else:
-            y, state = ssd(xs, dt, A, B, C, self.D, initial_state=ssm_state, output_final_state=True,
-                           reset_mask=reset_mask)
+            y, state = ops.ssd(xs, dt, A, B, C, self.D, initial_state=ssm_state, output_final_state=True,
+                               reset_mask=reset_mask)
             ssm_state.copy_(state)
         y = self.norm(y.reshape(b, t, self.intermediate_size), gate)
         return self.out_proj(y.to(x.dtype))

@@ -119,20 +119,22 @@ def _run(scan, op, x, dt, A, B, C, D, initial_state, output_final_state, cu_seql
 
 
 def ssd_torch(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-              reset_mask=None):
-    """Chunked reference (see the module docstring); arguments as ``olmo_hybrid.ops.ssd.ssd``."""
+              reset_mask=None, settings=None):
+    """Chunked reference (see the module docstring); arguments as ``olmo_hybrid.ops.ssd`` (``settings`` tunes
+    the Triton kernels only)."""
     return _run(_chunk_scan, "ssd", x, dt, A, B, C, D, initial_state, output_final_state, cu_seqlens, reset_mask)
 
 
 def recurrent_ssd_torch(x, dt, A, B, C, D=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                         reset_mask=None):
-    """Token-loop reference; arguments as ``olmo_hybrid.ops.ssd.recurrent_ssd``."""
+    """Token-loop reference; arguments as ``olmo_hybrid.ops.recurrent_ssd``."""
     return _run(_loop_scan, "recurrent_ssd", x, dt, A, B, C, D, initial_state, output_final_state, cu_seqlens,
                 reset_mask)
 
 
 def ssd_step_torch(x, dt, A, B, C, state, D=None, inplace=False, active=None):
-    """One decode token; arguments as ``olmo_hybrid.ops.ssd.ssd_step``."""
+    """One decode token; arguments as ``olmo_hybrid.ops.ssd_step`` (the specification of ``inplace`` and
+    ``active``)."""
     dtype = _compute_dtype(x)
     H = x.shape[1]
     xs, dts = x.to(dtype), dt.to(dtype)
@@ -142,9 +144,11 @@ def ssd_step_torch(x, dt, A, B, C, state, D=None, inplace=False, active=None):
     y = torch.einsum("bhpn,bhn->bhp", new, c)
     if D is not None:
         y = y + D.to(dtype)[:, None] * xs
+    y = y.to(x.dtype)
     if active is not None:
+        # torch.where, not boolean indexing: no host sync. Inactive rows keep the old state's own values.
         new = torch.where(active[:, None, None, None], new, state.to(dtype))
+        y = torch.where(active[:, None, None], y, 0)
     if inplace:
-        state.copy_(new)
-        new = state
-    return y.to(x.dtype), new
+        return y, state.copy_(new)
+    return y, new

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from olmo_hybrid.ops.ssd import recurrent_ssd, ssd, ssd_step
+from olmo_hybrid.ops import recurrent_ssd, ssd, ssd_step
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -16,14 +16,13 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of triton (see ops/triton/_interpret.py)
+if not torch.cuda.is_available():  # must precede the first import of triton (see ops/triton_runtime.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from olmo_hybrid.ops.backend import BackendUnavailableError  # noqa: E402
-from olmo_hybrid.ops.ssd import recurrent_ssd, ssd, ssd_step  # noqa: E402
+from test_ssd_reference import make_inputs, rel_err  # noqa: E402  (this folder is on sys.path under pytest)
 
-from .test_ssd import make_inputs, rel_err  # noqa: E402
+from olmo_hybrid.ops import BackendUnavailableError, KernelSettings, recurrent_ssd, ssd, ssd_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2 if DEVICE == "cpu" else 1e-2}
@@ -88,6 +87,7 @@ def test_decode_step_matches_reference(inplace):
     y, s = ssd_step(*step_args, state, D, inplace=inplace, active=active, backend="triton")
     assert rel_err(y[active], y_ref[active]) < 1e-5 and rel_err(s[active], s_ref[active]) < 1e-5
     assert torch.equal(s[1], before[2]), "an inactive row changed"
+    assert torch.equal(y[1], torch.zeros_like(y[1])), "an inactive row's output must be zeros"
     if inplace:
         assert s.data_ptr() == state.data_ptr() and torch.equal(pool[[0, 4]], before[[0, 4]])
     else:
@@ -126,7 +126,7 @@ def test_compile_fullgraph_traces_custom_ops():
 
 def test_custom_ops_pass_opcheck():
     """Schemas, fake (meta) implementations, autograd registration and AOT dispatch of the custom ops."""
-    import olmo_hybrid.ops.ssd.custom_ops  # noqa: F401  (defines the torch.ops.olmo_hybrid.ssd_* ops)
+    from olmo_hybrid.ops.ssd import custom_ops  # noqa: F401  (defines the torch.ops.olmo_hybrid.ssd_* ops)
 
     x, dt, A, B, C, D, h0 = (t.to(DEVICE) for t in make_inputs(Bsz=1, T=20, H=2, P=16, G=1, N=16, rows=2, seed=7))
     leaves = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
@@ -135,8 +135,8 @@ def test_custom_ops_pass_opcheck():
     step = (*(t[:, 0].detach() for t in (x, dt)), A.detach(), *(t[:, 0].detach() for t in (B, C)), D.detach(),
             state, torch.tensor([True], device=DEVICE))
     cases = [
-        (torch.ops.olmo_hybrid.ssd_chunk_fwd.default, (*leaves, None, None, None)),
-        (torch.ops.olmo_hybrid.ssd_chunk_fwd.default, (*(t.detach() for t in leaves), h0, cu, None)),
+        (torch.ops.olmo_hybrid.ssd_chunk_fwd.default, (*leaves, None, None, None, "bf16", "bf16")),
+        (torch.ops.olmo_hybrid.ssd_chunk_fwd.default, (*(t.detach() for t in leaves), h0, cu, None, "bf16", "bf16")),
         (torch.ops.olmo_hybrid.ssd_step_.default, step),
     ]
     for op, args in cases:
@@ -153,8 +153,13 @@ def test_backend_selection_and_refusals():
     big = torch.randn(1, 5, 1, 256)
     with pytest.raises(BackendUnavailableError, match="N=256"):
         ssd(x.to(DEVICE), dt.to(DEVICE), A.to(DEVICE), big.to(DEVICE), big.to(DEVICE), backend="triton")
-    with pytest.raises(BackendUnavailableError, match="token loop"):
+    with pytest.raises(BackendUnavailableError, match="no implementation of recurrent_ssd"):
         recurrent_ssd(x, dt, A, B, C, D, backend="triton")
+    tf32 = KernelSettings(dot="tf32")
+    args16 = [t.to(DEVICE, torch.bfloat16) if i in (0, 3, 4) else t.to(DEVICE) for i, t in enumerate((x, dt, A, B, C))]
+    with pytest.raises(BackendUnavailableError, match=r"KernelSettings.dot='tf32'"):
+        ssd(*args16, settings=tf32, backend="triton")
+    ssd(*(t.float() for t in args16), settings=tf32, backend="triton")  # fp32 inputs: exact products, no choice
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Triton kernels for the chunked SSD forward (see ``reference.py`` for the math), and the shared helpers of the
-backward (``triton_bwd.py``).
+backward (``chunk_bwd.py``).
 
 Kernel notation: q = C, k = B (a group's [BT, N] rows), v = dt x (a head's [BT, P] rows, scaled on load),
-g = dt A, gamma = chunk-local cumsum of g, and the chunk factors of ``ops/triton/gdn_chunk._gates``
+g = dt A, gamma = chunk-local cumsum of g, and the chunk factors of ``gated_delta_rule/chunk_common.gates``
 (a_i = exp(gamma_i), b_i = exp(gamma_last - gamma_i), a_last, Gamma = exp(gamma_i - gamma_j) masked to causal
 pairs of one document). Per chunk, with S the state entering it ([N, P], fp32):
 
@@ -20,25 +20,20 @@ from __future__ import annotations
 
 import torch
 
-# The GDN kernel package first: importing it turns on Triton's CPU interpreter when there is no GPU, which must
-# happen before triton itself is imported.
-from ..triton._interpret import interpreting
-from ..triton.gdn_chunk import (
+from ..gated_delta_rule.chunk_common import (
     CHUNK,
-    _chunk_coords,
-    _dot_precision,
-    _gates,
-    _load_rows,
-    _mm,
-    _op,
-    _operand_dtype,
-    _seq_coords,
-    _store_rows,
+    as_operand,
+    chunk_coords,
     chunk_tables,
+    gates,
+    load_rows,
+    mm,
+    operand_dtype,
+    seq_coords,
+    store_rows,
 )
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from ..gated_delta_rule.chunk_common import dot_precision as gdr_dot_precision
+from ..triton_runtime import interpreting, tl, triton
 
 
 @triton.jit
@@ -73,7 +68,7 @@ def _chunk_dt(dt_ptr, tok0, L, h, H: tl.constexpr, BT: tl.constexpr):
 @triton.jit
 def _load_v(x_ptr, dt, tok0, L, h, v0, H: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """(x, v = dt x) tiles [BT, BV] of head h, columns v0.. (fp32)."""
-    x = _load_rows(x_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
+    x = load_rows(x_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
     return x, x * dt[:, None]
 
 
@@ -90,7 +85,7 @@ def _states_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, reset_ptr, h0_ptr, states_ptr, h
     grp = h // (H // G)
     k0 = ik * BK
     v0 = iv * BV
-    bos, eos, c0 = _seq_coords(n, cu, coff, T, BT, IS_VARLEN)
+    bos, eos, c0 = seq_coords(n, cu, coff, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
     row_base = nh.to(tl.int64) * P * N
     if HAS_H0:
@@ -104,10 +99,10 @@ def _states_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, reset_ptr, h0_ptr, states_ptr, h
         c = (c0 + j).to(tl.int64)
         _store_state_tile(states_ptr, (c * H + h) * N * P, s, N, P, k0, v0, BK, BV, False)
         dt = _chunk_dt(dt_ptr, tok0, L, h, H, BT)
-        a, b, a_last, _, _ = _gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, False)
-        k = _load_rows(b_ptr + grp * N, tok0, L, G * N, k0, N, BT, BK)
+        a, b, a_last, _, _ = gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, False)
+        k = load_rows(b_ptr + grp * N, tok0, L, G * N, k0, N, BT, BK)
         _, v = _load_v(x_ptr, dt, tok0, L, h, v0, H, P, BT, BV)
-        s = a_last * s + _mm(tl.trans(_op(k * b[:, None], PREC)), _op(v, PREC), PREC)
+        s = a_last * s + mm(tl.trans(as_operand(k * b[:, None], PREC)), as_operand(v, PREC), PREC)
     _store_state_tile(ht_ptr, row_base, s, N, P, k0, v0, BK, BV, True)
 
 
@@ -119,25 +114,25 @@ def _output_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, reset_ptr, states_
     c = tl.program_id(0)
     h = tl.program_id(1)
     grp = h // (H // G)
-    tok0, L = _chunk_coords(c, chunk_tok0, chunk_len, T, BT, IS_VARLEN)
+    tok0, L = chunk_coords(c, chunk_tok0, chunk_len, T, BT, IS_VARLEN)
     if L <= 0:
         return
     c = c.to(tl.int64)
     dt = _chunk_dt(dt_ptr, tok0, L, h, H, BT)
     A = tl.load(a_ptr + h).to(tl.float32)
-    a, _, _, decay, _ = _gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, True)
-    q = _op(_load_rows(c_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
-    k = _op(_load_rows(b_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
-    pm = _op(_mm(q, tl.trans(k), PREC) * decay, PREC)
+    a, _, _, decay, _ = gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, True)
+    q = as_operand(load_rows(c_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
+    k = as_operand(load_rows(b_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
+    pm = as_operand(mm(q, tl.trans(k), PREC) * decay, PREC)
     if HAS_D:
         d = tl.load(d_ptr + h).to(tl.float32)
     for v0 in range(0, P, BV):
-        s = _op(_load_state_tile(states_ptr, (c * H + h) * N * P, N, P, 0, v0, BK, BV, False), PREC)
+        s = as_operand(_load_state_tile(states_ptr, (c * H + h) * N * P, N, P, 0, v0, BK, BV, False), PREC)
         x, v = _load_v(x_ptr, dt, tok0, L, h, v0, H, P, BT, BV)
-        y = a[:, None] * _mm(q, s, PREC) + _mm(pm, _op(v, PREC), PREC)
+        y = a[:, None] * mm(q, s, PREC) + mm(pm, as_operand(v, PREC), PREC)
         if HAS_D:
             y += d * x
-        _store_rows(y_ptr + h * P, y, tok0, L, H * P, v0, P, BT, BV)
+        store_rows(y_ptr + h * P, y, tok0, L, H * P, v0, P, BT, BV)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -149,13 +144,14 @@ def _output_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, reset_ptr, states_
 WARPS = dict(seq=8, out=8, bwd=8)
 
 
-def dot_precision(*tensors: torch.Tensor) -> str:
-    """The GDN kernels' dot-operand rule (``_dot_precision``) for the widest of the inputs' dtypes: exact fp32
-    dots when every input is fp32, bf16 operands with fp32 accumulation for 16-bit inputs."""
+def dot_precision(dot: str, *tensors: torch.Tensor) -> str:
+    """The GDN kernels' dot-operand rule (``chunk_common.dot_precision``) for the widest of the inputs' dtypes:
+    exact fp32 dots when every input is fp32, else ``dot`` (``KernelSettings.dot``; the SSD kernels implement
+    "bf16", bf16 operands with fp32 accumulation)."""
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    return _dot_precision(dtype)
+    return gdr_dot_precision(dtype, dot)
 
 
 def tiles(N: int, P: int) -> dict:
@@ -178,7 +174,7 @@ def prepare(x, dt, A, B, C, D, cu_seqlens, reset_mask):
     return x, dt, A, B, C, D, tables, reset
 
 
-def chunk_ssd_fwd(x, dt, A, B, C, D, initial_state, cu_seqlens, reset_mask):
+def chunk_ssd_fwd(x, dt, A, B, C, D, initial_state, cu_seqlens, reset_mask, dot="bf16"):
     """Forward pass. Returns (y, final_state [rows, H, P, N] fp32, states [chunks, H, N, P] in the dot operand
     dtype: the state entering every chunk, read by the output kernel and by the backward)."""
     Bsz, T, H, P = x.shape
@@ -186,10 +182,10 @@ def chunk_ssd_fwd(x, dt, A, B, C, D, initial_state, cu_seqlens, reset_mask):
     rows = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
     x, dt, A, B, C, D, (cu, coff, ctok0, clen, nc), reset = prepare(x, dt, A, B, C, D, cu_seqlens, reset_mask)
     varlen = cu is not None
-    prec = dot_precision(x, B, C)
+    prec = dot_precision(dot, x, B, C)
     t = tiles(N, P)
     dev = x.device
-    states = torch.empty(nc, H, N, P, device=dev, dtype=_operand_dtype(prec))
+    states = torch.empty(nc, H, N, P, device=dev, dtype=operand_dtype(prec))
     final_state = torch.empty(rows, H, P, N, device=dev, dtype=torch.float32)
     dummy = A
     h0 = initial_state.contiguous() if initial_state is not None else None

@@ -1,4 +1,4 @@
-"""Backward kernels of the chunked SSD (notation in ``triton_fwd.py``).
+"""Backward kernels of the chunked SSD (notation in ``chunk_fwd.py``).
 
 Given dY and the gradient of the final state, per chunk (S the state entering it, dS' the gradient of the state
 leaving it, M = (dY V^T) * Gamma, P = (Q K^T) * Gamma):
@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from ..triton.gdn_chunk import CHUNK, _chunk_coords, _gates, _load_rows, _mm, _op, _operand_dtype, _seq_coords
-from ..triton.gdn_chunk import _store_rows
-from ..triton.gdn_chunk_bwd import _pair_dg
-from .triton_fwd import WARPS, _chunk_dt, _load_state_tile, _load_v, _store_state_tile, dot_precision, prepare
-from .triton_fwd import tiles
-
-import triton  # noqa: E402  (after the GDN package, which sets up the interpreter)
-import triton.language as tl  # noqa: E402
+from ..gated_delta_rule.chunk_bwd import _pair_dg
+from ..gated_delta_rule.chunk_common import CHUNK, as_operand, chunk_coords, gates, load_rows, mm, operand_dtype
+from ..gated_delta_rule.chunk_common import seq_coords, store_rows
+from ..triton_runtime import tl, triton
+from .chunk_fwd import WARPS, _chunk_dt, _load_state_tile, _load_v, _store_state_tile, dot_precision, prepare, tiles
 
 
 @triton.jit
@@ -45,7 +42,7 @@ def _dstates_kernel(dt_ptr, a_ptr, c_ptr, dy_ptr, reset_ptr, dht_ptr, dstates_pt
     grp = h // (H // G)
     k0 = ik * BK
     v0 = iv * BV
-    bos, eos, c0 = _seq_coords(n, cu, coff, T, BT, IS_VARLEN)
+    bos, eos, c0 = seq_coords(n, cu, coff, T, BT, IS_VARLEN)
     n_chunks = tl.cdiv(eos - bos, BT)
     row_base = nh.to(tl.int64) * P * N
     if HAS_DHT:
@@ -60,10 +57,10 @@ def _dstates_kernel(dt_ptr, a_ptr, c_ptr, dy_ptr, reset_ptr, dht_ptr, dstates_pt
         c = (c0 + j).to(tl.int64)
         _store_state_tile(dstates_ptr, (c * H + h) * N * P, ds, N, P, k0, v0, BK, BV, False)
         dt = _chunk_dt(dt_ptr, tok0, L, h, H, BT)
-        a, _, a_last, _, _ = _gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, False)
-        q = _load_rows(c_ptr + grp * N, tok0, L, G * N, k0, N, BT, BK)
-        dy = _load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
-        ds = a_last * ds + _mm(tl.trans(_op(q * a[:, None], PREC)), _op(dy, PREC), PREC)
+        a, _, a_last, _, _ = gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, False)
+        q = load_rows(c_ptr + grp * N, tok0, L, G * N, k0, N, BT, BK)
+        dy = load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
+        ds = a_last * ds + mm(tl.trans(as_operand(q * a[:, None], PREC)), as_operand(dy, PREC), PREC)
     _store_state_tile(dh0_ptr, row_base, ds, N, P, k0, v0, BK, BV, True)
 
 
@@ -76,7 +73,7 @@ def _dq_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, reset_ptr, states_ptr
     c = tl.program_id(0)
     h = tl.program_id(1)
     grp = h // (H // G)
-    tok0, L = _chunk_coords(c, chunk_tok0, chunk_len, T, BT, IS_VARLEN)
+    tok0, L = chunk_coords(c, chunk_tok0, chunk_len, T, BT, IS_VARLEN)
     if L <= 0:
         return
     c = c.to(tl.int64)
@@ -85,21 +82,21 @@ def _dq_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, reset_ptr, states_ptr
     dos = tl.zeros([BT, BK], dtype=tl.float32)  # dY S^T
     dov = tl.zeros([BT, BT], dtype=tl.float32)  # dY V^T
     for v0 in range(0, P, BV):
-        s = _op(_load_state_tile(states_ptr, (c * H + h) * N * P, N, P, 0, v0, BK, BV, False), PREC)
+        s = as_operand(_load_state_tile(states_ptr, (c * H + h) * N * P, N, P, 0, v0, BK, BV, False), PREC)
         _, v = _load_v(x_ptr, dt, tok0, L, h, v0, H, P, BT, BV)
-        dy = _op(_load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV), PREC)
-        dos += _mm(dy, tl.trans(s), PREC)
-        dov += _mm(dy, tl.trans(_op(v, PREC)), PREC)
+        dy = as_operand(load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV), PREC)
+        dos += mm(dy, tl.trans(s), PREC)
+        dov += mm(dy, tl.trans(as_operand(v, PREC)), PREC)
     A = tl.load(a_ptr + h).to(tl.float32)
-    a, _, _, decay, _ = _gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, True)
-    q = _load_rows(c_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK)
+    a, _, _, decay, _ = gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, True)
+    q = load_rows(c_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK)
     dgam = a * tl.sum(q * dos, 1)
-    k = _op(_load_rows(b_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
-    pair = dov * _mm(_op(q, PREC), tl.trans(k), PREC) * decay
+    k = as_operand(load_rows(b_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
+    pair = dov * mm(as_operand(q, PREC), tl.trans(k), PREC) * decay
     dg = tl.cumsum(dgam, 0, reverse=True) + _pair_dg(tl.where(o_t[:, None] > o_t[None, :], pair, 0.0), BT, PREC)
     tl.store(dg_ptr + (tok0 + o_t).to(tl.int64) * H + h, dg, mask=o_t < L)
-    dq = a[:, None] * dos + _mm(_op(dov * decay, PREC), k, PREC)
-    _store_rows(dq_ptr + h * N, dq, tok0, L, H * N, 0, N, BT, BK)
+    dq = a[:, None] * dos + mm(as_operand(dov * decay, PREC), k, PREC)
+    store_rows(dq_ptr + h * N, dq, tok0, L, H * N, 0, N, BT, BK)
 
 
 @triton.jit
@@ -113,7 +110,7 @@ def _dkv_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dy_ptr, reset_ptr, st
     c = tl.program_id(0)
     h = tl.program_id(1)
     grp = h // (H // G)
-    tok0, L = _chunk_coords(c, chunk_tok0, chunk_len, T, BT, IS_VARLEN)
+    tok0, L = chunk_coords(c, chunk_tok0, chunk_len, T, BT, IS_VARLEN)
     if L <= 0:
         return
     c = c.to(tl.int64)
@@ -126,36 +123,36 @@ def _dkv_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dy_ptr, reset_ptr, st
     dsum = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)  # sum of dS' * S
     for v0 in range(0, P, BV):
         s = _load_state_tile(states_ptr, state_base, N, P, 0, v0, BK, BV, False)
-        ds = _op(_load_state_tile(dstates_ptr, state_base, N, P, 0, v0, BK, BV, False), PREC)
+        ds = as_operand(_load_state_tile(dstates_ptr, state_base, N, P, 0, v0, BK, BV, False), PREC)
         dsum += tl.sum(tl.sum(ds.to(tl.float32) * s.to(tl.float32), 1), 0)
         _, v = _load_v(x_ptr, dt, tok0, L, h, v0, H, P, BT, BV)
-        v = _op(v, PREC)
-        dy = _op(_load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV), PREC)
-        vds += _mm(v, tl.trans(ds), PREC)
-        dov += _mm(dy, tl.trans(v), PREC)
+        v = as_operand(v, PREC)
+        dy = as_operand(load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV), PREC)
+        vds += mm(v, tl.trans(ds), PREC)
+        dov += mm(dy, tl.trans(v), PREC)
     A = tl.load(a_ptr + h).to(tl.float32)
-    _, b, a_last, decay, _ = _gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, True)
-    k = _load_rows(b_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK)
+    _, b, a_last, decay, _ = gates(tl.cumsum(dt * A, 0), reset_ptr, tok0, L, BT, HAS_RESET, True)
+    k = load_rows(b_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK)
     zsum = b * tl.sum(k * vds, 1)
-    k = _op(k, PREC)
-    q = _op(_load_rows(c_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
-    m_t = tl.trans(_op(dov * decay, PREC))
-    pm_t = tl.trans(_op(_mm(q, tl.trans(k), PREC) * decay, PREC))  # P^T, P = (Q K^T) * Gamma
-    dk = _mm(m_t, q, PREC) + b[:, None] * vds
-    _store_rows(dk_ptr + h * N, dk, tok0, L, H * N, 0, N, BT, BK)
+    k = as_operand(k, PREC)
+    q = as_operand(load_rows(c_ptr + grp * N, tok0, L, G * N, 0, N, BT, BK), PREC)
+    m_t = tl.trans(as_operand(dov * decay, PREC))
+    pm_t = tl.trans(as_operand(mm(q, tl.trans(k), PREC) * decay, PREC))  # P^T, P = (Q K^T) * Gamma
+    dk = mm(m_t, q, PREC) + b[:, None] * vds
+    store_rows(dk_ptr + h * N, dk, tok0, L, H * N, 0, N, BT, BK)
     if HAS_D:
         d = tl.load(d_ptr + h).to(tl.float32)
     dvx = tl.zeros([BT], dtype=tl.float32)  # rowsum(dV x)
     dyx = tl.zeros([BT], dtype=tl.float32)  # rowsum(dY x)
     for v0 in range(0, P, BV):
-        ds = _op(_load_state_tile(dstates_ptr, state_base, N, P, 0, v0, BK, BV, False), PREC)
-        dy = _load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
-        x = _load_rows(x_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
-        dv = _mm(pm_t, _op(dy, PREC), PREC) + b[:, None] * _mm(k, ds, PREC)
+        ds = as_operand(_load_state_tile(dstates_ptr, state_base, N, P, 0, v0, BK, BV, False), PREC)
+        dy = load_rows(dy_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
+        x = load_rows(x_ptr + h * P, tok0, L, H * P, v0, P, BT, BV)
+        dv = mm(pm_t, as_operand(dy, PREC), PREC) + b[:, None] * mm(k, ds, PREC)
         dx = dv * dt[:, None]
         if HAS_D:
             dx += d * dy
-        _store_rows(dx_ptr + h * P, dx, tok0, L, H * P, v0, P, BT, BV)
+        store_rows(dx_ptr + h * P, dx, tok0, L, H * P, v0, P, BT, BV)
         dvx += tl.sum(dv * x, 1)
         dyx += tl.sum(dy * x, 1)
     rows = (tok0 + o_t).to(tl.int64) * H + h
@@ -167,7 +164,7 @@ def _dkv_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dy_ptr, reset_ptr, st
     tl.store(dd_ptr + rows, dyx, mask=valid)
 
 
-def chunk_ssd_bwd(x, dt, A, B, C, D, cu_seqlens, reset_mask, states, dy, dht):
+def chunk_ssd_bwd(x, dt, A, B, C, D, cu_seqlens, reset_mask, states, dy, dht, dot="bf16"):
     """Backward pass. Returns (dx, ddt, dA, dB, dC, dD, dh0); dD (float32, the skip weight's gradient, returned
     even without D) and dh0 are float32."""
     Bsz, T, H, P = x.shape
@@ -176,13 +173,13 @@ def chunk_ssd_bwd(x, dt, A, B, C, D, cu_seqlens, reset_mask, states, dy, dht):
     x, dt, A32, B, C, D32, (cu, coff, ctok0, clen, nc), reset = prepare(x, dt, A, B, C, D, cu_seqlens, reset_mask)
     dy = dy.contiguous()
     varlen = cu is not None
-    prec = dot_precision(x, B, C)
+    prec = dot_precision(dot, x, B, C)
     t = tiles(N, P)
     dev = x.device
     dummy = A32
     reset_arg = reset if reset is not None else dummy
     flags = dict(IS_VARLEN=varlen, HAS_RESET=reset is not None, PREC=prec)
-    dstates = torch.empty(nc, H, N, P, device=dev, dtype=_operand_dtype(prec))
+    dstates = torch.empty(nc, H, N, P, device=dev, dtype=operand_dtype(prec))
     dh0 = torch.empty(rows, H, P, N, device=dev, dtype=torch.float32)
     _dstates_kernel[(triton.cdiv(N, t["BK_seq"]), triton.cdiv(P, t["BV"]), rows * H)](
         dt, A32, C, dy, reset_arg, dht.contiguous() if dht is not None else dummy, dstates, dh0,
@@ -192,7 +189,7 @@ def chunk_ssd_bwd(x, dt, A, B, C, D, cu_seqlens, reset_mask, states, dy, dht):
     f32 = dict(device=dev, dtype=torch.float32)
     dg, ddt, dadt, dd = (torch.empty(Bsz, T, H, **f32) for _ in range(4))
     # Per-head gradients of C and B: final when every head has its own group, else summed over the group below.
-    qk_dtype = C.dtype if G == H else (torch.float32 if prec == "ieee" else _operand_dtype(prec))
+    qk_dtype = C.dtype if G == H else (torch.float32 if prec == "ieee" else operand_dtype(prec))
     dq = torch.empty(Bsz, T, H, N, device=dev, dtype=qk_dtype)
     dk = torch.empty(Bsz, T, H, N, device=dev, dtype=qk_dtype)
     meta = dict(H=H, G=G, N=N, P=P, BK=t["BK_full"], BV=t["BV"], BT=CHUNK, num_warps=WARPS["bwd"], num_stages=1,

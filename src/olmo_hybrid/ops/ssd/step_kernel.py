@@ -2,17 +2,14 @@
 
 Memory-bound: each program streams one [BP, N] slice of one (row, head) state in and out once. The state rows
 may be a row slice of a larger pool (any row stride; each row's [H, P, N] block contiguous). Rows whose
-``active`` entry is False are skipped entirely (state untouched, output not written).
+``active`` entry is False are skipped entirely (state untouched, output left at its zeros).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..triton import _interpret  # noqa: F401  (sets up the interpreter before triton is imported)
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from ..triton_runtime import tl, triton
 
 
 @triton.jit
@@ -52,7 +49,7 @@ def step_inplace(x, dt, A, B, C, D, state, active) -> torch.Tensor:
     G, N = B.shape[1:]
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
     A = A.float().contiguous()
-    y = torch.empty_like(x)
+    y = torch.zeros_like(x) if active is not None else torch.empty_like(x)
     BN = max(16, triton.next_power_of_2(N))
     BP = max(16, min(triton.next_power_of_2(P), 32 if BN <= 128 else 16))
     D32 = D.float().contiguous() if D is not None else A
