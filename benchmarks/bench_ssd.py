@@ -3,8 +3,10 @@
     python benchmarks/bench_ssd.py                         # ssd, gdn, mamba_ssm (if importable), + decode
     python benchmarks/bench_ssd.py --impls ssd --profile   # ours only, with a per-kernel breakdown
 
-Shapes at d_model 2048 (the 1b ladder), B sequences of T tokens (default 2 x 8192):
-- ssd, mamba_ssm: Mamba2 with expand 2, head dim 64, state 128, one group: x [B, T, 64, 64], B/C [B, T, 1, 128].
+Shapes at d_model 2048 (the 1b ladder), B sequences of T tokens (default 2 x 8192), expand 2 (4096 channels):
+- ssd, mamba_ssm, shape "ladder": the ladder's Mamba2 (OLMo-core ``model_specs.py``: one head per attention head,
+  head dim 2 d_model / heads): x [B, T, 16, 256], state 128, one group: B/C [B, T, 1, 128].
+- ssd, mamba_ssm, shape "hd64": mamba_ssm's default head dim 64: x [B, T, 64, 64], B/C [B, T, 1, 128].
 - gdn: the 1b hybrid's GDN layer (``config._ladder``): 16 heads, K = 128, V = 256 (the same 4096 value width),
   q/k l2-normalised in the kernel.
 Inputs: x, B, C (GDN: q, k, v, beta) bf16; dt = softplus(randn - 1), A = -U(1, 16), D = randn in fp32 (GDN: g =
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_gdn import bench_fn, environment, kernel_breakdown, peak_extra_gib, rel  # noqa: E402
 from bench_gdn import make_inputs as make_gdn_inputs  # noqa: E402
 
-SSD_SHAPE = dict(H=64, P=64, G=1, N=128)
+SSD_SHAPES = {"ladder": dict(H=16, P=256, G=1, N=128), "hd64": dict(H=64, P=64, G=1, N=128)}
 GDN_SHAPE = dict(H=16, K=128, V=256)
 NAMES = ["y", "dx", "ddt", "dA", "dB", "dC", "dD"]
 
@@ -88,11 +90,11 @@ def ssd_impls(wanted):
     return impls
 
 
-def reference_errors(fn, T=1024):
+def reference_errors(fn, shape, T=1024):
     """Relative errors of fn's output and gradients vs the float64 token loop (B=1, T tokens, the timed heads)."""
     from olmo_hybrid.ops import recurrent_ssd
 
-    inputs = make_ssd_inputs(1, T, **SSD_SHAPE, seed=1)
+    inputs = make_ssd_inputs(1, T, **shape, seed=1)
     ref_in = [t.detach().double().requires_grad_() for t in inputs]
     dy = torch.randn_like(inputs[0])
     y = fn(*inputs)
@@ -120,7 +122,7 @@ def bench_decode(Bsz=128):
 
     from olmo_hybrid.ops import ssd_step
 
-    H, P, G, N = SSD_SHAPE.values()
+    H, P, G, N = SSD_SHAPES["ladder"].values()
     x, dt, A, B, C, D = (t.detach() for t in make_ssd_inputs(Bsz, 1, H, P, G, N, seed=2))
     args = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
     state = torch.randn(Bsz, H, P, N, device="cuda") * 0.1
@@ -133,6 +135,7 @@ def bench_decode(Bsz=128):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--impls", default="ssd,gdn,mamba_ssm", help="ssd, gdn, mamba_ssm, torch (our eager reference)")
+    p.add_argument("--shapes", default="ladder,hd64", help=f"comma list of {list(SSD_SHAPES)}")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--modes", default="fwd(infer),fwd,fwd+bwd")
@@ -166,22 +169,27 @@ def main(argv=None):
         save()
 
     impls = ssd_impls(wanted)
-    inputs = make_ssd_inputs(args.batch, args.seq, **SSD_SHAPE)
-    dy = torch.randn_like(inputs[0])
 
-    def run_ssd(name):  # mamba_ssm last: its first calls autotune (compile) every config of every kernel
+    def run_ssd(name, shape_name):  # mamba_ssm last: its first calls autotune (compile) every config
+        shape = SSD_SHAPES[shape_name]
+        inputs = make_ssd_inputs(args.batch, args.seq, **shape)
+        dy = torch.randn_like(inputs[0])
+        key = f"{shape_name}/{name}"
         if name != "torch":
-            errs = reference_errors(impls[name])
-            print(name, "vs float64 token loop (B=1, T=1024):", json.dumps(errs), flush=True)
-            results["reference_errors"][name] = errs
-        timed(name, impls[name], inputs, dy, SSD_SHAPE)
+            errs = reference_errors(impls[name], shape)
+            print(key, "vs float64 token loop (B=1, T=1024):", json.dumps(errs), flush=True)
+            results["reference_errors"][key] = errs
+        timed(key, impls[name], inputs, dy, shape)
         if name != "ssd" and "ssd" in impls:
             diffs = cross_check(impls[name], impls["ssd"], inputs, dy)
-            print(f"{name} vs ssd at the timed shape:", json.dumps(diffs), flush=True)
-            results["cross_check"][name] = diffs
+            print(f"{key} vs ssd at the timed shape:", json.dumps(diffs), flush=True)
+            results["cross_check"][key] = diffs
+        del inputs, dy
+        torch.cuda.empty_cache()
 
-    for name in [n for n in impls if n != "mamba_ssm"]:
-        run_ssd(name)
+    for shape_name in args.shapes.split(","):
+        for name in [n for n in impls if n != "mamba_ssm"]:
+            run_ssd(name, shape_name)
     if "gdn" in wanted:
         from olmo_hybrid.ops import gated_delta_rule
 
@@ -192,7 +200,7 @@ def main(argv=None):
         def gdn(q, k, v, g, beta):
             return gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, backend="triton")[0]
 
-        timed("gdn", gdn, gin, gdy, GDN_SHAPE)
+        timed("gdn/ours", gdn, gin, gdy, GDN_SHAPE)
         del gin, gdy
     if args.decode:
         row = bench_decode()
@@ -200,10 +208,11 @@ def main(argv=None):
         results["decode"] = row
         save()
     if "mamba_ssm" in impls:
-        run_ssd("mamba_ssm")
-    print("\nimpl        " + "  ".join(f"{m:>11s}" for m in modes) + "   peak GiB")
+        for shape_name in args.shapes.split(","):
+            run_ssd("mamba_ssm", shape_name)
+    print("\nshape/impl        " + "  ".join(f"{m:>11s}" for m in modes) + "   peak GiB")
     for r in results["rows"]:
-        print(f"{r['impl']:10s} " + "  ".join(f"{r[m]:9.3f}ms" for m in modes) + f"   {r['peak_extra_GiB']:.2f}")
+        print(f"{r['impl']:16s} " + "  ".join(f"{r[m]:9.3f}ms" for m in modes) + f"   {r['peak_extra_GiB']:.2f}")
     save()
     return 0
 
