@@ -60,6 +60,13 @@ def test_chunk_matches_reference_grouped_heads(dtype):
     check_against_reference(inputs, dtype)
 
 
+def test_chunk_several_state_and_head_tiles():
+    """N = P = 80: two N tiles in the sequential kernels and two P tiles everywhere (the ladder's P = 256 loops
+    over four on the GPU), the last of each partial."""
+    inputs = make_inputs(Bsz=1, T=40, H=2, P=80, G=1, N=80, seed=9)
+    check_against_reference(inputs, torch.float32)
+
+
 def test_chunk_fast_decay_no_skip_no_initial_state():
     inputs = make_inputs(Bsz=1, T=70, H=2, P=16, G=1, N=16, decay="fast", seed=2)
     check_against_reference(inputs, torch.float32, use_d=False, use_h0=False, loss_on_state=False)
