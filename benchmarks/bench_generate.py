@@ -44,8 +44,9 @@ import torch
 from olmo_hybrid import ops
 from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.model import HybridLM
+from olmo_hybrid.model.cache import cache_bytes_per_sequence
+from olmo_hybrid.model.memory import format_bytes, workspace_bytes
 from olmo_hybrid.serve import Engine, max_sequences
-from olmo_hybrid.serve.memory import format_bytes, workspace_bytes
 from olmo_hybrid.serve.verify import greedy_disagreements, teacher_forced_logits
 
 # The issue's 1.5B OLMo-Hybrid shape; MLP as the OLMo 3 ladder at this width (SwiGLU multiplier 1.5).
@@ -197,7 +198,7 @@ def decode_step_bytes(model, cfg: ModelConfig, batch: int, context: int, item: i
     """The fewest bytes one decode step moves: weights except the embedding table (a step reads ``batch`` of
     its rows), each row's KV cache at ``context`` tokens, GDN state read and written, conv state."""
     weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * item
-    cache = cfg.inference_bytes_per_sequence(context, item)
+    cache = cache_bytes_per_sequence(cfg, context, item)
     return weights + batch * (cache["kv_cache"] + 2 * cache["gdn_state"] + 2 * cache["conv_state"])
 
 
@@ -276,7 +277,7 @@ def measure(system: str, cfg: ModelConfig, case: Case, batch: int, device, dtype
     top = peak(device)
     twin = cfg if system.endswith("hybrid") else dataclasses.replace(cfg, layer_pattern="A")
     item = torch.empty((), dtype=dtype).element_size()
-    row["computed_per_seq"] = twin.inference_bytes_per_sequence(case.prompt + case.new, item)["total"]
+    row["computed_per_seq"] = cache_bytes_per_sequence(twin, case.prompt + case.new, item)["total"]
     row["step_s"] = batch / row["decode_tok_s"]
     row["step_bytes"] = decode_step_bytes(model, twin, batch, case.prompt + case.new // 2, item)
     row["extra_peak"] = None if top is None else top - base

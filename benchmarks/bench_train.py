@@ -18,9 +18,10 @@ The transformer keeps the hybrid's width, depth, heads and MLP and makes every l
 attention four 2048 x 2048 matrices) and fewer FLOPs per token. Both tokens/s and MFU (which counts
 each model's own FLOPs, ``ModelConfig.flops_per_token``, the ``olmo-hybrid info`` figure) are shown.
 
-Timing: a step ends with host syncs (loss and gradient norm read back), so wall time per
-``train_step`` is device time; the first ``--warmup`` steps (compilation, autotuning) are dropped and
-the median of the rest is reported. ``--profile`` adds a torch.profiler table of the top kernels.
+Timing: a step does not wait for the device (its loss and gradient norm are read back in a batch, as the
+trainer does at its log interval), so the first ``--warmup`` steps (compilation, autotuning) run and are
+synchronised, then ``--steps`` steps are timed as one block ending with a device sync and their mean is
+reported. ``--profile`` adds a torch.profiler table of the top kernels.
 """
 
 from __future__ import annotations
@@ -78,7 +79,13 @@ def versions() -> dict:
 # One configuration on one GPU (a child process)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_one(args) -> dict:
+    from olmo_hybrid.train.metrics import read_back
     from olmo_hybrid.train.trainer import Trainer
 
     cfg = build_config(args.preset, args.pattern, args.seq, args.batch, args.warmup + args.steps,
@@ -86,25 +93,27 @@ def run_one(args) -> dict:
     with tempfile.TemporaryDirectory() as run_dir, gdn_backend(args.gdn_backend):
         trainer = Trainer(cfg, run_dir)
         trainer.model.train()
-        times, losses = [], []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            record = trainer.train_step()
-            times.append(time.perf_counter() - t0)
-            losses.append(record["loss"])
+        t0 = time.perf_counter()
+        outputs = [trainer.train_step() for _ in range(args.warmup)]
+        _sync()
+        t1 = time.perf_counter()
+        outputs += [trainer.train_step() for _ in range(args.steps)]
+        _sync()
+        t2 = time.perf_counter()
+        losses = [r["loss"] for r in read_back(outputs)]
         profile = profile_steps(trainer, args.profile) if args.profile else None
     tokens = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.grad_accum
-    step_s = statistics.median(times[args.warmup:])
+    step_s = (t2 - t1) / args.steps
     m = cfg.model
     out = {
         "name": args.name, "pattern": m.layer_pattern, "seq_len": cfg.data.seq_len, "batch": cfg.data.batch_size,
         "compile": not args.no_compile, "gdn_backend": args.gdn_backend if m.n_gdn_layers else "-",
         "params_nonemb": m.num_params(embeddings=False), "flops_per_token": m.flops_per_token(cfg.data.seq_len),
-        "step_s": step_s, "step_s_min": min(times[args.warmup:]), "tokens_per_s": tokens / step_s,
+        "step_s": step_s, "tokens_per_s": tokens / step_s,
         "mfu": (tokens / step_s) * m.flops_per_token(cfg.data.seq_len) / trainer.peak_flops if trainer.peak_flops else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
         "first_loss": losses[0], "last_loss": losses[-1],
-        "warmup_s": sum(times[:args.warmup]), "steps": args.steps, **versions(),
+        "warmup_s": t1 - t0, "steps": args.steps, **versions(),
     }
     if profile:
         out["profile"] = profile
@@ -253,7 +262,7 @@ def train_entry(argv: list[str]) -> None:
     """``bench_train.py train CFG RUN [--resume]``: the trainer under the requested GDN backend (torchrun target)."""
     from olmo_hybrid.config import from_dict
     from olmo_hybrid.train.config import TrainConfig
-    from olmo_hybrid.train.distributed import destroy
+    from olmo_hybrid.distributed import destroy
     from olmo_hybrid.train.trainer import train
 
     cfg = from_dict(TrainConfig, json.loads(Path(argv[0]).read_text()))

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from olmo_hybrid.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config field is unknown, has the wrong type, or contradicts another field."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,14 +85,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 pass
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means anything at inf or nan
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -179,11 +182,12 @@ class ModelConfig:
     layer_pattern: str = "GGGA"
     # softmax attention
     n_heads: int = 30
-    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
+    n_kv_heads: int | None = None  # None: multi-head attention (as many KV heads as n_heads)
     rope_theta: float | None = None  # None: no positional encoding (NoPE), as the released 7B
+    rope_type: str = "default"  # how positions become rotations (model/rope.py lists the implemented ones)
     # Gated DeltaNet
     gdn_heads: int = 30
-    gdn_v_heads: int | None = None  # None: same as gdn_heads; more gives grouped value heads
+    gdn_v_heads: int | None = None  # None: as many value heads as gdn_heads; more gives grouped value heads
     gdn_head_k: int = 96
     gdn_head_v: int = 192
     gdn_conv_size: int = 4
@@ -207,16 +211,8 @@ class ModelConfig:
         return [p[i % len(p)] for i in range(self.n_layers)]
 
     @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-    @property
-    def gdn_value_heads(self) -> int:
-        return self.gdn_v_heads or self.gdn_heads
 
     @property
     def n_gdn_layers(self) -> int:
@@ -243,20 +239,21 @@ class ModelConfig:
         if ATTN in self.layer_types:
             if self.d_model % self.n_heads:
                 bad("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-            if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-                bad("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
+            kv = self.n_kv_heads or self.n_heads
+            if kv <= 0 or self.n_heads % kv:
+                bad("n_kv_heads", f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
             if self.rope_theta is not None and self.head_dim % 2:
                 bad("rope_theta", f"RoPE needs an even head dim, got {self.head_dim}")
         if self.rope_theta is not None and not self.rope_theta > 0:
             bad("rope_theta", f"must be positive or null (no RoPE), got {self.rope_theta}")
-        if self.gdn_value_heads % self.gdn_heads:
-            bad("gdn_v_heads", f"{self.gdn_value_heads} is not a multiple of gdn_heads={self.gdn_heads}")
+        if (self.gdn_v_heads or self.gdn_heads) % self.gdn_heads:
+            bad("gdn_v_heads", f"{self.gdn_v_heads} is not a multiple of gdn_heads={self.gdn_heads}")
         if not self.norm_eps > 0:
             bad("norm_eps", f"must be positive, got {self.norm_eps}")
 
     # -- sizes ---------------------------------------------------------------------------------------
     def gdn_mixer_params(self) -> int:
-        d, h, hv = self.d_model, self.gdn_heads, self.gdn_value_heads
+        d, h, hv = self.d_model, self.gdn_heads, self.gdn_v_heads or self.gdn_heads
         key, val = h * self.gdn_head_k, hv * self.gdn_head_v
         proj = d * (2 * key + 2 * val) + val * d + 2 * d * hv  # q k v g, o, a b
         conv = (2 * key + val) * self.gdn_conv_size
@@ -264,7 +261,7 @@ class ModelConfig:
 
     def attn_mixer_params(self) -> int:
         d, hd = self.d_model, self.head_dim
-        q, kv = self.n_heads * hd, self.kv_heads * hd
+        q, kv = self.n_heads * hd, (self.n_kv_heads or self.n_heads) * hd
         return d * q + 2 * d * kv + q * d + q + kv  # q k v o projections, q/k norms
 
     def num_params(self, embeddings: bool = True) -> int:
@@ -288,16 +285,15 @@ class ModelConfig:
         dense = 6 * (self.num_params(embeddings=False) - self.d_model)
         attn = self.n_attn_layers * 3 * (2 * 2 * (seq_len / 2) * self.n_heads * self.head_dim)
         c, k, v = 64, self.gdn_head_k, self.gdn_head_v
-        gdn = self.n_gdn_layers * 3 * self.gdn_value_heads * (6 * c * k + 4 * c * v + 6 * k * v)
+        gdn = self.n_gdn_layers * 3 * (self.gdn_v_heads or self.gdn_heads) * (6 * c * k + 4 * c * v + 6 * k * v)
         return float(dense + attn + gdn)
 
-    def inference_bytes_per_sequence(self, context: int, kv_bytes: int = 2) -> dict[str, int]:
-        """Cache memory for one sequence at ``context`` tokens: KV (bf16 by default) + fp32 GDN state."""
-        kv = self.n_attn_layers * 2 * self.kv_heads * self.head_dim * context * kv_bytes
-        key, val = self.gdn_heads * self.gdn_head_k, self.gdn_value_heads * self.gdn_head_v
-        state = self.n_gdn_layers * self.gdn_value_heads * self.gdn_head_k * self.gdn_head_v * 4
-        conv = self.n_gdn_layers * (2 * key + val) * (self.gdn_conv_size - 1) * kv_bytes
-        return {"kv_cache": kv, "gdn_state": state, "conv_state": conv, "total": kv + state + conv}
+    def resolved(self) -> "ModelConfig":
+        """This config with the optional head counts filled in (``n_kv_heads = n_heads``, ``gdn_v_heads =
+        gdn_heads`` where None): what the model and its cache are built from. Configs themselves keep None, so
+        overriding ``n_heads`` later still means multi-head attention."""
+        return dataclasses.replace(self, n_kv_heads=self.n_kv_heads or self.n_heads,
+                                   gdn_v_heads=self.gdn_v_heads or self.gdn_heads)
 
     def with_pattern(self, pattern: str) -> "ModelConfig":
         return dataclasses.replace(self, layer_pattern=pattern)
@@ -331,11 +327,16 @@ def _ladder(d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
     )
 
 
+def _micro(d_model: int) -> ModelConfig:
+    """A micro-ladder size: ``_ladder`` at 4 layers with one 64-wide head per 64 channels and a 4096-id vocabulary."""
+    return dataclasses.replace(_ladder(d_model, 4, d_model // 64), vocab_size=4096)
+
+
 def _olmo_hybrid_7b() -> ModelConfig:
     return ModelConfig()  # the defaults are the released model
 
 
-def _tiny() -> ModelConfig:
+def _tiny_model() -> ModelConfig:
     # Sized for the 10-minute CPU job on the bundled corpus with a small BPE vocabulary.
     return ModelConfig(
         vocab_size=4096, d_model=256, n_layers=4, n_heads=4, gdn_heads=4, gdn_head_k=48,
@@ -344,7 +345,7 @@ def _tiny() -> ModelConfig:
 
 
 MODEL_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
-    "tiny": _tiny,
+    "tiny": _tiny_model,
     "60m": lambda: _ladder(384, 8, 8),
     "100m": lambda: _ladder(512, 12, 8),
     "190m": lambda: _ladder(768, 12, 12),
@@ -352,6 +353,12 @@ MODEL_PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     "600m": lambda: _ladder(1280, 16, 16),
     "760m": lambda: _ladder(1536, 16, 16),
     "1b": lambda: _ladder(2048, 16, 16),
+    # Micro ladder for scaling studies on one GPU (docs/scaling.md): 4 layers, 64-wide heads, the same rule;
+    # vocabulary 4096, a BPE trained by `olmo-hybrid prepare --bpe-vocab 4096` (the ladder sets the corpus's).
+    "micro-64": lambda: _micro(64),
+    "micro-128": lambda: _micro(128),
+    "micro-192": lambda: _micro(192),
+    "micro-256": lambda: _micro(256),
     "olmo-hybrid-7b": _olmo_hybrid_7b,
 }
 

@@ -1,9 +1,57 @@
-"""Atomic file writes: whatever a user had stays intact if a write is interrupted (crash, kill, full disk)."""
+"""Atomic file writes: whatever a user had stays intact if a write is interrupted (crash, kill, full disk).
+
+Failed writes become one ``WriteError`` that says what could not be written and why ("no space left on
+device"), whichever library's error carried the operating system's (``failure_reason``).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
+
+from olmo_hybrid.errors import WriteError
+
+_REASONS = {errno.ENOSPC: "no space left on device (the disk is full)", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file too large for this file system or process limit",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_RUST_OS_ERROR = re.compile(r"os error (\d+)")  # how safetensors (Rust) reports an OSError
+
+
+def describe_errno(code: int) -> str:
+    return _REASONS.get(code) or os.strerror(code).lower()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a write (or read) failed, in words: the operating system's error found anywhere in ``exc``'s chain.
+
+    Libraries wrap it differently: ``torch.save`` raises a RuntimeError whose context is the OSError,
+    Distributed Checkpoint collects ``(exception, traceback)`` pairs per rank in ``failures``, and
+    safetensors only writes "(os error 28)" into its message. Falls back to the first line of ``exc``.
+    """
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, tuple):  # DCP: (exception, traceback summary)
+            stack.extend(x for x in e[:1] if isinstance(x, BaseException))
+            continue
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return describe_errno(e.errno)
+        found = _RUST_OS_ERROR.search(str(e))
+        if found:
+            return describe_errno(int(found.group(1)))
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+        stack.extend([e.__cause__, e.__context__])
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -15,19 +63,64 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root`` (and ``root``), so a later rename publishes complete data."""
+    root = Path(root)
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fsync_dir(d)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename, fsync the directory."""
+    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename, fsync the directory.
+
+    On failure the temporary file is removed, ``path`` keeps its previous contents and a ``WriteError``
+    names the file and the reason."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise WriteError(f"could not write {path}: {failure_reason(e)}") from e
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
     return path
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A new empty directory beside ``final`` to build its replacement in (same file system, so
+    ``install_dir`` can rename it into place)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def install_dir(tmp: str | Path, final: str | Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``. A previous ``final`` is moved aside first and
+    deleted only once the new one is in place (put back if the swap fails), so at every instant ``final``
+    is either the old directory or the new one, never a mix."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    if not final.exists():
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    os.replace(final, old / "data")
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old / "data", final)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -7,16 +7,21 @@ import os
 import numpy as np
 import pytest
 
-from olmo_hybrid.cli.prepare import main as prepare_cli
+from olmo_hybrid.cli import main
 from olmo_hybrid.data.corpus import DataError, Document
 from olmo_hybrid.data.dataset import TokenDataset, read_manifest
 from olmo_hybrid.data.prepare import choose_val_documents, prepare, prepare_bundled
 from olmo_hybrid.data.tokenizer import load_tokenizer
+from olmo_hybrid.errors import WriteError
 
 from .conftest import random_documents
 
 # olmo_hybrid.data.prepare, as an attribute, is the function; the module is reached through importlib
 prepare_module = importlib.import_module("olmo_hybrid.data.prepare")
+
+
+def prepare_cli(argv: list[str]) -> int:
+    return main(["prepare", *argv])
 
 
 def _split_docs(path, split):
@@ -87,7 +92,7 @@ def test_failed_prepare_leaves_previous_output_intact(tmp_path, monkeypatch, sma
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(prepare_module, "_write_manifest", boom)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match=f"could not write the prepared dataset {out}: no space left on device"):
         prepare(None, out, documents=small_docs[10:30], bpe_vocab=300, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left behind

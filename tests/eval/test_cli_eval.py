@@ -52,7 +52,7 @@ def test_eval_mc_on_packaged_requests(hf_dir, tmp_path):
 
 
 def test_eval_errors_are_clear(hf_dir, tmp_path, capsys):
-    assert cli_main(["eval", str(tmp_path / "missing")]) == 2
+    assert cli_main(["eval", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["eval", str(hf_dir), "--suite", "speed"]) == 2
     assert "unknown suite" in capsys.readouterr().err

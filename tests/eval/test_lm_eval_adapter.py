@@ -12,7 +12,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from olmo_hybrid.eval import packaged_data
 from olmo_hybrid.eval.lm_eval_adapter import OlmoHybridLM
 from olmo_hybrid.eval.mc import load_questions, score_questions
-from olmo_hybrid.eval.runner import ModelRunner
+from olmo_hybrid.eval.runner import EvalRunner
 
 TASK_YAML = """task: {name}
 dataset_path: json
@@ -58,7 +58,7 @@ def test_mmlu_and_arc_scores_equal_lm_eval(tmp_path, tiny_model, bpe_tokenizer):
     tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)  # skip indexing the built-in tasks
     out = lm_eval.simple_evaluate(model=lm, tasks=list(slices), task_manager=tasks, log_samples=True,
                                   bootstrap_iters=0)
-    runner = ModelRunner(tiny_model, batch_size=8, max_length=512, prefix_id=bpe_tokenizer.eos_token_id,
+    runner = EvalRunner(tiny_model, batch_size=8, max_length=512, prefix_id=bpe_tokenizer.eos_token_id,
                          progress=False)
     for name, qs in slices.items():
         ours = score_questions(runner, bpe_tokenizer, qs)
@@ -80,7 +80,7 @@ def test_rolling_and_generate_until(tiny_model, bpe_tokenizer):
     lm = OlmoHybridLM(model=tiny_model, tokenizer=bpe_tokenizer, max_length=32)
     text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate."
     (ll,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
-    runner = ModelRunner(tiny_model, max_length=32, prefix_id=bpe_tokenizer.eos_token_id, progress=False)
+    runner = EvalRunner(tiny_model, max_length=32, prefix_id=bpe_tokenizer.eos_token_id, progress=False)
     assert ll == pytest.approx(-runner.rolling_nll(bpe_tokenizer.encode(text)))
     (gen,) = lm.generate_until([Instance("generate_until", {}, ("To be, or", {"max_gen_toks": 6}), 0)])
     ids = runner.generate_greedy([bpe_tokenizer.encode("To be, or")], 6)[0]

@@ -1,4 +1,4 @@
-"""ModelRunner (log-likelihoods, generation, rolling NLL) and multiple-choice / bits-per-byte scoring."""
+"""EvalRunner (log-likelihoods, generation, rolling NLL) and multiple-choice / bits-per-byte scoring."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_hybrid.eval.mc import MCQuestion, bits_per_byte_of_texts, encode_pair, score_questions
-from olmo_hybrid.eval.runner import ModelRunner
+from olmo_hybrid.eval.runner import EvalRunner
 
 
 def _reference_ll(model, ctx, cont):
@@ -26,8 +26,8 @@ def test_loglikelihood_matches_single_forward_and_batching(tiny_model):
         n_ctx, n_cont = torch.randint(1, 30, (2,), generator=g).tolist()
         ids = torch.randint(0, 500, (n_ctx + n_cont,), generator=g).tolist()
         reqs.append((ids[:n_ctx], ids[n_ctx:]))
-    batched = ModelRunner(tiny_model, batch_size=4, progress=False).loglikelihood(reqs)
-    single = ModelRunner(tiny_model, batch_size=1, progress=False).loglikelihood(reqs)
+    batched = EvalRunner(tiny_model, batch_size=4, progress=False).loglikelihood(reqs)
+    single = EvalRunner(tiny_model, batch_size=1, progress=False).loglikelihood(reqs)
     for (ctx, cont), (ll, greedy), (ll1, _) in zip(reqs, batched, single):
         ref_ll, ref_greedy = _reference_ll(tiny_model, ctx, cont)
         assert ll == pytest.approx(ref_ll, abs=1e-4) and ll1 == pytest.approx(ref_ll, abs=1e-4)
@@ -36,7 +36,7 @@ def test_loglikelihood_matches_single_forward_and_batching(tiny_model):
 
 def test_greedy_continuation_is_flagged_greedy(tiny_model):
     ctx = [5, 17, 42, 99]
-    runner = ModelRunner(tiny_model, progress=False)
+    runner = EvalRunner(tiny_model, progress=False)
     cont = runner.generate_greedy([ctx], 3)[0]
     assert len(cont) == 3
     (ll, greedy), = runner.loglikelihood([(ctx, cont)])
@@ -45,19 +45,19 @@ def test_greedy_continuation_is_flagged_greedy(tiny_model):
 
 def test_empty_context_uses_prefix_and_errors_without(tiny_model):
     with pytest.raises(ValueError, match="prefix_id"):
-        ModelRunner(tiny_model, progress=False).loglikelihood([([], [3, 4])])
-    (ll, _), = ModelRunner(tiny_model, prefix_id=0, progress=False).loglikelihood([([], [3, 4])])
+        EvalRunner(tiny_model, progress=False).loglikelihood([([], [3, 4])])
+    (ll, _), = EvalRunner(tiny_model, prefix_id=0, progress=False).loglikelihood([([], [3, 4])])
     assert ll == pytest.approx(_reference_ll(tiny_model, [0], [3, 4])[0], abs=1e-4)
 
 
 def test_rolling_nll_equals_full_forward_and_windows(tiny_model):
     ids = torch.randint(2, 500, (70,), generator=torch.Generator().manual_seed(2)).tolist()
-    full = ModelRunner(tiny_model, max_length=128, prefix_id=0, progress=False).rolling_nll(ids)
+    full = EvalRunner(tiny_model, max_length=128, prefix_id=0, progress=False).rolling_nll(ids)
     ref = -_reference_ll(tiny_model, [0], ids)[0]
     assert full == pytest.approx(ref, rel=1e-5)
     # with 32-token windows each token is still predicted exactly once, from shorter contexts
     for stride in (32, 12):
-        runner = ModelRunner(tiny_model, max_length=32, prefix_id=0, progress=False)
+        runner = EvalRunner(tiny_model, max_length=32, prefix_id=0, progress=False)
         windowed = runner.rolling_nll(ids, stride=stride)
         manual = -_reference_ll(tiny_model, [0], ids[:stride])[0]
         for start in range(stride, 70, stride):
@@ -70,8 +70,8 @@ def test_rolling_nll_equals_full_forward_and_windows(tiny_model):
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
     prompts = [[7, 8, 9, 10, 11], [3, 4], [100, 200, 300]]
-    batched = ModelRunner(tiny_model, batch_size=3, progress=False).generate_greedy(prompts, 5)
-    single = ModelRunner(tiny_model, batch_size=1, progress=False).generate_greedy(prompts, 5)
+    batched = EvalRunner(tiny_model, batch_size=3, progress=False).generate_greedy(prompts, 5)
+    single = EvalRunner(tiny_model, batch_size=1, progress=False).generate_greedy(prompts, 5)
     assert batched == single
     ref = tiny_model.generate(torch.tensor([prompts[0]]), 5)[0, 5:].tolist()
     assert single[0] == ref
@@ -106,7 +106,7 @@ def test_acc_and_length_normalised_acc(bpe_tokenizer):
 
 def test_bits_per_byte_definition(tiny_model, bpe_tokenizer):
     text = "To be, or not to be, that is the question."
-    runner = ModelRunner(tiny_model, max_length=64, prefix_id=bpe_tokenizer.eos_token_id, progress=False)
+    runner = EvalRunner(tiny_model, max_length=64, prefix_id=bpe_tokenizer.eos_token_id, progress=False)
     out = bits_per_byte_of_texts(runner, bpe_tokenizer, [text])
     nll = runner.rolling_nll(bpe_tokenizer.encode(text), stride=32)
     assert out["bpb"] == pytest.approx(nll / (len(text.encode()) * math.log(2)))

@@ -41,3 +41,23 @@ def test_cuda_greedy_generate_equals_full_forward_loop():
         for _ in range(16):
             ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, ref)
+
+
+def test_decode_forward_never_synchronises_with_the_host():
+    # The decode step as the engine runs it (inactive rows inside the batch), under CUDA's sync checker.
+    torch.manual_seed(0)
+    model = HybridLM(_cfg()).to("cuda").eval()
+    cache = model.new_cache(4, 128)
+    active = torch.tensor([True, False, True, True], device="cuda")
+    tokens = torch.randint(0, 1000, (4, 1), device="cuda")
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (4, 40), device="cuda"), cache=cache.for_prefill(slice(0, 4), 0))
+        model(tokens, cache=cache.for_decode(slice(0, 4), active))  # warm-up: kernel compilation, lazy init
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                model(tokens, cache=cache.for_decode(slice(0, 4), active))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cache.lengths.tolist() == [44, 40, 44, 44]

@@ -1,4 +1,4 @@
-"""HybridLM behaviour: sizes, packed documents, cached generation, left padding and input errors."""
+"""HybridLM behaviour: sizes, packed documents, cached prefill and decode, generation, left padding, input errors."""
 
 import json
 
@@ -58,9 +58,11 @@ def test_chunked_prefill_and_decode_equal_full_forward(pattern):
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(2, 150)
-        parts = [model(ids[:, s:e], cache=cache) for s, e in [(0, 65), (65, 130), (130, 131)]]
-        parts += [model(ids[:, t:t + 1], cache=cache) for t in range(131, 150)]
+        parts = [model(ids[:, s:e], cache=cache.for_prefill(slice(0, 2), s))
+                 for s, e in [(0, 65), (65, 130), (130, 131)]]
+        parts += [model(ids[:, t:t + 1], cache=cache.for_decode(slice(0, 2))) for t in range(131, 150)]
     assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-4 * full.abs().max()
+    assert cache.lengths.tolist() == [150, 150]
 
 
 def test_greedy_generate_equals_loop_of_full_forwards():
@@ -102,9 +104,12 @@ def test_eos_stops_rows_and_pads_them():
 def test_sampling_respects_top_k_and_is_seeded():
     model = small()
     prompt = torch.randint(0, 61, (4, 5))
-    a = model.generate(prompt, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
-    b = model.generate(prompt, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
+    a = model.generate(prompt, 8, temperature=1.0, top_k=3, seed=1)
+    b = model.generate(prompt, 8, temperature=1.0, top_k=3, seed=1)
+    c = model.generate(prompt, 8, temperature=1.0, top_k=3, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Each row samples as its prompt does alone with the same seed (the engine's counter-based draws).
+    assert torch.equal(model.generate(prompt[2:3], 8, temperature=1.0, top_k=3, seed=1), a[2:3])
     with torch.no_grad():
         logits = model(a[:, :-1])[:, 4:]
     top3 = logits.topk(3, dim=-1).indices
@@ -113,8 +118,12 @@ def test_sampling_respects_top_k_and_is_seeded():
 
 def test_bad_token_ids_and_long_prompts_are_rejected():
     model = small()
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        model(torch.tensor([[1, 61]]))
+    with pytest.raises(ValueError, match="row 0 has token id 61 outside the vocabulary"):
+        model.generate(torch.tensor([[1, 61]]), 2)
+    with pytest.raises(ValueError, match="row 1 has token id -1 outside the vocabulary"):
+        model.generate(torch.tensor([[1, 2], [0, -1]]), 2, attention_mask=torch.tensor([[1, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.ones(1, 3))
     with pytest.raises(ValueError, match="max_seq_len=400"):
         model.generate(torch.randint(0, 61, (1, 390)), max_new_tokens=20)
     with pytest.raises(ValueError, match="left padding"):

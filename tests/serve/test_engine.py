@@ -7,8 +7,6 @@ import torch
 from serve_util import VOCAB, LetterTokenizer, greedy_by_full_forwards, random_prompts, tiny_model
 
 from olmo_hybrid.serve import Engine, MemoryBudgetError, SamplingParams
-from olmo_hybrid.serve.runner import ModelRunner
-from olmo_hybrid.serve.slots import SlotCache
 from olmo_hybrid.serve.verify import greedy_disagreements
 
 LENGTHS = (1, 7, 33, 70)
@@ -52,45 +50,6 @@ def test_equal_length_prompts_and_a_hole_in_the_batch():
     outs = {o.request_id: o for o in engine.run_until_done()}
     for rid, p, n in zip(ids, prompts, (10, 4, 10)):
         assert outs[rid].token_ids == greedy_by_full_forwards(model, p, n)
-
-
-def test_decode_logits_match_full_forward_at_per_row_positions():
-    model = tiny_model("GGGA")
-    prompts = random_prompts((5, 40, 17))
-    cache = SlotCache(model.config, 4, 64, dtype=torch.float32)
-    runner = ModelRunner(model, cache)
-    slots = [cache.allocate() for _ in range(4)]
-    cache.release(slots[1])  # a free row inside the decode batch must not disturb the others
-    seqs = {0: prompts[0], 2: prompts[1], 3: prompts[2]}
-    for slot, p in seqs.items():
-        runner.prefill(slot, p, chunk=8)
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(6):
-        tokens = torch.randint(0, VOCAB, (4,), generator=gen)
-        positions = torch.tensor([cache.lengths[s] for s in range(4)])
-        logits = runner.decode(tokens, positions, span=int(positions.max()) + 1)
-        for slot in seqs:
-            seqs[slot] = torch.cat([seqs[slot], tokens[slot:slot + 1]])
-            cache.lengths[slot] += 1
-            with torch.no_grad():
-                ref = model(seqs[slot][None])[0, -1]
-            assert (logits[slot] - ref).abs().max() < 1e-4 * ref.abs().max(), slot
-
-
-def test_unmasked_decode_for_equal_lengths_equals_masked():
-    model = tiny_model("GAGA")
-    cache = SlotCache(model.config, 3, 40, dtype=torch.float32)
-    runner = ModelRunner(model, cache)
-    for slot, p in enumerate(random_prompts((20, 20, 20))):
-        assert cache.allocate() == slot
-        runner.prefill(slot, p, chunk=8)
-    saved = [t.clone() for layer in cache.layers for t in vars(layer).values()]
-    tokens, positions = torch.tensor([3, 9, 27]), torch.full((3,), 20)
-    masked = runner.decode(tokens, positions, span=21)
-    for t, s in zip((t for layer in cache.layers for t in vars(layer).values()), saved):
-        t.copy_(s)
-    unmasked = runner.decode(tokens, positions, span=21, uniform=True)
-    assert (masked - unmasked).abs().max() < 1e-5 * masked.abs().max()
 
 
 @pytest.mark.parametrize("prefill_budget", [None, 8])
@@ -276,3 +235,25 @@ def test_stop_strings_with_the_real_tokenizer():
     out = engine.generate([prompt], 40, stop=stop, ignore_eos=True)[0]
     assert (out.finish_reason, out.stop, out.token_ids) == ("stop", stop, free.token_ids[:need])
     assert out.text == full[:full.find(stop)]
+
+
+def test_model_generate_cuts_rows_at_stop_strings_and_pads_them():
+    model = tiny_model("GGGA")
+    tok = LetterTokenizer()
+    prompts = random_prompts((6, 9))
+    engine = Engine(model, max_batch=2, max_context=40, tokenizer=tok)
+    stop = tok.decode(engine.generate(prompts[:1], 20)[0].token_ids)[6:9]
+    want = [o.token_ids for o in engine.generate(prompts, 20, stop=stop)]
+    assert len(want[0]) < 20  # the first row stops early
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 9 - len(p):], mask[row, 9 - len(p):] = p, 1
+    out = model.generate(ids, 20, stop=stop, tokenizer=tok, attention_mask=mask, pad_token_id=VOCAB - 1)
+    width = max(len(w) for w in want)
+    assert out.shape == (2, 9 + width) and torch.equal(out[:, :9], ids)
+    for row, w in enumerate(want):
+        assert out[row, 9:].tolist() == w + [VOCAB - 1] * (width - len(w))
+    if len(want[0]) != len(want[1]):
+        with pytest.raises(ValueError, match="pass pad_token_id"):
+            model.generate(ids, 20, stop=stop, tokenizer=tok, attention_mask=mask)

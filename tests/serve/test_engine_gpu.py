@@ -5,7 +5,7 @@ import torch
 from serve_util import greedy_by_full_forwards, random_prompts, tiny_model
 
 from olmo_hybrid.serve import Engine, SamplingParams
-from olmo_hybrid.serve.cuda_graphs import row_buckets
+from olmo_hybrid.model.cuda_graphs import row_buckets
 from olmo_hybrid.ops import decode_attention
 from olmo_hybrid.serve.verify import greedy_disagreements
 

@@ -1,5 +1,6 @@
 """``olmo-hybrid generate`` on the engine: the streamed text is the engine's text, greedy equals full forwards."""
 
+import pytest
 import torch
 from serve_util import greedy_by_full_forwards
 
@@ -43,3 +44,17 @@ def test_generate_cuts_at_a_stop_string_without_printing_it(tmp_path, capsys):
     assert len(full) > 5 and stop
     assert main(args + ["--stop", stop]) == 0
     assert capsys.readouterr().out == "the dog" + full[:full.find(stop)] + "\n"
+
+
+def test_cli_and_generate_refuse_the_same_sampling_settings(tmp_path, capsys):
+    model, tok = _checkpoint(tmp_path)
+    for flag, value in [("--temperature", "-0.5"), ("--temperature", "nan"), ("--top-p", "0"), ("--top-p", "1.5"),
+                        ("--top-p", "nan"), ("--top-k", "-1")]:
+        name = flag[2:].replace("-", "_")
+        number = int(value) if name == "top_k" else float(value)
+        with pytest.raises(ValueError, match=f"SamplingParams.{name} must be"):
+            model.generate(torch.tensor([tok.encode("the cat")]), 4, **{name: number})
+        # The CLI reports the same error as one line and a non-zero exit code.
+        assert main(["generate", str(tmp_path), "--prompt", "the cat", "--device", "cpu", flag, value]) != 0
+        err = capsys.readouterr().err.strip()
+        assert f"SamplingParams.{name} must be" in err and "\n" not in err, err

@@ -4,6 +4,7 @@ import pytest
 import torch
 from serve_util import tiny_model
 
+from olmo_hybrid.model.cache import cache_bytes_per_sequence
 from olmo_hybrid.serve import Engine, MemoryBudgetError, max_sequences
 
 
@@ -13,7 +14,7 @@ def test_cache_bytes_equal_config_formula(pattern, dtype):
     engine = Engine(model, max_batch=3, max_context=50, dtype=dtype, cuda_graphs=True)
     assert engine._graphs is None  # CUDA graphs are never used off CUDA
     item = torch.empty((), dtype=dtype).element_size()
-    per_seq = model.config.inference_bytes_per_sequence(50, kv_bytes=item)
+    per_seq = cache_bytes_per_sequence(model.config, 50, kv_bytes=item)
     report = engine.memory_report()
     assert report["per_sequence"] == per_seq
     assert engine.cache.nbytes() == report["cache_bytes"] == 3 * per_seq["total"]
@@ -22,9 +23,9 @@ def test_cache_bytes_equal_config_formula(pattern, dtype):
     allocated = {"kv": 0, "state": 0, "conv": 0}
     for layer in engine.cache.layers:
         for name, t in vars(layer).items():
-            kind = "kv" if name in ("keys", "values") else "state" if name == "state" else "conv"
+            kind = "kv" if name in ("keys", "values") else "state" if name == "recurrent" else "conv"
             allocated[kind] += t.numel() * t.element_size()
-            assert t.dtype == (torch.float32 if name == "state" else dtype), name
+            assert t.dtype == (torch.float32 if name == "recurrent" else dtype), name
     assert allocated == {"kv": 3 * per_seq["kv_cache"], "state": 3 * per_seq["gdn_state"],
                          "conv": 3 * per_seq["conv_state"]}
     assert (per_seq["kv_cache"] == 0) == (pattern == "G") and (per_seq["gdn_state"] == 0) == (pattern == "A")
@@ -42,7 +43,7 @@ def test_request_longer_than_a_slot_is_refused_up_front():
 
 def test_cache_over_budget_is_refused_with_the_numbers():
     model = tiny_model("GGGA")
-    per_seq = model.config.inference_bytes_per_sequence(64, kv_bytes=4)["total"]
+    per_seq = cache_bytes_per_sequence(model.config, 64, kv_bytes=4)["total"]
     budget = 5 * per_seq + 1
     assert max_sequences(model.config, 64, budget, torch.float32) == 5
     Engine(model, max_batch=5, max_context=64, memory_budget=budget)

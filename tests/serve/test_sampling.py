@@ -2,7 +2,7 @@
 
 import torch
 
-from olmo_hybrid.serve.sampling import sample, uniform_noise
+from olmo_hybrid.model.sampling import sample, uniform_noise
 
 
 def rows(n, temperature=1.0, top_k=0, top_p=1.0, seed=0, counter=None):

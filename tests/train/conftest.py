@@ -63,3 +63,12 @@ def make_config(data_path, *overrides: str, **sections) -> TrainConfig:
 
 def quiet(*_args, **_kwargs) -> None:
     pass
+
+
+def use_fused_adamw(trainer) -> None:
+    """Give ``trainer`` the optimizer it has on CUDA, fused AdamW (same groups and hyperparameters): the CPU
+    build of torch has the same fused kernel, so the device-side skip is testable here."""
+    old = trainer.optimizer
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old.param_groups]
+    d = old.defaults
+    trainer.optimizer = torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=True)

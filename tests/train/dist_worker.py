@@ -1,5 +1,6 @@
 """Started by tests/train/test_distributed.py under torchrun: train a JSON config in a run directory,
-optionally SIGKILLing one rank just before a given step (a crashed node, not a clean exit)."""
+optionally SIGKILLing one rank just before a given step (a crashed node, not a clean exit), or making one
+step's gradients infinite (then rank 0 prints the optimizer's step counts)."""
 
 import argparse
 import json
@@ -7,8 +8,8 @@ import os
 import signal
 
 from olmo_hybrid.config import from_dict
+from olmo_hybrid.distributed import destroy
 from olmo_hybrid.train.config import TrainConfig
-from olmo_hybrid.train.distributed import destroy
 from olmo_hybrid.train.trainer import Trainer
 
 
@@ -19,6 +20,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-before-step", type=int, default=0)
+    p.add_argument("--poison-step", type=int, default=0)
     args = p.parse_args()
     with open(args.config) as f:
         cfg = from_dict(TrainConfig, json.load(f))
@@ -32,7 +34,16 @@ def main() -> None:
             return real_step()
 
         trainer.train_step = step_or_die
+    if args.poison_step:
+        def poison(grad):
+            return grad * float("inf") if trainer.step + 1 == args.poison_step else grad
+
+        for p in trainer.model.parameters():
+            p.register_hook(poison)
     trainer.fit()
+    if args.poison_step and trainer.env.is_main:
+        counts = sorted({int(s["step"]) for s in trainer.optimizer.state.values()})
+        print(f"optimizer steps {', '.join(map(str, counts))}", flush=True)
     destroy()
 
 

@@ -6,14 +6,18 @@ import json
 
 import pytest
 
-from olmo_hybrid.cli.train import main
+from olmo_hybrid import checkpoint as ckpt
+from olmo_hybrid.cli import main as olmo_hybrid
 from olmo_hybrid.config import ConfigError, to_dict
 from olmo_hybrid.data import DataError
-from olmo_hybrid.train import checkpoint as ckpt
 from olmo_hybrid.train.config import build_config, train_preset
 from olmo_hybrid.train.trainer import Trainer
 
 from .conftest import make_config, quiet
+
+
+def main(argv: list[str]) -> int:
+    return olmo_hybrid(["train", *argv])
 
 
 def test_default_is_the_tiny_hybrid_on_the_bundled_corpus():
@@ -88,8 +92,6 @@ def test_cli_trains_exports_and_samples(corpus_dir, tmp_path, capsys):
     # --resume on a finished run changes nothing and still reports.
     assert main([str(path), "--out", str(out), "--save-interval", "2", "--resume"]) == 0
     # The run directory and its HF export are both checkpoints for the other commands.
-    from olmo_hybrid.cli import main as olmo_hybrid
-
     capsys.readouterr()
     for checkpoint in (out, out / "hf"):
         assert olmo_hybrid(["info", str(checkpoint), "--json"]) == 0
@@ -105,7 +107,9 @@ def test_missing_corpus_is_a_clear_error_and_keeps_the_run(corpus_dir, tmp_path,
     empty.mkdir()
     with pytest.raises(DataError, match="no manifest.json"):
         Trainer(make_config(empty), tmp_path, resume=True, log=quiet)
-    assert main([f"data.path={tmp_path / 'nowhere'}", "--out", str(tmp_path), "--resume", "trainer.device=cpu"]) == 1
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(to_dict(make_config(tmp_path / "nowhere"))))
+    assert main([str(cfg_file), "--out", str(tmp_path), "--resume"]) == 1
     assert "nowhere" in capsys.readouterr().err
     assert ckpt.latest_checkpoint(tmp_path).step == 2
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from olmo_hybrid import checkpoint as ckpt
 from olmo_hybrid.config import to_dict
-from olmo_hybrid.train import checkpoint as ckpt
 from olmo_hybrid.train.metrics import read_metrics
 from olmo_hybrid.train.trainer import Trainer
 
@@ -91,7 +91,7 @@ def test_two_processes_match_one_process(one_process, two_processes):
 def test_hf_export_of_a_sharded_run_matches_its_checkpoint(two_processes, tmp_path):
     run = two_processes[0]
     ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
-    from_shards = ckpt.load_model_from_run(run, step=STEPS)  # gathered from the 2 ranks' DCP shards
+    from_shards, _ = ckpt.load_model_and_tokenizer(run, step=STEPS)  # gathered from the 2 ranks' DCP shards
     from olmo_hybrid.model import HybridLM
 
     exported = HybridLM.from_pretrained(run / "hf")  # written at the end of the 2-process run

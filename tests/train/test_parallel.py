@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from olmo_hybrid.config import ConfigError, ModelConfig
+from olmo_hybrid.distributed import DistEnv
 from olmo_hybrid.model import HybridLM
-from olmo_hybrid.train.distributed import DistEnv
 from olmo_hybrid.train.loss import chunked_lm_loss, loss_terms
 from olmo_hybrid.train.parallel import apply_activation_checkpointing, apply_compile, build_mesh, checkpointed_layers
 

@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
+from olmo_hybrid import checkpoint as ckpt
+from olmo_hybrid.checkpoint import state as ckpt_state
 from olmo_hybrid.config import to_dict
-from olmo_hybrid.train import checkpoint as ckpt
 from olmo_hybrid.train.metrics import read_metrics
 from olmo_hybrid.train.trainer import Trainer
 
@@ -65,13 +66,13 @@ def test_resume_gives_bit_identical_losses(straight_run, corpus_dir, tmp_path):
 
 KILL_SCRIPT = r"""
 import json, os, signal, sys
+from olmo_hybrid.checkpoint import state
 from olmo_hybrid.config import from_dict
-from olmo_hybrid.train import checkpoint as ckpt
 from olmo_hybrid.train.config import TrainConfig
 from olmo_hybrid.train.trainer import Trainer
 
 cfg = from_dict(TrainConfig, json.load(open(sys.argv[1])))
-real_write = ckpt._write_file
+real_write = state._write_file
 
 def write_then_die(path, obj):
     # The second checkpoint (step 4) dies after its weights and optimizer state (DCP) and this rank's
@@ -80,7 +81,7 @@ def write_then_die(path, obj):
     if path.parent.parent.name.startswith(".tmp-step_000004") and path.name == "rank0.pt":
         os.kill(os.getpid(), signal.SIGKILL)
 
-ckpt._write_file = write_then_die
+state._write_file = write_then_die
 Trainer(cfg, sys.argv[2], log=lambda *a: None).fit()
 """
 
@@ -120,8 +121,8 @@ def test_incomplete_newest_checkpoint_is_skipped(corpus_dir, tmp_path):
     assert "__0_0.distcp" in skipped[0]
     (ckpt.checkpoints_dir(tmp_path) / "step_000002" / ckpt.MANIFEST).unlink()
     assert ckpt.latest_checkpoint(tmp_path, log=quiet).step == 1
-    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
-        ckpt.load_checkpoint(newest, model=torch.nn.Linear(1, 1), optimizer=None)
+    with pytest.raises(ckpt.CheckpointError, match="__0_0.distcp has 10 bytes"):
+        ckpt.restore_checkpoint(newest, model=torch.nn.Linear(1, 1), optimizer=None)
 
 
 def test_keep_last_k(corpus_dir, tmp_path):
@@ -133,22 +134,22 @@ def test_keep_last_k(corpus_dir, tmp_path):
 def test_disk_full_during_save_keeps_previous_checkpoint(corpus_dir, tmp_path, monkeypatch):
     cfg = make_config(corpus_dir, "trainer.steps=4", "trainer.save_interval=2")
     trainer = Trainer(cfg, tmp_path, log=quiet)
-    real_write = ckpt._write_file
+    real_write = ckpt_state._write_file
 
     def full_disk(path, obj):
         if path.parent.name.startswith(".tmp-step_000004") and path.name == "state.pt":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, obj)
 
-    monkeypatch.setattr(ckpt, "_write_file", full_disk)
-    with pytest.raises(ckpt.CheckpointError, match=r"step 4 .*disk is full.*step_000002 is intact"):
+    monkeypatch.setattr(ckpt_state, "_write_file", full_disk)
+    with pytest.raises(ckpt.WriteError, match=r"step 4 .*no space left on device.*step_000002 is intact"):
         trainer.fit()
     root = ckpt.checkpoints_dir(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step_000002"]  # no half-written directory left
     good = root / "step_000002"
     assert ckpt.validate_checkpoint(good) is None
     model = Trainer(cfg, tmp_path / "other", log=quiet).model
-    state = ckpt.load_checkpoint(good, model=model, optimizer=None)
+    state = ckpt.restore_checkpoint(good, model=model, optimizer=None)
     assert state["step"] == 2
 
 
@@ -180,13 +181,14 @@ def test_finished_run_exports_and_loads(corpus_dir, tmp_path):
     trainer.fit()
     assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
     ids = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    hf_model, hf_tok = ckpt.load_model_and_tokenizer(tmp_path)
+    step_model, _ = ckpt.load_model_and_tokenizer(tmp_path, step=2)
     with torch.no_grad():
         expected = trainer.model.eval()(ids)
-        from_hf = ckpt.load_model_from_run(tmp_path)(ids)
-        from_ckpt = ckpt.load_model_from_run(tmp_path, step=2)(ids)
+        from_hf, from_ckpt = hf_model(ids), step_model(ids)
     torch.testing.assert_close(from_hf, expected, rtol=0, atol=0)
     torch.testing.assert_close(from_ckpt, expected, rtol=0, atol=0)
-    assert ckpt.tokenizer_file_of_run(tmp_path) == tmp_path / "hf" / "tokenizer.json"
-    assert ckpt.model_config_from_run(tmp_path) == cfg.model
-    with pytest.raises(ckpt.CheckpointError, match="no valid checkpoint for step 7"):
-        ckpt.load_model_from_run(tmp_path, step=7)
+    assert hf_tok.fingerprint == trainer.tokenizer.fingerprint
+    assert ckpt.read_model_config(tmp_path) == cfg.model
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint for step 7"):
+        ckpt.load_model_and_tokenizer(tmp_path, step=7)

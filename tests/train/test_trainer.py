@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from olmo_hybrid.train.loss import loss_terms
-from olmo_hybrid.train.metrics import read_metrics
+from olmo_hybrid.train.metrics import read_back, read_metrics
 from olmo_hybrid.train.trainer import Trainer
 
-from .conftest import make_config, quiet
+from .conftest import make_config, quiet, use_fused_adamw
 
 
 def test_loss_terms_match_definition():
@@ -52,20 +52,23 @@ def test_non_finite_loss_skips_the_update(corpus_dir, tmp_path):
     real_forward = trainer.forward_model
     trainer.forward_model = lambda ids, doc_ids=None: real_forward(ids, doc_ids=doc_ids) * float("nan")
     before = _params(trainer)
-    record = trainer.train_step()
+    (record,) = read_back([trainer.train_step()])
     assert "non-finite loss" in record["skipped"] and math.isnan(record["loss"])
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     assert not trainer.optimizer.state  # AdamW never stepped: no moments were created
     assert all(p.grad is None for p in trainer.model.parameters())  # nothing leaks into the next step
     trainer.forward_model = real_forward
-    record = trainer.train_step()
+    (record,) = read_back([trainer.train_step()])
     assert "skipped" not in record and math.isfinite(record["loss"]) and trainer.step == 2
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
-def test_non_finite_gradient_skips_the_update_and_is_logged(corpus_dir, tmp_path):
-    cfg = make_config(corpus_dir, "trainer.steps=3", "trainer.eval_interval=0")
+@pytest.mark.parametrize("fused", [False, True], ids=["host-skip", "fused-found-inf"])
+def test_non_finite_gradient_skips_the_update_and_is_logged(corpus_dir, tmp_path, fused):
+    cfg = make_config(corpus_dir, "trainer.steps=3", "trainer.eval_interval=0", "trainer.log_interval=3")
     trainer = Trainer(cfg, tmp_path, log=quiet)
+    if fused:  # as on CUDA: the kernel skips the step, nothing waits for the device
+        use_fused_adamw(trainer)
     weight = trainer.model.lm_head.weight
     calls = {"n": 0}
 
@@ -79,6 +82,7 @@ def test_non_finite_gradient_skips_the_update_and_is_logged(corpus_dir, tmp_path
     assert [("skipped" in r) for r in records] == [False, True, False]
     assert "non-finite gradient norm" in records[1]["skipped"] and math.isfinite(records[1]["loss"])
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {2}  # the skipped step did not count
 
 
 def test_gradient_accumulation_equals_one_large_batch(corpus_dir, tmp_path):
@@ -91,7 +95,7 @@ def test_gradient_accumulation_equals_one_large_batch(corpus_dir, tmp_path):
         grads = {}
         trainer.optimizer.step = lambda: grads.update(
             {n: p.grad.clone() for n, p in trainer.model.named_parameters()})
-        return trainer.train_step(), grads
+        return read_back([trainer.train_step()])[0], grads
 
     (rb, gb), (rs, gs) = step_grads(4, 1, "big"), step_grads(2, 2, "small")
     assert rs["tokens"] == rb["tokens"] == 4 * 32
@@ -129,7 +133,7 @@ def test_time_budget_stops_early_and_still_finishes(corpus_dir, tmp_path):
     result = Trainer(cfg, tmp_path, log=quiet).fit()
     assert result.stopped_early and result.steps == 1 and result.final_val_loss is not None
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
-    from olmo_hybrid.train.checkpoint import latest_checkpoint
+    from olmo_hybrid.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path).step == 1
 

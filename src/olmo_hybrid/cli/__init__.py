@@ -1,13 +1,25 @@
-"""The ``olmo-hybrid`` command: a thin dispatcher to one module per subcommand.
+"""The ``olmo-hybrid`` command: a thin dispatcher to one module per subcommand, and the one error style.
 
 Each subcommand lives in ``olmo_hybrid.cli.<name>`` and exposes ``main(argv) -> int``; it is imported
 only when used, so ``olmo-hybrid info`` never pays for the trainer's or evaluator's imports.
+
+Errors: a subcommand raises, the dispatcher reports. The project's own errors (``olmo_hybrid.errors``:
+config, data, checkpoint, bad arguments, failed writes), operating-system errors, bad values and missing
+optional packages are printed as one line, ``olmo-hybrid COMMAND: error: MESSAGE``, with exit code 2
+for bad arguments or config and 1 otherwise; Ctrl-C prints one line and exits with 130. Anything else is
+a bug and keeps its traceback. ``--debug`` (anywhere on the command line) or ``OLMO_HYBRID_DEBUG=1``
+prints the traceback of every error as well.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from olmo_hybrid.errors import OlmoHybridError, UsageError
 
 COMMANDS = {
     "train": "train the tiny hybrid on the bundled corpus, or any preset/config (see --help)",
@@ -16,24 +28,67 @@ COMMANDS = {
     "convert": "convert between training checkpoints and Hugging Face directories",
     "info": "parameters, FLOPs per token and inference memory of a preset or checkpoint",
     "eval": "evaluate a checkpoint: RULER, probes, multiple choice, bits per byte",
+    "ladder": "train a scaling ladder (sizes x architectures, WSD-S budgets), resumable",
+    "scaling": "fit Chinchilla laws to ladder results: token savings, rollout check, plots",
 }
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "OLMO_HYBRID_DEBUG"
+# What a user can cause and fix: reported in one line. Everything else is a bug and keeps its traceback.
+REPORTED = (OlmoHybridError, OSError, ValueError, ImportError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse in the project's error style: a bad argument raises ``UsageError`` (one line, exit code 2)
+    instead of printing the usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, OlmoHybridError) and e.filename:
+        from olmo_hybrid.fsio import failure_reason
+
+        return f"{e.filename}: {failure_reason(e)}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def run_command(name: str, argv: list[str], debug: bool = False) -> int:
+    """Run subcommand ``name`` and turn what it raises into the one-line error style."""
+    rank = os.environ.get("RANK", "0")
+    prefix = f"olmo-hybrid {name}" + ("" if rank == "0" else f" (rank {rank})")
+    try:
+        module = importlib.import_module(f"olmo_hybrid.cli.{name}")
+        return int(module.main(argv) or 0)
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: {_message(e) if str(e) else 'interrupted'}", file=sys.stderr)
+        return 130
+    except REPORTED as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {_message(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     if not argv:
         argv = ["train"]  # the main job: train the tiny hybrid on the bundled corpus, then sample
     if argv[0] in ("-h", "--help"):
-        print("usage: olmo-hybrid COMMAND [ARGS]   (no command: train)\n\ncommands:")
+        print(f"usage: olmo-hybrid COMMAND [ARGS] [{DEBUG_FLAG}]   (no command: train)\n\ncommands:")
         for name, text in COMMANDS.items():
             print(f"  {name:<10} {text}")
+        print(f"\nErrors are one line; {DEBUG_FLAG} or {DEBUG_ENV}=1 adds the traceback.")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"olmo-hybrid: unknown command '{name}' (known: {', '.join(COMMANDS)})", file=sys.stderr)
+        print(f"olmo-hybrid: error: unknown command '{name}' (known: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"olmo_hybrid.cli.{name}")
-    return int(module.main(rest) or 0)
+    return run_command(name, rest, debug)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ CHECKPOINT is a Hugging Face directory or a training run directory. Each suite w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
+
+from olmo_hybrid.cli import ArgumentParser
+from olmo_hybrid.distributed import resolve_device
+from olmo_hybrid.errors import OlmoHybridError, UsageError
 
 SUITES = ("ruler", "mc", "bpb", "probes")
 DEFAULT_MC = "arc_easy:rc_5shot,arc_challenge:rc_5shot,hellaswag:rc_5shot,piqa:rc_5shot,winogrande:rc_5shot,mmlu:rc_5shot"
@@ -36,9 +39,8 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="olmo-hybrid eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
+    p = ArgumentParser(prog="olmo-hybrid eval", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("checkpoint", help="Hugging Face directory or training run directory")
     p.add_argument("--suite", type=_names, default=["ruler"], help=f"comma-separated: {', '.join(SUITES)}")
     p.add_argument("--out", default=None, help="results directory (default: CHECKPOINT/eval)")
@@ -83,7 +85,7 @@ def _ruler(args, model, tok, runner, out: Path) -> dict:
         qa_items = squad_items()
     too_long = [n for n in args.lengths if n > runner.max_length]
     if too_long:
-        raise ValueError(f"--lengths {too_long} exceed the model's window of {runner.max_length} tokens")
+        raise UsageError(f"--lengths {too_long} exceed the model's window of {runner.max_length} tokens")
     result = run_ruler(runner, tok, load_haystack(args.haystack), tasks, args.lengths, args.samples,
                        seed=args.seed, qa_items=qa_items, max_new_tokens=args.ruler_max_new_tokens)
     paths = result.save(out, plot=not args.no_plot)
@@ -148,23 +150,34 @@ def _probes(args, model, tok, runner, out: Path) -> dict:
     return results, "\n\n".join(md)
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def _check_args(args) -> None:
     bad = [s for s in args.suite if s not in SUITES]
     if bad:
-        print(f"olmo-hybrid eval: unknown suite(s) {', '.join(bad)} (known: {', '.join(SUITES)})", file=sys.stderr)
-        return 2
-    from olmo_hybrid.loading import load_checkpoint
-    from olmo_hybrid.eval.report import write_json_atomic
-    from olmo_hybrid.eval.runner import ModelRunner
+        raise UsageError(f"unknown suite(s) {', '.join(bad)} (known: {', '.join(SUITES)})")
+    for flag, suite in (("suite", None), ("mc_tasks", "mc"), ("probe_tasks", "probes")):
+        if (suite is None or suite in args.suite) and not getattr(args, flag):
+            raise UsageError(f"--{flag.replace('_', '-')} is empty: nothing would be evaluated")
+    for flag in ("batch_size", "max_length", "samples", "limit", "max_docs", "probe_steps", "probe_train_len",
+                 "ruler_max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if any(n < 1 for n in args.lengths) or not args.lengths:
+        raise UsageError(f"--lengths must be positive integers, got {args.lengths}")
 
-    try:
-        model, tok = load_checkpoint(args.checkpoint, device=args.device, tokenizer=args.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"olmo-hybrid eval: {e}", file=sys.stderr)
-        return 2
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    from olmo_hybrid.checkpoint import load_model_and_tokenizer
+    from olmo_hybrid.eval.report import write_json_atomic
+    from olmo_hybrid.eval.runner import EvalRunner
+    from olmo_hybrid.fsio import atomic_write_text
+
+    device = resolve_device(args.device, setting="--device")
+    model, tok = load_model_and_tokenizer(args.checkpoint, device=device, tokenizer=args.tokenizer)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
-    runner = ModelRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
+    runner = EvalRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
                          prefix_id=tok.eos_token_id, progress=not args.quiet)
     summary = {"checkpoint": str(args.checkpoint), "tokenizer": tok.name, "suites": {}, "seconds": {}}
     sections = [f"# Evaluation of `{args.checkpoint}`"]
@@ -173,13 +186,14 @@ def main(argv: list[str]) -> int:
         fn = {"ruler": _ruler, "mc": _mc, "bpb": _bpb, "probes": _probes}[suite]
         try:
             summary["suites"][suite], md = fn(args, model, tok, runner, out)
+        except OlmoHybridError:
+            raise
         except (FileNotFoundError, ImportError, ValueError, KeyError) as e:
-            print(f"olmo-hybrid eval: suite {suite}: {e}", file=sys.stderr)
-            return 2
+            raise OlmoHybridError(f"suite {suite}: {e}") from e
         summary["seconds"][suite] = round(time.time() - start, 1)
         sections.append(f"## {suite}\n\n{md}")
         print(f"\n{sections[-1]}")
     write_json_atomic(out / "results.json", summary)
-    (out / "results.md").write_text("\n\n".join(sections) + "\n")
+    atomic_write_text(out / "results.md", "\n\n".join(sections) + "\n")
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
     return 0

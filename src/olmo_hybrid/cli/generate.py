@@ -1,13 +1,19 @@
-"""``olmo-hybrid generate CHECKPOINT --prompt TEXT``: stream a continuation to stdout, through the serving engine."""
+"""``olmo-hybrid generate CHECKPOINT --prompt TEXT``: stream a continuation to stdout, through the engine.
+
+The engine and sampler are the ones ``HybridLM.generate`` and the trainer's end-of-run sample use, so
+``--seed S --temperature T --top-k K --top-p P`` reproduces ``model.generate(..., seed=S, temperature=T, top_k=K,
+top_p=P)`` token for token.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from olmo_hybrid.loading import load_checkpoint
+from olmo_hybrid.cli import ArgumentParser
+from olmo_hybrid.distributed import resolve_device
+from olmo_hybrid.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,9 +43,11 @@ class _Streamer:
 
 
 def main(argv: list[str]) -> int:
-    from olmo_hybrid.serve import Engine, SamplingParams
+    from olmo_hybrid.checkpoint import load_model_and_tokenizer
+    from olmo_hybrid.model.engine import Engine
+    from olmo_hybrid.model.sampling import SamplingParams
 
-    p = argparse.ArgumentParser(prog="olmo-hybrid generate", description=__doc__)
+    p = ArgumentParser(prog="olmo-hybrid generate", description=__doc__)
     p.add_argument("checkpoint", help="HF-format checkpoint directory or training run directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -52,16 +60,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    model, tok = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    # Every argument is checked before the model is loaded.
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    device = resolve_device(args.device, setting="--device")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, tok = load_model_and_tokenizer(args.checkpoint, device=device, dtype=dtype, tokenizer=args.tokenizer)
     ids = tok.encode(args.prompt)
     if not ids:
-        raise SystemExit("olmo-hybrid generate: the prompt encodes to zero tokens")
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"olmo-hybrid generate: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        raise UsageError(f"--prompt {args.prompt!r} encodes to zero tokens")
     engine = Engine(model, max_batch=1, max_context=len(ids) + args.max_new_tokens, tokenizer=tok,
-                    cuda_graphs=args.device.startswith("cuda"))
+                    cuda_graphs=device.type == "cuda")
     streamer = _Streamer(tok, holdback=max((len(s) for s in args.stop), default=1) - 1)
     sys.stdout.write(args.prompt)
     engine.submit(ids, args.max_new_tokens, sampling, stop=args.stop, on_token=streamer)

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
+from olmo_hybrid.cli import ArgumentParser
 from olmo_hybrid.config import MODEL_PRESETS, ModelConfig, model_preset
+from olmo_hybrid.errors import UsageError
+from olmo_hybrid.model.cache import cache_bytes_per_sequence
 
 
 def resolve_config(name_or_dir: str) -> ModelConfig:
     """A preset name, a HF checkpoint directory, or a training run directory."""
     if name_or_dir in MODEL_PRESETS:
         return model_preset(name_or_dir)
-    from olmo_hybrid.loading import is_hf_dir
+    from olmo_hybrid.checkpoint import read_model_config
 
-    path = Path(name_or_dir)
-    if is_hf_dir(path):
-        from olmo_hybrid.model.hf_io import read_config
-
-        return read_config(path)
-    if path.is_dir():
-        from olmo_hybrid.train.checkpoint import model_config_from_run
-
-        return model_config_from_run(path)
-    raise SystemExit(f"olmo-hybrid info: '{name_or_dir}' is neither a preset ({', '.join(MODEL_PRESETS)}) "
-                     f"nor a checkpoint directory")
+    if not Path(name_or_dir).exists():
+        raise UsageError(f"'{name_or_dir}' is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing "
+                         "checkpoint directory")
+    return read_model_config(name_or_dir)
 
 
 def _gib(n: float) -> str:
@@ -34,7 +29,7 @@ def _gib(n: float) -> str:
 
 
 def summarize(cfg: ModelConfig, seq_len: int, context: int, kv_bytes: int) -> dict:
-    mem = cfg.inference_bytes_per_sequence(context, kv_bytes)
+    mem = cache_bytes_per_sequence(cfg, context, kv_bytes)
     return {
         "layer_pattern": "".join(cfg.layer_types),
         "params_total": cfg.num_params(),
@@ -45,13 +40,16 @@ def summarize(cfg: ModelConfig, seq_len: int, context: int, kv_bytes: int) -> di
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="olmo-hybrid info", description=__doc__)
+    p = ArgumentParser(prog="olmo-hybrid info", description=__doc__)
     p.add_argument("model", help=f"preset ({', '.join(MODEL_PRESETS)}) or checkpoint directory")
     p.add_argument("--seq-len", type=int, default=8192, help="training sequence length for FLOPs/token")
     p.add_argument("--context", type=int, default=65536, help="context length for inference memory")
     p.add_argument("--kv-bytes", type=int, default=2, help="bytes per KV/conv element (2 = bf16)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
+    for flag in ("seq_len", "context", "kv_bytes"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     cfg = resolve_config(args.model)
     twin = dataclasses.replace(cfg, layer_pattern="A")
     rows = {"model": summarize(cfg, args.seq_len, args.context, args.kv_bytes),

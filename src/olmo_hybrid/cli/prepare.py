@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from olmo_hybrid.cli import ArgumentParser
+from olmo_hybrid.errors import UsageError
 
 EPILOG = """\
 inputs:
@@ -21,7 +23,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="olmo-hybrid prepare", description=__doc__.split(":", 1)[1].strip(),
+    p = ArgumentParser(prog="olmo-hybrid prepare", description=__doc__.split(":", 1)[1].strip(),
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="text/JSONL files or directories")
     p.add_argument("--out", required=True, help="output directory (replaced atomically when done)")
@@ -45,24 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from olmo_hybrid.data.corpus import DataError
     from olmo_hybrid.data.prepare import prepare
 
     if bool(args.inputs) == bool(args.hf_dataset):
-        print("olmo-hybrid prepare: give input files/directories or --hf-dataset (one of them)", file=sys.stderr)
-        return 2
+        raise UsageError("give input files/directories or --hf-dataset (one of them)")
     if args.workers is not None and args.workers < 1:
-        print(f"olmo-hybrid prepare: --workers must be at least 1, got {args.workers}", file=sys.stderr)
-        return 2
-    try:
-        out = prepare(
-            args.inputs or None, args.out, tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab,
-            val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, text_field=args.text_field,
-            hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config, progress=not args.quiet,
-        )
-    except DataError as e:
-        print(f"olmo-hybrid prepare: error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    out = prepare(
+        args.inputs or None, args.out, tokenizer=args.tokenizer, bpe_vocab=args.bpe_vocab,
+        val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, text_field=args.text_field,
+        hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_config=args.hf_config, progress=not args.quiet,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"wrote {out}  (tokenizer {manifest['tokenizer']['name']}, vocab {manifest['vocab_size']}, "
           f"eos {manifest['eos_token_id']})")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from olmo_hybrid.config import ConfigError, to_dict
+from olmo_hybrid.cli import ArgumentParser
+from olmo_hybrid.config import to_dict
 
 EXAMPLES = """examples:
   olmo-hybrid train                                    # tiny hybrid on the bundled corpus (CPU: minutes)
@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   olmo-hybrid train model.layer_pattern=GGGA optim.lr=3e-3 --steps 200 --out runs/try
   olmo-hybrid train my_config.json trainer.seed=1 --out runs/seed1
   olmo-hybrid train --out runs/try --resume            # continue from the newest valid checkpoint
+  olmo-hybrid train --out runs/try --overwrite         # start that run over (deletes its checkpoints)
   torchrun --nproc-per-node=8 -m olmo_hybrid.train my_data.json --model 1b --out runs/1b trainer.compile=true \
       trainer.activation_checkpointing=selective trainer.loss_chunk_tokens=8192   # FSDP2 on 8 GPUs
 """
@@ -31,8 +32,8 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     from olmo_hybrid.train.config import TRAIN_PRESETS
 
-    p = argparse.ArgumentParser(prog="olmo-hybrid train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    p = ArgumentParser(prog="olmo-hybrid train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("args", nargs="*", metavar="CONFIG.json | section.field=value",
                    help="an optional JSON config (may be partial; merged over the preset), then dotted overrides")
     p.add_argument("--preset", default="tiny", choices=sorted(TRAIN_PRESETS), help="base recipe (default: tiny)")
@@ -44,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="shorthand for trainer.device=... (auto, cpu, cuda, cuda:1)")
     p.add_argument("--seed", type=int, help="shorthand for trainer.seed=N")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run, deleting its checkpoints, export and metrics")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    from olmo_hybrid.train.checkpoint import CheckpointError
     from olmo_hybrid.train.config import build_config
 
     config_file = None
@@ -61,27 +63,18 @@ def main(argv: list[str]) -> int:
                       ("device", "trainer.device"), ("seed", "trainer.seed")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    try:
-        cfg = build_config(config_file, overrides, preset=args.preset, model=args.model)
-    except ConfigError as e:
-        print(f"olmo-hybrid train: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = build_config(config_file, overrides, preset=args.preset, model=args.model)
     out = Path(args.out or f"runs/{args.preset}")
-    rank = os.environ.get("RANK", "0")
-    if rank == "0":
+    if os.environ.get("RANK", "0") == "0":
         print("resolved config:")
         print(json.dumps(to_dict(cfg), indent=2))
     if args.dry_run:
         return 0
-    from olmo_hybrid.data import DataError
-    from olmo_hybrid.train.distributed import destroy
+    from olmo_hybrid.distributed import destroy
     from olmo_hybrid.train.trainer import train
 
     try:
-        train(cfg, out, resume=args.resume)
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"olmo-hybrid train{'' if rank == '0' else f' (rank {rank})'}: error: {e}", file=sys.stderr)
-        return 1
+        train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     finally:
         destroy()
     return 0

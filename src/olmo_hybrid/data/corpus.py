@@ -26,16 +26,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from olmo_hybrid.errors import DataError
+
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 SHAKESPEARE_ASSET = ASSETS_DIR / "shakespeare.jsonl.xz"
 DOC_SEPARATOR = "<|endoftext|>"
 _COMPRESSED = {".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
 _TEXT_SUFFIXES = {".txt", ".text", ".md"}
 _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-
-
-class DataError(ValueError):
-    """Bad data input: a missing or unreadable file, a malformed record, a corpus too small to use."""
 
 
 @dataclass(frozen=True)

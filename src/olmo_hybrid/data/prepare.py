@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -37,7 +36,8 @@ import numpy as np
 from olmo_hybrid.data.corpus import SHAKESPEARE_ASSET, DataError, Document, FileDocuments, HFDocuments, \
     ListDocuments, bundled_corpus
 from olmo_hybrid.data.tokenizer import DOLMA2, Tokenizer, load_tokenizer, train_bpe
-from olmo_hybrid.fsio import fsync_dir
+from olmo_hybrid.errors import WriteError
+from olmo_hybrid.fsio import failure_reason, install_dir, staging_dir
 
 FORMAT = "olmo-hybrid-tokens"
 FORMAT_VERSION = 1
@@ -164,23 +164,6 @@ def _check_replaceable(out: Path) -> None:
                         "refusing to replace it; choose a new or empty directory")
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` into place; the old ``out`` is deleted only after the swap."""
-    if not out.exists():
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / "data")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / "data", out)  # put the previous dataset back
-        raise
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_array(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
@@ -277,9 +260,9 @@ def _prepare(source, out: Path, tokenizer, bpe_vocab, val_fraction, seed, worker
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {tok.name} has no end-of-document token; documents need one")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        tmp = staging_dir(out)
         splits = _write_splits(tmp, source, tok, is_val, workers or default_workers(), progress)
         tok.save(tmp)
         manifest = {
@@ -294,9 +277,13 @@ def _prepare(source, out: Path, tokenizer, bpe_vocab, val_fraction, seed, worker
             "splits": splits, "seconds": round(time.monotonic() - t0, 3), **extra,
         }
         _write_manifest(tmp / "manifest.json", manifest)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        install_dir(tmp, out)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # reading errors are DataErrors already: this one is a write
+            kept = f"{out} is unchanged" if out.exists() else f"nothing was written to {out}"
+            raise WriteError(f"could not write the prepared dataset {out}: {failure_reason(e)}; {kept}") from e
         raise
     return out
 
@@ -315,6 +302,8 @@ def prepare(inputs: Sequence[str | Path] | None, out_dir: str | Path, *, tokeniz
     """
     if sum((bool(inputs), hf_dataset is not None, documents is not None)) != 1:
         raise DataError("give exactly one of: input files, a Hugging Face dataset, or a list of documents")
+    if workers is not None and workers < 1:
+        raise DataError(f"workers must be at least 1 (or None for the default), got {workers}")
     if hf_dataset is not None:
         source = HFDocuments(hf_dataset, hf_split, hf_config, text_field)
     elif documents is not None:

@@ -2,8 +2,8 @@
 
 Public API (import from ``olmo_hybrid.eval``; the command line is ``olmo-hybrid eval``):
 
-Model access (``runner.py``; checkpoints load with ``olmo_hybrid.loading.load_checkpoint``)
-    ModelRunner(model, batch_size, max_length, prefix_id)   .loglikelihood(pairs), .rolling_nll(ids, stride),
+Model access (``runner.py``; checkpoints load with ``olmo_hybrid.checkpoint.load_model_and_tokenizer``)
+    EvalRunner(model, batch_size, max_length, prefix_id)   .loglikelihood(pairs), .rolling_nll(ids, stride),
                                                            .generate_greedy(prompts, max_new_tokens, eos_token_id)
 RULER (``ruler_tasks.py``, ``ruler.py``, ``haystack.py``)
     TASKS, SYNTHETIC_TASKS; RulerGenerator(tokenizer, haystack).samples(task, max_length, n) -> [RulerSample]
@@ -30,7 +30,7 @@ _EXPORTS = {
     "RulerResult": "ruler", "run_ruler": "ruler", "string_match_all": "ruler", "string_match_part": "ruler",
     "SYNTHETIC_TASKS": "ruler_tasks", "TASKS": "ruler_tasks", "RulerGenerator": "ruler_tasks",
     "RulerSample": "ruler_tasks",
-    "ModelRunner": "runner",
+    "EvalRunner": "runner",
 }
 __all__ = [
     "MODEL_VARIANTS",
@@ -39,7 +39,7 @@ __all__ = [
     "TASKS",
     "HaystackText",
     "MCQuestion",
-    "ModelRunner",
+    "EvalRunner",
     "ProbeConfig",
     "RulerGenerator",
     "RulerResult",

@@ -8,7 +8,7 @@
 or from the harness command line, after importing this module once (it registers the name):
 ``lm_eval --model olmo-hybrid --model_args pretrained=DIR,batch_size=8``.
 
-All scoring goes through ``ModelRunner`` (the same code as ``olmo-hybrid eval``), so the harness and our
+All scoring goes through ``EvalRunner`` (the same code as ``olmo-hybrid eval``), so the harness and our
 own multiple-choice scorer agree by construction; a test runs both on the same local task.
 """
 
@@ -18,7 +18,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from olmo_hybrid.eval.haystack import encode_ids
-from olmo_hybrid.eval.runner import ModelRunner
+from olmo_hybrid.eval.runner import EvalRunner
 
 
 @register_model("olmo-hybrid")
@@ -29,16 +29,16 @@ class OlmoHybridLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("OlmoHybridLM needs model=/tokenizer= objects or pretrained=<checkpoint dir>")
-            from olmo_hybrid.loading import load_checkpoint
+            from olmo_hybrid.checkpoint import load_model_and_tokenizer
 
-            model, tokenizer = load_checkpoint(pretrained, device=device)
+            model, tokenizer = load_model_and_tokenizer(pretrained, device=device)
         if tokenizer is None:
             raise ValueError("OlmoHybridLM needs the checkpoint's tokenizer")
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise ValueError("OlmoHybridLM: the tokenizer has no end-of-document id to condition on")
         self.model, self.tokenizer_ = model.eval(), tokenizer
         length = int(max_length or model.config.max_seq_len)
-        self.runner = ModelRunner(model, batch_size=int(batch_size), max_length=length,
+        self.runner = EvalRunner(model, batch_size=int(batch_size), max_length=length,
                                   prefix_id=tokenizer.eos_token_id, progress=False)
 
     @classmethod

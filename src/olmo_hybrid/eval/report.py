@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from olmo_hybrid.fsio import atomic_write_text
+from olmo_hybrid.errors import WriteError
+from olmo_hybrid.fsio import atomic_write_text, failure_reason
 
 
 def write_json_atomic(path: str | Path, data) -> Path:
@@ -58,9 +59,14 @@ def plot_score_vs_length(scores: dict[str, dict[int, float]], path: str | Path, 
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path}: {failure_reason(e)}") from e
+    finally:
+        plt.close(fig)
     return path

@@ -101,7 +101,7 @@ class RulerResult:
 def run_ruler(runner, tokenizer, haystack: HaystackText, tasks: list[str] | None = None,
               lengths: list[int] = (1024, 2048, 4096), num_samples: int = 20, seed: int = 42,
               qa_items=None, keep_predictions: int = 3, max_new_tokens: int | None = None) -> RulerResult:
-    """Generate samples, decode greedily with ``runner`` (a ``ModelRunner``), score per task and length.
+    """Generate samples, decode greedily with ``runner`` (an ``EvalRunner``), score per task and length.
 
     ``max_new_tokens`` caps decoding below RULER's tokens_to_generate (answers are short; saves time).
     """

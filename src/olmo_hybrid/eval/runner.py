@@ -1,6 +1,6 @@
 """The model-facing half of every evaluation: batched log-likelihoods, greedy generation, rolling NLL.
 
-All suites (RULER, multiple choice, bits per byte, the lm-eval adapter) go through ``ModelRunner`` so
+All suites (RULER, multiple choice, bits per byte, the lm-eval adapter) go through ``EvalRunner`` so
 the indexing (logits at position i score token i+1) lives in one place and is tested once.
 """
 
@@ -34,7 +34,7 @@ class Progress:
 
 
 @dataclass
-class ModelRunner:
+class EvalRunner:
     """Wraps a causal LM (``model(ids) -> logits [B,T,V]``) with a token budget per forward batch.
 
     ``max_length``: longest window scored at once (contexts are truncated from the left beyond it).

@@ -1,24 +1,30 @@
-"""Softmax attention mixer (``self_attn``): full-width q/k RMSNorm, optional RoPE, causal SDPA."""
+"""Softmax attention mixer (``self_attn``): full-width q/k RMSNorm, optional RoPE, causal attention.
+
+The kernel follows from the call (``ForwardContext``): without a cache, SDPA (causal, or the packed-document
+mask); prefilling cache rows, SDPA over the cached prefix plus the new keys; decoding one token per row,
+``ops.decode_attention``, which reads each row's length on the device.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from olmo_hybrid import ops
 from olmo_hybrid.config import ModelConfig
-from olmo_hybrid.model.cache import AttnLayerCache
-from olmo_hybrid.model.layers import RMSNorm, apply_rotary
+from olmo_hybrid.model.cache import AttnLayerState
+from olmo_hybrid.model.context import ForwardContext
+from olmo_hybrid.model.layers import RMSNorm
+from olmo_hybrid.model.rope import apply_rotary
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
-        self.n_heads, self.kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.head_dim
-        q_dim, kv_dim = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         self.q_proj = nn.Linear(c.d_model, q_dim, bias=False)
         self.k_proj = nn.Linear(c.d_model, kv_dim, bias=False)
         self.v_proj = nn.Linear(c.d_model, kv_dim, bias=False)
@@ -27,44 +33,30 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_dim, c.norm_eps)
         self.k_norm = RMSNorm(kv_dim, c.norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, T, d]
-        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [B, T, head_dim] or None (NoPE)
-        mask: torch.Tensor | None,  # [B, 1, T, S] bool (True = may attend) or None for plain causal
-        cache: AttnLayerCache | None = None,
-        start: int | torch.Tensor = 0,
-        span: int | None = None,
-        attend: Callable | None = None,
-    ) -> torch.Tensor:
-        """With a cache, ``start`` is where the new tokens go: an int shared by the batch, or a LongTensor [B] of
-        per-row positions for one token per row (continuous batching), which then attends to the first ``span``
-        cached positions under ``mask``, or through ``attend(q, cache.keys, cache.values)`` when given."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: AttnLayerState | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x)).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x)).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            if isinstance(start, torch.Tensor):
-                rows = torch.arange(b, device=x.device)
-                cache.keys[rows, :, start] = k[:, :, 0]
-                cache.values[rows, :, start] = v[:, :, 0]
-                if attend is not None:
-                    o = attend(q, cache.keys, cache.values)
-                    return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
-                end = span
-            else:
-                cache.keys[:, :, start:start + t] = k
-                cache.values[:, :, start:start + t] = v
-                end = start + t
-            k, v = cache.keys[:, :, :end], cache.values[:, :, :end]
-        if self.kv_heads != self.n_heads:
-            rep = self.n_heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        k = self.k_norm(self.k_proj(x)).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rotary(q, *ctx.rope), apply_rotary(k, *ctx.rope)
+        if state is not None and ctx.decoding:
+            # Rows that are not active write past their length, where nothing is read.
+            rows = torch.arange(b, device=x.device)
+            state.keys[rows, :, ctx.positions] = k[:, :, 0]
+            state.values[rows, :, ctx.positions] = v[:, :, 0]
+            o = ops.decode_attention(q, state.keys, state.values, ctx.lengths)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if state is not None:  # prefill: append to the cached prefix, attend to all of it
+                end = ctx.start + t
+                state.keys[:, :, ctx.start:end] = k
+                state.values[:, :, ctx.start:end] = v
+                k, v = state.keys[:, :, :end], state.values[:, :, :end]
+            if self.n_kv_heads != self.n_heads:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if ctx.attn_mask is None:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

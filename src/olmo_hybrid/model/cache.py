@@ -1,13 +1,23 @@
-"""The hybrid inference cache: a KV cache for attention layers, conv + fp32 recurrent state for GDN layers.
+"""The hybrid model's inference cache: a fixed number of sequence slots, each with its own length.
 
-Attention layers need every past key and value, so their cache grows with the context; GDN layers keep
-a fixed-size state (``[HV, K, V]`` fp32 per sequence) plus the last ``W - 1`` pre-convolution inputs.
-The KV tensors are allocated once for ``max_len`` tokens, so a request that cannot fit fails at
-allocation time rather than midway through generation.
+Slot ``s`` owns row ``s`` of every tensor: for attention layers keys and values ``[slots, Hkv, capacity, D]``
+(the cache's dtype); for GDN layers the three short-conv states ``[slots, C, W-1]`` (the cache's dtype) and the
+recurrent state ``[slots, HV, K, V]`` (float32). Attention layers need every past key and value, so their part
+grows with ``capacity``; GDN layers keep a fixed-size state. Everything is allocated once, so a pool that cannot
+fit fails at construction, and its size is exactly ``slots * cache_bytes_per_sequence(config, capacity)``, the
+figure ``olmo-hybrid info`` prints.
+
+``lengths`` (long [slots], on the cache's device) counts the tokens cached per slot; ``HybridLM.forward``
+advances it, so a decode step reads its positions on the device. A forward call addresses rows of the cache
+through a :class:`CacheSlice`: ``cache.for_prefill(rows, start)`` (every row continues at host position
+``start``) or ``cache.for_decode(rows, active)`` (one token per row at that row's length). Slots are handed out
+lowest first, so running sequences stay packed at the front and a decode step works on the prefix ``[0, n)``
+of every tensor (views, no gather).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -16,73 +26,122 @@ from olmo_hybrid.config import ATTN, ModelConfig
 
 
 @dataclass
-class AttnLayerCache:
-    keys: torch.Tensor  # [B, H_kv, max_len, D]
-    values: torch.Tensor  # [B, H_kv, max_len, D]
+class AttnLayerState:
+    keys: torch.Tensor  # [slots, Hkv, capacity, D]
+    values: torch.Tensor  # [slots, Hkv, capacity, D]
 
 
 @dataclass
-class GDNLayerCache:
-    conv_q: torch.Tensor  # [B, H*K, W-1] last pre-conv inputs
-    conv_k: torch.Tensor  # [B, H*K, W-1]
-    conv_v: torch.Tensor  # [B, HV*V, W-1]
-    state: torch.Tensor  # [B, HV, K, V] fp32
+class GDNLayerState:
+    conv_q: torch.Tensor  # [slots, H*K, W-1], the last pre-conv inputs (oldest first)
+    conv_k: torch.Tensor  # [slots, H*K, W-1]
+    conv_v: torch.Tensor  # [slots, HV*V, W-1]
+    recurrent: torch.Tensor  # [slots, HV, K, V] float32
 
 
-def allocate_layer_caches(config: ModelConfig, batch: int, max_len: int, device=None,
-                          dtype=torch.float32) -> list[AttnLayerCache | GDNLayerCache]:
-    """Zeroed per-layer caches for ``batch`` rows: KV in ``dtype`` for ``max_len`` tokens, conv in ``dtype``,
-    recurrent state in fp32 (exactly ``ModelConfig.inference_bytes_per_sequence`` per row)."""
-    c = config
-    w = c.gdn_conv_size - 1
-    key, val = c.gdn_heads * c.gdn_head_k, c.gdn_value_heads * c.gdn_head_v
-    kw = dict(device=device, dtype=dtype)
-    layers: list[AttnLayerCache | GDNLayerCache] = []
-    for kind in c.layer_types:
-        if kind == ATTN:
-            shape = (batch, c.kv_heads, max_len, c.head_dim)
-            layers.append(AttnLayerCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw)))
-        else:
-            layers.append(GDNLayerCache(
-                torch.zeros(batch, key, w, **kw), torch.zeros(batch, key, w, **kw), torch.zeros(batch, val, w, **kw),
-                torch.zeros(batch, c.gdn_value_heads, c.gdn_head_k, c.gdn_head_v, device=device, dtype=torch.float32),
-            ))
-    return layers
+LayerState = AttnLayerState | GDNLayerState
 
 
-def layer_caches_nbytes(layers: list[AttnLayerCache | GDNLayerCache]) -> int:
-    return sum(t.numel() * t.element_size() for layer in layers for t in vars(layer).values())
+def cache_bytes_per_sequence(config: ModelConfig, context: int, kv_bytes: int = 2) -> dict[str, int]:
+    """Cache bytes for one sequence of ``context`` tokens: KV and conv states at ``kv_bytes`` per element (2 =
+    bf16), the recurrent state in fp32. Exactly what :class:`HybridCache` allocates per slot."""
+    c = config.resolved()
+    kv = c.n_attn_layers * 2 * c.n_kv_heads * c.head_dim * context * kv_bytes
+    key, val = c.gdn_heads * c.gdn_head_k, c.gdn_v_heads * c.gdn_head_v
+    state = c.n_gdn_layers * c.gdn_v_heads * c.gdn_head_k * c.gdn_head_v * 4
+    conv = c.n_gdn_layers * (2 * key + val) * (c.gdn_conv_size - 1) * kv_bytes
+    return {"kv_cache": kv, "gdn_state": state, "conv_state": conv, "total": kv + state + conv}
+
+
+class NoFreeSlotError(RuntimeError):
+    """Every slot holds a sequence."""
+
+
+@dataclass(frozen=True)
+class CacheSlice:
+    """Rows ``rows`` of ``cache`` as one forward call reads and writes them (see the module docstring)."""
+
+    cache: HybridCache
+    rows: slice
+    start: int | None = None  # prefill: host position of the first new token of every row
+    active: torch.Tensor | None = None  # decode: bool [rows], rows whose state may change (None: all)
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.stop - self.rows.start
 
 
 class HybridCache:
-    """Per-layer caches plus the bookkeeping shared by all layers.
-
-    ``doc_ids`` records, for every cached position, which segment it belongs to (0 for left padding,
-    1 for the prompt and generated tokens); attention only looks at keys of the query's own segment and
-    GDN layers reset their state where the segment changes, so a left-padded row computes exactly what
-    the unpadded prompt would.
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        self.config, self.batch_size, self.max_len = config, batch_size, max_len
-        self.length = 0
-        self.doc_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.last_doc = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        self.layers = allocate_layer_caches(config, batch_size, max_len, device, dtype)
+    def __init__(self, config: ModelConfig, num_slots: int, capacity: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        if num_slots < 1 or capacity < 1:
+            raise ValueError(f"HybridCache needs num_slots >= 1 and capacity >= 1, got {num_slots} and {capacity}")
+        self.config, self.num_slots, self.capacity = config.resolved(), num_slots, capacity
+        self.device, self.dtype = torch.device(device) if device is not None else torch.device("cpu"), dtype
+        c, kw = self.config, dict(device=self.device, dtype=dtype)
+        width = c.gdn_conv_size - 1
+        key, val = c.gdn_heads * c.gdn_head_k, c.gdn_v_heads * c.gdn_head_v
+        self.layers: list[LayerState] = []
+        for kind in c.layer_types:
+            if kind == ATTN:
+                shape = (num_slots, c.n_kv_heads, capacity, c.head_dim)
+                self.layers.append(AttnLayerState(torch.zeros(shape, **kw), torch.zeros(shape, **kw)))
+            else:
+                self.layers.append(GDNLayerState(
+                    torch.zeros(num_slots, key, width, **kw), torch.zeros(num_slots, key, width, **kw),
+                    torch.zeros(num_slots, val, width, **kw),
+                    torch.zeros(num_slots, c.gdn_v_heads, c.gdn_head_k, c.gdn_head_v, device=self.device,
+                                dtype=torch.float32)))
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self._free = list(range(num_slots))
 
     def nbytes(self) -> int:
-        return self.doc_ids.numel() * self.doc_ids.element_size() + layer_caches_nbytes(self.layers)
+        """Bytes of the per-layer state (the lengths are bookkeeping, not counted)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in vars(layer).values())
 
-    def begin(self, doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Register the segment ids of ``T`` new tokens; returns (reset mask [B, T], start position)."""
-        t = doc_ids.shape[1]
-        if self.length + t > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} tokens; {self.length} used, {t} more requested")
-        start = self.length
-        self.doc_ids[:, start:start + t] = doc_ids
-        prev = torch.cat([self.last_doc[:, None], doc_ids[:, :-1]], dim=1)
-        return doc_ids != prev, start
+    # -- slots ----------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
 
-    def end(self, doc_ids: torch.Tensor) -> None:
-        self.length += doc_ids.shape[1]
-        self.last_doc = doc_ids[:, -1].clone()
+    def allocate(self) -> int:
+        """Take the lowest free slot, with length 0 (its old state is ignored by a prefill at position 0)."""
+        if not self._free:
+            raise NoFreeSlotError(f"all {self.num_slots} cache slots are in use")
+        slot = heapq.heappop(self._free)
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise ValueError(f"slot {slot} is not an allocated slot of this cache")
+        self.lengths[slot] = 0
+        heapq.heappush(self._free, slot)
+
+    # -- addressing -----------------------------------------------------------------------------------
+    def _check_rows(self, rows: slice) -> slice:
+        if not (isinstance(rows, slice) and rows.step in (None, 1) and isinstance(rows.start, int)
+                and isinstance(rows.stop, int) and 0 <= rows.start < rows.stop <= self.num_slots):
+            raise ValueError(f"rows must be a slice a:b with 0 <= a < b <= {self.num_slots}, got {rows!r}")
+        return rows
+
+    def for_prefill(self, rows: slice, start: int) -> CacheSlice:
+        """Rows ``rows``, each continuing at host position ``start`` (0 starts new sequences there)."""
+        if not (isinstance(start, int) and 0 <= start < self.capacity):
+            raise ValueError(f"start must be an integer in [0, {self.capacity}), got {start!r}")
+        return CacheSlice(self, self._check_rows(rows), start=start)
+
+    def for_decode(self, rows: slice, active: torch.Tensor | None = None) -> CacheSlice:
+        """Rows ``rows``, one new token each at that row's length; ``active`` (bool [rows] on the device, None =
+        all) selects the rows whose state and length change."""
+        rows = self._check_rows(rows)
+        if active is not None and (active.dtype != torch.bool or active.shape != (rows.stop - rows.start,)):
+            raise ValueError(f"active must be a bool tensor [{rows.stop - rows.start}], got {active.dtype} "
+                             f"{list(active.shape)}")
+        return CacheSlice(self, rows, active=active)
+
+    def views(self, rows: slice) -> list[LayerState]:
+        """Per-layer states restricted to ``rows`` (views: writes land in the cache)."""
+        return [AttnLayerState(s.keys[rows], s.values[rows]) if isinstance(s, AttnLayerState) else
+                GDNLayerState(s.conv_q[rows], s.conv_k[rows], s.conv_v[rows], s.recurrent[rows])
+                for s in self.layers]

@@ -3,6 +3,8 @@
 Per head, with a fixed-size state S [K, V]:  S <- exp(g) S;  S <- S + k (beta (v - S^T k))^T;  o = S^T q.
 q, k, v each go through their own short causal depthwise conv + SiLU; q and k are L2-normalised inside
 the op; beta = 2 sigmoid(b) when negative eigenvalues are allowed; the output is a per-head gated RMSNorm.
+With a cache, prefill runs the chunked ops from the cached state and stores the final state; decode runs the
+one-token step ops, which update the cached states in place, only in the active rows.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from torch import nn
 
 from olmo_hybrid import ops
 from olmo_hybrid.config import ModelConfig
-from olmo_hybrid.model.cache import GDNLayerCache
+from olmo_hybrid.model.cache import GDNLayerState
+from olmo_hybrid.model.context import ForwardContext
 from olmo_hybrid.model.layers import GatedRMSNorm
 
 
@@ -26,22 +29,25 @@ class ShortConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
 
-    def forward(self, x, reset_mask=None, state: torch.Tensor | None = None):
-        """x [B, T, C] -> silu(conv(x)) and, when ``state`` is given, the updated state [B, C, W-1]."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, C] -> silu(conv(x)); with a cache ``state`` [B, C, W-1], continues from it and updates it."""
         w = self.weight[:, 0, :]
-        if state is not None and x.shape[1] == 1 and (reset_mask is None or not reset_mask.any()):
-            y, new_state = ops.causal_conv1d_step(x[:, 0], state, w, activation="silu")
-            return y[:, None], new_state
-        y, new_state = ops.causal_conv1d(x, w, activation="silu", initial_state=state,
-                                         output_final_state=state is not None, reset_mask=reset_mask)
-        return y, new_state
+        if state is None:
+            return ops.causal_conv1d(x, w, activation="silu", reset_mask=ctx.reset_mask)[0]
+        if ctx.decoding:
+            y, _ = ops.causal_conv1d_step(x[:, 0], state, w, activation="silu", inplace=True, active=ctx.active)
+            return y[:, None]
+        y, final = ops.causal_conv1d(x, w, activation="silu", initial_state=state if ctx.start else None,
+                                     output_final_state=True)
+        state.copy_(final)
+        return y
 
 
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
-        self.heads, self.v_heads = c.gdn_heads, c.gdn_value_heads
+        self.heads, self.v_heads = c.gdn_heads, c.gdn_v_heads
         self.head_k, self.head_v = c.gdn_head_k, c.gdn_head_v
         self.allow_neg_eigval = c.gdn_allow_neg_eigval
         key_dim, value_dim = self.heads * self.head_k, self.v_heads * self.head_v
@@ -70,12 +76,11 @@ class GatedDeltaNet(nn.Module):
         dt = dt.clamp(min=dt_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def forward(self, x: torch.Tensor, reset_mask: torch.Tensor | None = None,
-                cache: GDNLayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: GDNLayerState | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, cq = self.q_conv1d(self.q_proj(x), reset_mask, cache.conv_q if cache is not None else None)
-        k, ck = self.k_conv1d(self.k_proj(x), reset_mask, cache.conv_k if cache is not None else None)
-        v, cv = self.v_conv1d(self.v_proj(x), reset_mask, cache.conv_v if cache is not None else None)
+        q = self.q_conv1d(self.q_proj(x), ctx, state.conv_q if state is not None else None)
+        k = self.k_conv1d(self.k_proj(x), ctx, state.conv_k if state is not None else None)
+        v = self.v_conv1d(self.v_proj(x), ctx, state.conv_v if state is not None else None)
         q = q.view(b, t, self.heads, self.head_k)
         k = k.view(b, t, self.heads, self.head_k)
         v = v.view(b, t, self.v_heads, self.head_v)
@@ -85,21 +90,16 @@ class GatedDeltaNet(nn.Module):
         # Gates in fp32: A_log and dt_bias are stored in bf16 in released checkpoints.
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
 
-        if cache is None:
-            o, _ = ops.gated_delta_rule(q, k, v, g, beta, reset_mask=reset_mask, use_qk_l2norm_in_kernel=True)
-        elif t == 1 and (reset_mask is None or not reset_mask.any()):
-            o, state = ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], cache.state,
-                                                 use_qk_l2norm_in_kernel=True)
+        if state is None:
+            o, _ = ops.gated_delta_rule(q, k, v, g, beta, reset_mask=ctx.reset_mask, use_qk_l2norm_in_kernel=True)
+        elif ctx.decoding:
+            o, _ = ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent,
+                                             use_qk_l2norm_in_kernel=True, inplace=True, active=ctx.active)
             o = o[:, None]
-            cache.state.copy_(state)
         else:
-            o, state = ops.gated_delta_rule(q, k, v, g, beta, initial_state=cache.state, output_final_state=True,
-                                            reset_mask=reset_mask, use_qk_l2norm_in_kernel=True)
-            cache.state.copy_(state)
-        if cache is not None:
-            cache.conv_q.copy_(cq)
-            cache.conv_k.copy_(ck)
-            cache.conv_v.copy_(cv)
+            o, final = ops.gated_delta_rule(q, k, v, g, beta, initial_state=state.recurrent if ctx.start else None,
+                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+            state.recurrent.copy_(final)
         gate = self.g_proj(x).view(b, t, self.v_heads, self.head_v)
         o = self.o_norm(o, gate).reshape(b, t, self.v_heads * self.head_v)
         return self.o_proj(o)

@@ -1,7 +1,7 @@
 """Hugging Face ``olmo_hybrid`` checkpoints: config.json <-> ModelConfig, and safetensors weights.
 
 Our module names are the checkpoint's names, so loading is a copy after a rename table that accepts the
-variants found in the wild (architecture.md 4.2-4.3): older HF norm names, OLMo-core's exporter names
+variants found in the wild (listed in docs/architecture.md): older HF norm names, OLMo-core's exporter names
 (``out_proj``/``norm``), transformers' fused ``conv1d``, and OLMo-core state-dict names (``blocks.N...``).
 """
 
@@ -48,15 +48,19 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     if len(layer_types) != n_layers:
         raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries, num_hidden_layers={n_layers}")
     # A missing or null rope_theta means NoPE: the released checkpoints were trained without RoPE at the
-    # end, and transformers' silent default of 10000 is a known pitfall (architecture.md 3.7).
+    # end, and transformers' silent default of 10000 is a known pitfall (docs/architecture.md).
     rope = d.get("rope_parameters")
     theta = rope.get("rope_theta") if isinstance(rope, dict) else d.get("rope_theta")
+    # The rope type travels with the config; the model refuses one it does not implement (model/rope.py).
+    legacy = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
+    rope_type = (rope.get("rope_type") if isinstance(rope, dict) else None) or legacy.get("rope_type") \
+        or legacy.get("type") or "default"
     gdn_heads = d.get("linear_num_key_heads") or n_heads
     head_k = d.get("linear_key_head_dim") or int(0.75 * d_model / gdn_heads)
     return ModelConfig(
         vocab_size=need("vocab_size"), d_model=d_model, n_layers=n_layers,
         layer_pattern="".join(_LAYER_TYPE[t] for t in layer_types),
-        n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads"), rope_theta=theta,
+        n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads"), rope_theta=theta, rope_type=rope_type,
         gdn_heads=gdn_heads, gdn_v_heads=d.get("linear_num_value_heads"), gdn_head_k=head_k,
         gdn_head_v=d.get("linear_value_head_dim") or 2 * head_k,
         gdn_conv_size=d.get("linear_conv_kernel_dim", 4),
@@ -69,6 +73,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eos_token_id=None, pad_token_id=None,
                  bos_token_id=None) -> dict:
+    cfg = cfg.resolved()
     inv = {v: k for k, v in _LAYER_TYPE.items()}
     return {
         "architectures": ["OlmoHybridForCausalLM"],
@@ -78,19 +83,19 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eos_token_id=None, pad_to
         "intermediate_size": cfg.mlp_hidden,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         # Written explicitly, null for NoPE, so transformers does not fall back to theta=10000.
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type},
         "attention_bias": False,
         "attention_dropout": 0.0,
         "layer_types": [inv[t] for t in cfg.layer_types],
         "linear_num_key_heads": cfg.gdn_heads,
-        "linear_num_value_heads": cfg.gdn_value_heads,
+        "linear_num_value_heads": cfg.gdn_v_heads,
         "linear_key_head_dim": cfg.gdn_head_k,
         "linear_value_head_dim": cfg.gdn_head_v,
         "linear_conv_kernel_dim": cfg.gdn_conv_size,
@@ -169,7 +174,8 @@ def canonical_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> 
 def _fix_evenly_split_convs(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Undo transformers 5.23's save of its fused conv: it writes q/k/v_conv1d as three equal chunks of
     cat(q, k, v) (e.g. 86/86/84 rows instead of 64/64/128), and re-concatenates them on load."""
-    key_dim, val_dim = cfg.gdn_heads * cfg.gdn_head_k, cfg.gdn_value_heads * cfg.gdn_head_v
+    cfg = cfg.resolved()
+    key_dim, val_dim = cfg.gdn_heads * cfg.gdn_head_k, cfg.gdn_v_heads * cfg.gdn_head_v
     for name in [n for n in sd if n.endswith(".linear_attn.q_conv1d.weight")]:
         prefix = name[: -len("q_conv1d.weight")]
         parts = [sd.get(prefix + f"{p}_conv1d.weight") for p in "qkv"]

@@ -9,8 +9,6 @@ checkpoint is a state-dict copy plus a small rename table for older name variant
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,24 +17,11 @@ from torch import nn
 from olmo_hybrid import ops
 from olmo_hybrid.config import ATTN, ModelConfig
 from olmo_hybrid.model.attention import Attention
-from olmo_hybrid.model.cache import HybridCache
+from olmo_hybrid.model.cache import AttnLayerState, CacheSlice, GDNLayerState, HybridCache
+from olmo_hybrid.model.context import ForwardContext
 from olmo_hybrid.model.gated_deltanet import GatedDeltaNet
-from olmo_hybrid.model.layers import MLP, GatedRMSNorm, RMSNorm, rotary_cos_sin
-
-
-@dataclass
-class StepContext:
-    """What every block needs for one forward call, computed once per call (see ``Attention.forward`` for
-    ``start`` and ``span``; the serving engine builds its own for per-row positions)."""
-
-    rope: tuple[torch.Tensor, torch.Tensor] | None
-    attn_mask: torch.Tensor | None  # [B, 1, T, S] bool (or an SDPA bias), None = plain causal
-    reset_mask: torch.Tensor | None  # [B, T] bool, True where a new document starts
-    start: int | torch.Tensor
-    span: int | None = None
-    # Replaces SDPA over the cache when ``start`` is per-row: attend(q [B, H, 1, D], keys, values) -> [B, H, 1, D]
-    # (the serving engine's split-KV kernel, which reads each row's length on the device).
-    attend: Callable | None = None
+from olmo_hybrid.model.layers import MLP, GatedRMSNorm, RMSNorm
+from olmo_hybrid.model.rope import RotaryEmbedding
 
 
 class GDNBlock(nn.Module):
@@ -47,8 +32,8 @@ class GDNBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)  # the pre-MLP norm
         self.mlp = MLP(config.d_model, config.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, step: StepContext, layer_cache=None) -> torch.Tensor:
-        h = x + self.linear_attn(self.input_layernorm(x), step.reset_mask, layer_cache)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: GDNLayerState | None = None) -> torch.Tensor:
+        h = x + self.linear_attn(self.input_layernorm(x), ctx, state)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -60,9 +45,8 @@ class AttnBlock(nn.Module):
         self.mlp = MLP(config.d_model, config.mlp_hidden)
         self.post_feedforward_layernorm = RMSNorm(config.d_model, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, step: StepContext, layer_cache=None) -> torch.Tensor:
-        a = self.self_attn(x, step.rope, step.attn_mask, layer_cache, step.start, step.span, step.attend)
-        h = x + self.post_attention_layernorm(a)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: AttnLayerState | None = None) -> torch.Tensor:
+        h = x + self.post_attention_layernorm(self.self_attn(x, ctx, state))
         return h + self.post_feedforward_layernorm(self.mlp(h))
 
 
@@ -73,6 +57,7 @@ class HybridModel(nn.Module):
         self.layers = nn.ModuleList(AttnBlock(config) if kind == ATTN else GDNBlock(config)
                                     for kind in config.layer_types)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
 
 
 class HybridLM(nn.Module):
@@ -85,7 +70,7 @@ class HybridLM(nn.Module):
 
     def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
-        self.config = config
+        self.config = config = config.resolved()
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -121,85 +106,98 @@ class HybridLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: HybridCache | None = None,
+        cache: CacheSlice | None = None,
         logits_to_keep: int = 0,
         lm_head_fn=None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` [B, T]; with ``logits_to_keep=n`` only for the last n positions.
 
-        ``cache`` continues a sequence (prefill chunks or single decode tokens): new keys/values and GDN
-        states are written into it. ``lm_head_fn(hidden, lm_head)`` replaces ``lm_head(hidden)`` (hidden:
-        the final-norm output [B, T, d]) and its result is returned: training uses it to compute the loss
-        in chunks without materialising [B, T, vocab] logits. It runs inside ``forward`` so that wrappers
-        that gather parameters around ``forward`` (FSDP) have ``lm_head`` gathered.
+        The only loop over the blocks: training, scoring, generation and the engine all come here.
+        ``doc_ids`` [B, T] packs several documents in a row (no cache). ``cache`` continues sequences in rows of
+        a :class:`HybridCache`: ``cache.for_prefill(rows, start)`` appends T tokens to every row from host
+        position ``start``; ``cache.for_decode(rows, active)`` appends one token per row (T = 1) at that row's
+        length, on the device, without a host sync. Keys, values, GDN states and the rows' lengths are updated.
+        ``lm_head_fn(hidden, lm_head)`` replaces ``lm_head(hidden)`` (hidden: the final-norm output [B, T, d])
+        and its result is returned: training uses it to compute the loss in chunks without materialising
+        [B, T, vocab] logits. It runs inside ``forward`` so that wrappers that gather parameters around
+        ``forward`` (FSDP) have ``lm_head`` gathered. Token ids are not range-checked here (that would need a
+        host sync): the engine, ``generate`` and the data loader check them.
         """
-        self._check_ids(input_ids)
-        b, t = input_ids.shape
-        step = self._prepare(input_ids, doc_ids, position_ids, cache)
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer [batch, seq_len] tensor, got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        ctx = self._context(input_ids, doc_ids, cache)
+        states = cache.cache.views(cache.rows) if cache is not None else [None] * len(self.model.layers)
         h = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            h = layer(h, step, cache.layers[i] if cache is not None else None)
+        for layer, state in zip(self.model.layers, states):
+            h = layer(h, ctx, state)
         if cache is not None:
-            cache.end(doc_ids if doc_ids is not None else torch.ones_like(input_ids))
+            lengths = cache.cache.lengths[cache.rows]
+            if ctx.decoding:
+                lengths += 1 if cache.active is None else cache.active
+            else:
+                lengths.fill_(ctx.start + input_ids.shape[1])
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if lm_head_fn is not None:
             return lm_head_fn(self.model.norm(h), self.lm_head)
         return self.lm_head(self.model.norm(h))
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync per forward, not two
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"input_ids has token id {lo if lo < 0 else hi} outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
-
-    def _prepare(self, input_ids, doc_ids, position_ids, cache) -> StepContext:
+    def _context(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
+                 cache: CacheSlice | None) -> ForwardContext:
+        """Positions, RoPE, masks and cache addressing for one call, decided from host values only."""
         b, t = input_ids.shape
         device = input_ids.device
-        start = cache.length if cache is not None else 0
-        if cache is not None:
-            docs = doc_ids if doc_ids is not None else torch.ones_like(input_ids)
-            reset_mask, start = cache.begin(docs)
-            k_docs = cache.doc_ids[:, :start + t]
-            q_pos = torch.arange(start, start + t, device=device)
-            k_pos = torch.arange(start + t, device=device)
-            attn_mask = (k_docs[:, None, :] == docs[:, :, None]) & (k_pos[None, None, :] <= q_pos[None, :, None])
-            attn_mask = attn_mask[:, None]
-        elif doc_ids is not None:
+        rotary = self.model.rotary_emb
+        if cache is None:
+            if self.config.n_attn_layers and t > self.config.max_seq_len:
+                raise ValueError(f"sequence of {t} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            rope = rotary(torch.arange(t, device=device)[None].expand(b, t))
+            if doc_ids is None:
+                return ForwardContext(rope)
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            reset_mask = ops.reset_mask_from_doc_ids(doc_ids)
             causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-            attn_mask = ((doc_ids[:, None, :] == doc_ids[:, :, None]) & causal)[:, None]
-        else:
-            reset_mask = attn_mask = None
-        if self.config.n_attn_layers and start + t > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + t} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        rope = None
-        if self.config.rope_theta is not None and self.config.n_attn_layers:
-            if position_ids is None:
-                position_ids = torch.arange(start, start + t, device=device)[None].expand(b, t)
-            rope = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        return StepContext(rope, attn_mask, reset_mask, start)
+            mask = ((doc_ids[:, None, :] == doc_ids[:, :, None]) & causal)[:, None]
+            return ForwardContext(rope, mask, ops.reset_mask_from_doc_ids(doc_ids))
+        if doc_ids is not None:
+            raise ValueError("doc_ids cannot be combined with a cache: give each sequence its own cache row")
+        if cache.num_rows != b:
+            raise ValueError(f"input_ids has {b} rows but the cache slice has {cache.num_rows} ({cache.rows})")
+        if cache.start is None:  # decode
+            if t != 1:
+                raise ValueError(f"a decode step takes one token per row, got input_ids of shape {(b, t)}")
+            positions = cache.cache.lengths[cache.rows]
+            return ForwardContext(rotary(positions[:, None]), positions=positions, lengths=positions + 1,
+                                  active=cache.active)
+        start, end = cache.start, cache.start + t
+        if end > cache.cache.capacity:
+            raise ValueError(f"cache rows hold {cache.cache.capacity} tokens; {start} used, {t} more requested")
+        if self.config.n_attn_layers and end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        rope = rotary(torch.arange(start, end, device=device)[None].expand(b, t))
+        return ForwardContext(rope, _lower_right_causal(t, end) if start else None, start=start)
 
     # -- conveniences --------------------------------------------------------------------------------
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.model.embed_tokens.weight.numel()
 
-    def new_cache(self, batch_size: int, max_len: int) -> HybridCache:
+    def new_cache(self, num_slots: int, capacity: int) -> HybridCache:
+        """A zeroed cache of ``num_slots`` rows of ``capacity`` tokens on the model's device, in its dtype."""
         p = next(self.parameters())
-        return HybridCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        return HybridCache(self.config, num_slots, capacity, device=p.device, dtype=p.dtype)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+                 stop=None, tokenizer=None) -> torch.Tensor:
+        """Prompt plus up to ``max_new_tokens`` new tokens per row, through the engine (see ``model/generate.py``)."""
         from olmo_hybrid.model.generate import generate
 
-        return generate(self, input_ids, max_new_tokens, **kwargs)
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        pad_token_id=pad_token_id, stop=stop, tokenizer=tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> "HybridLM":
@@ -211,3 +209,12 @@ class HybridLM(nn.Module):
         from olmo_hybrid.model.hf_io import save_pretrained
 
         save_pretrained(self, path, dtype=dtype, **kwargs)
+
+
+def _lower_right_causal(queries: int, keys: int):
+    """Causal mask whose diagonal ends at the last key (a prefill chunk after cached tokens), as a bias object
+    SDPA can run with flash attention."""
+    # Imported here: torch.nn.attention.bias imports triton, which only olmo_hybrid.ops may pull in eagerly.
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(queries, keys)

@@ -1,4 +1,4 @@
-"""Small building blocks shared by both block types: RMSNorm, gated RMSNorm, SwiGLU MLP, rotary embedding."""
+"""Small building blocks shared by both block types: RMSNorm, gated RMSNorm, SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -53,20 +53,3 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin for rotate-half RoPE at integer ``positions`` [B, T] -> each [B, T, head_dim]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by cos/sin [B, T, D] (rotate-half convention), in fp32."""
-    dtype = x.dtype
-    x = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos[:, None] + rotated * sin[:, None]).to(dtype)

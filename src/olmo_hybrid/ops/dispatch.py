@@ -31,6 +31,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from olmo_hybrid.errors import OlmoHybridError
+
 logger = logging.getLogger("olmo_hybrid.ops")
 
 BACKENDS = ("auto", "torch", "triton", "fla")
@@ -49,7 +51,7 @@ OPS = (
 Check = Callable[..., "str | None"]
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(OlmoHybridError, RuntimeError):
     """Raised when an explicitly requested backend cannot run an op."""
 
 

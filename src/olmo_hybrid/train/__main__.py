@@ -2,6 +2,6 @@
 
 import sys
 
-from olmo_hybrid.cli.train import main
+from olmo_hybrid.cli import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(["train", *sys.argv[1:]]))

@@ -7,6 +7,7 @@ command-line overrides (``optim.lr=3e-3``) build the same dataclass and fail the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -70,6 +71,7 @@ class TrainerConfig:
     sample_tokens: int = 120
     sample_temperature: float = 0.8  # 0: greedy
     sample_top_k: int = 50
+    max_consecutive_skips: int = 10  # this many skipped (non-finite) steps in a row stop the run as diverged
 
 
 @dataclass
@@ -101,9 +103,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check_finite(self)
         o, s, t = self.optim, self.schedule, self.trainer
         if not o.lr > 0:
             raise ConfigError(f"optim.lr must be positive, got {o.lr}")
+        if not o.eps > 0:
+            raise ConfigError(f"optim.eps must be positive, got {o.eps}")
+        if o.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         if o.decay_rule not in DECAY_RULES:
@@ -116,10 +123,11 @@ class TrainConfig:
             raise ConfigError(f"schedule.final_lr_fraction must be in [0, 1], got {s.final_lr_fraction}")
         if not 0 < s.decay_fraction <= 1:
             raise ConfigError(f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
-        for name in ("steps", "grad_accum", "eval_batches", "log_interval"):
+        for name in ("steps", "grad_accum", "eval_batches", "log_interval", "max_consecutive_skips"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"trainer.{name} must be positive, got {getattr(t, name)}")
-        for name in ("eval_interval", "save_interval", "keep_last_k", "sample_tokens", "max_minutes"):
+        for name in ("eval_interval", "save_interval", "keep_last_k", "sample_tokens", "max_minutes", "clip_grad",
+                     "z_loss", "sample_temperature", "sample_top_k"):
             if getattr(t, name) < 0:
                 raise ConfigError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
         if t.dtype not in ("auto", "fp32", "bf16"):
@@ -131,11 +139,27 @@ class TrainConfig:
             if getattr(t, name) < (1 if name == "ac_every" else 0):
                 raise ConfigError(f"trainer.{name} must be {'positive' if name == 'ac_every' else '>= 0'}, "
                                   f"got {getattr(t, name)}")
+        m = self.model
+        if m.n_attn_layers and self.data.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds the model's limit "
+                              f"model.max_seq_len={m.max_seq_len}")
         par = self.parallel
         if par.dp_replicate < 1:
             raise ConfigError(f"parallel.dp_replicate must be >= 1, got {par.dp_replicate}")
         if par.dp_shard != -1 and par.dp_shard < 1:
             raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world size, got {par.dp_shard}")
+
+
+def _check_finite(cfg, path: str = "") -> None:
+    """Every float setting, at any depth, is a finite number: inf and nan mean nothing anywhere (an
+    ``optim.lr=inf`` would train on NaN)."""
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, name + ".")
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,13 +101,14 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, z_coef: float,
-                    scale: float, chunk_tokens: int, compiled: bool = False
+                    scale: float | torch.Tensor, chunk_tokens: int, compiled: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce_sum, z_sum)`` for the LM head ``weight`` [vocab, d] applied to ``hidden`` [..., d].
 
     ``loss = (ce_sum + z_coef * z_sum) * scale`` is differentiable wrt ``hidden`` and ``weight``; the two
     sums are :func:`loss_terms`' (detached). Peak memory is one chunk of ``chunk_tokens`` x vocab fp32
-    logits instead of all of them. Matmuls run in the autocast dtype when autocast is on (else in
+    logits instead of all of them (``scale`` may be a 0-d tensor on the device, so that a count known only
+    there needs no host sync). Matmuls run in the autocast dtype when autocast is on (else in
     ``hidden``'s dtype), with fp32 softmax and fp32 accumulation of the weight gradient. ``compiled``
     fuses the per-chunk softmax and gradient arithmetic with ``torch.compile`` (the matmuls stay cuBLAS).
     """
@@ -118,7 +119,8 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
         return _ChunkedLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                    chunk_tokens, float(z_coef), float(scale), dtype, need_grad, compiled)
+                                    chunk_tokens, float(z_coef), scale if torch.is_tensor(scale) else float(scale),
+                                    dtype, need_grad, compiled)
 
 
 @dataclass

@@ -7,9 +7,13 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from olmo_hybrid.fsio import atomic_write_text
+import torch
+
+from olmo_hybrid.errors import CheckpointError, WriteError
+from olmo_hybrid.fsio import atomic_write_text, failure_reason
 
 
 def format_duration(seconds: float) -> str:
@@ -41,8 +45,6 @@ def peak_flops(device, override_tflops: float = 0.0) -> float | None:
     else None (CPU, unknown GPU: no MFU is logged)."""
     if override_tflops > 0:
         return override_tflops * 1e12
-    import torch
-
     if getattr(device, "type", device) != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -51,18 +53,64 @@ def peak_flops(device, override_tflops: float = 0.0) -> float | None:
 
 def peak_memory_gib(device) -> float | None:
     """The most memory the caching allocator held for tensors on a CUDA ``device`` since the start."""
-    import torch
-
     if getattr(device, "type", device) != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, log=None) -> list[dict]:
+    """The records of a metrics file. A last line cut short (the run was killed while writing it) is
+    dropped and reported through ``log``; a damaged line before it is a ``CheckpointError`` naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:  # followed by a newline: written whole, so damaged afterwards
+                raise CheckpointError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); fix or delete "
+                                      "that line") from e
+            if log is not None:
+                log(f"note: {path}: dropped its last line, cut short when the run was stopped "
+                    f"({len(line)} characters)")
+    return records
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step leaves on the device until its metrics are read back (``read_back``), so
+    a step needs no host sync."""
+
+    step: int
+    lr: float
+    tokens: int
+    loss: torch.Tensor  # mean cross-entropy per scored token (0-d, on the device)
+    z_loss: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+def read_back(outputs: list[StepOutput]) -> list[dict]:
+    """The per-step records of ``outputs`` (step, loss, z_loss, lr, grad_norm, tokens; ``skipped`` with the
+    reason when the update was skipped), read from the device in one transfer."""
+    if not outputs:
+        return []
+    values = torch.stack([torch.stack([o.loss.float(), o.z_loss.float(), o.grad_norm.float()])
+                          for o in outputs]).tolist()
+    records = []
+    for o, (loss, z_loss, grad_norm) in zip(outputs, values):
+        record = {"step": o.step, "loss": loss, "z_loss": z_loss, "lr": o.lr, "grad_norm": grad_norm,
+                  "tokens": o.tokens}
+        if not math.isfinite(loss):
+            record["skipped"] = f"non-finite loss ({loss})"
+        elif not math.isfinite(grad_norm):
+            record["skipped"] = f"non-finite gradient norm ({grad_norm})"
+        records.append(record)
+    return records
 
 
 class MetricsLogger:
@@ -75,7 +123,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, total_steps: int, log_interval: int, resume_step: int = 0,
                  tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None,
-                 stream=None):
+                 stream=None, log=print):
         self.path = run_dir / "metrics.jsonl"
         self.total_steps = total_steps
         self.log_interval = max(1, log_interval)
@@ -95,15 +143,18 @@ class MetricsLogger:
                 raise ImportError("trainer.wandb_project needs the wandb package (pip install wandb)") from e
             self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir),
                                      resume="allow", id=os.environ.get("WANDB_RUN_ID"))
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        kept = [r for r in read_metrics(self.path, log) if r.get("step", 0) <= resume_step] if resume_step else []
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self._start_step = resume_step
         self._start_time = time.perf_counter()
 
     def log(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise WriteError(f"could not append step {record['step']} to {self.path}: {failure_reason(e)}") from e
         step = record["step"]
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:

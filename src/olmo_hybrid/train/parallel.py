@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from olmo_hybrid.config import ConfigError
-from olmo_hybrid.train.distributed import DistEnv
+from olmo_hybrid.distributed import DistEnv
 
 
 def checkpointed_layers(n_layers: int, mode: str, every: int) -> list[int]:

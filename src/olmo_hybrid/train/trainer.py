@@ -4,6 +4,16 @@ periodic validation, checkpoints with exact resume, and the end-of-run export an
 One process, or N under ``torchrun`` (FSDP2 over a device mesh, see ``parallel.py``): every rank runs
 this same loop on its shard of each global batch; the loss is normalised by the global number of
 scored tokens, so N ranks x B sequences give the gradients of one process with N x B sequences.
+
+A step does not wait for the device: scored tokens are counted on the host before the copy, a
+non-finite step is skipped by the fused AdamW kernel itself (``found_inf``; on the CPU, where reading a
+flag back costs nothing, by the host), and losses and gradient norms stay on the device until the next
+read-back (the log interval, validation, checkpoint, end), which also checks the divergence guard.
+
+Guard rails: the settings are checked before any work, the run directory is locked and never replaced
+without ``resume`` or ``overwrite``, ``trainer.max_consecutive_skips`` skipped steps in a row stop the
+run, no checkpoint or export is written with non-finite values, and an interrupted run says which
+checkpoint a resume continues from.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from olmo_hybrid.config import ConfigError, to_dict
-from olmo_hybrid.data import DataError, TrainLoader, bits_per_byte, open_datasets, unigram_loss, val_batches
+from olmo_hybrid import checkpoint as ckpt
+from olmo_hybrid.config import to_dict
+from olmo_hybrid.data import TrainLoader, bits_per_byte, open_datasets, unigram_loss, val_batches
+from olmo_hybrid.distributed import all_reduce, any_rank, barrier, init_distributed, rank_zero, resolve_device
+from olmo_hybrid.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.model import HybridLM
-from olmo_hybrid.train import checkpoint as ckpt
 from olmo_hybrid.train.config import TrainConfig
-from olmo_hybrid.train.distributed import all_reduce, any_rank, barrier, init_distributed, rank_zero, resolve_device
 from olmo_hybrid.train.loss import ValResult, chunked_lm_loss, evaluate, loss_terms
-from olmo_hybrid.train.metrics import MetricsLogger, NullLogger, format_duration, peak_flops, peak_memory_gib
+from olmo_hybrid.train.metrics import (MetricsLogger, NullLogger, StepOutput, format_duration, peak_flops,
+                                       peak_memory_gib, read_back)
 from olmo_hybrid.train.optim import build_optimizer, lr_at, set_lr
 from olmo_hybrid.train.parallel import parallelize
 
@@ -70,10 +83,20 @@ FINISH_RESERVE_S = 30.0
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print):
+    """``Trainer(cfg, run_dir).fit()``. ``resume`` continues the run in ``run_dir`` from its newest usable
+    checkpoint; ``overwrite`` starts it over (its checkpoints, export and metrics are deleted); without
+    either, a directory holding a run is refused. Every check that can fail runs here, before any work."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print,
+                 overwrite: bool = False):
+        cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
+        ckpt.check_run_dir(self.run_dir, resume, overwrite)
+        newest = ckpt.latest_checkpoint(self.run_dir, log=lambda _: None) if resume else None
+        if newest is not None:
+            ckpt.check_model_config(newest.path, to_dict(cfg.model))
         t = cfg.trainer
         self.env = init_distributed(t.device)
         self.log = log = rank_zero(log, self.env)
@@ -98,6 +121,7 @@ class Trainer:
         if self.train_set.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
                               f"{self.train_set.path} ({self.train_set.vocab_size} ids)")
+        self._check_sample_prompt()
         self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.env.rank, self.env.world_size)
         torch.manual_seed(t.seed)  # weight init depends only on the seed (the same on every rank)
         # On CUDA the weights are drawn on the GPU (seconds for a 1B model; the CPU takes minutes).
@@ -115,6 +139,19 @@ class Trainer:
         self.flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
         self.step = 0
         self.tokens = 0
+        self.consecutive_skips = 0
+
+    def _check_sample_prompt(self) -> None:
+        t, m = self.cfg.trainer, self.cfg.model
+        if t.sample_tokens == 0:
+            return
+        n = len(self.tokenizer.encode(t.sample_prompt))
+        if n == 0:
+            raise ConfigError(f"trainer.sample_prompt={t.sample_prompt!r} encodes to zero tokens: give a prompt, "
+                              "or set trainer.sample_tokens=0")
+        if m.n_attn_layers and n + t.sample_tokens > m.max_seq_len:
+            raise ConfigError(f"trainer.sample_prompt ({n} tokens) + trainer.sample_tokens={t.sample_tokens} "
+                              f"exceeds model.max_seq_len={m.max_seq_len}")
 
     # -- pieces ------------------------------------------------------------------------------------
     def _logits(self, batch: dict, model=None, **kwargs) -> torch.Tensor:
@@ -123,7 +160,8 @@ class Trainer:
         with self.autocast():
             return model(batch["input_ids"], doc_ids=doc_ids, **kwargs)
 
-    def _loss(self, batch: dict, norm: float, model=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss(self, batch: dict, norm: float | torch.Tensor, model=None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``((ce + z_loss * z) / norm, ce, z)`` for one micro-batch (ce and z summed over its tokens, detached)."""
         z_coef, chunk = self.cfg.trainer.z_loss, self.cfg.trainer.loss_chunk_tokens
         labels = batch["labels"]
@@ -139,29 +177,45 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _lock_run_dir(self) -> ckpt.RunLock | None:
+        """Rank 0 takes the run directory's lock; every rank fails when it cannot."""
+        lock, error = None, None
+        if self.env.is_main:
+            try:
+                lock = ckpt.RunLock(self.run_dir, log=self.log).acquire()
+            except CheckpointError as e:
+                error = e
+        if any_rank(error is not None, self.env):
+            raise error or CheckpointError(f"rank 0 could not lock {self.run_dir}")
+        return lock
+
     def _prepare_run_dir(self) -> None:
-        existing = ckpt.list_checkpoints(self.run_dir, valid_only=False)
-        if existing and not self.resume:
-            raise ckpt.CheckpointError(
-                f"{self.run_dir} already holds checkpoints (newest {existing[-1].path.name}); pass --resume to "
-                f"continue that run, or choose another --out directory")
-        barrier(self.env)  # every rank has looked before rank 0 writes anything
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Under the lock: clear an overwritten run, restore a resumed one, write the config and tokenizer."""
+        ckpt.check_run_dir(self.run_dir, self.resume, self.overwrite)  # again: another run may have finished here
+        barrier(self.env)  # every rank has looked before rank 0 changes anything
+        if self.overwrite and self.env.is_main:
+            for name in (ckpt.CHECKPOINTS, ckpt.HF_EXPORT):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
+        barrier(self.env)  # every rank sees the directory as rank 0 left it
         if self.resume:
-            info = ckpt.latest_checkpoint(self.run_dir, log=self.log)
-            if info is None:
-                self.log(f"--resume: no valid checkpoint in {self.run_dir}, starting from step 0")
+            found = ckpt.list_checkpoints(self.run_dir, valid_only=False)
+            restored = ckpt.restore_newest(self.run_dir, model=self.model, optimizer=self.optimizer, env=self.env,
+                                           log=self.log)
+            if restored is not None:
+                self._continue_from(*restored)
+            elif found:
+                raise CheckpointError(f"--resume: none of the {len(found)} checkpoints in {self.run_dir} can be "
+                                      "restored (reasons above); pass --overwrite to start the run over")
             else:
-                self._load(info)
+                self.log(f"--resume: no checkpoint in {self.run_dir}, starting from step 0")
         if self.env.is_main:
-            atomic_write_text(self.run_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2) + "\n")
+            atomic_write_text(self.run_dir / ckpt.CONFIG, json.dumps(to_dict(self.cfg), indent=2) + "\n")
             self.tokenizer.save(self.run_dir)
         barrier(self.env)
 
-    def _load(self, info: ckpt.CheckpointInfo) -> None:
-        ckpt.check_model_config(info.path, to_dict(self.cfg.model))
-        saved = ckpt.read_checkpoint_config(info.path)
+    def _continue_from(self, info: ckpt.CheckpointInfo, state: dict) -> None:
+        saved = ckpt.read_run_config(info.path)
         current = json.loads(json.dumps(to_dict(self.cfg)))  # tuples as the saved JSON lists
         other = [f"{section}.{k}" for section in ("data", "optim", "schedule", "trainer")
                  for k, v in saved.get(section, {}).items() if current[section].get(k) != v]
@@ -171,8 +225,6 @@ class Trainer:
         if other:
             self.log(f"note: config differs from the checkpoint's in {', '.join(other)} "
                      f"(allowed; losses will not match an uninterrupted run)")
-        state = ckpt.load_checkpoint(info.path, model=self.model, optimizer=self.optimizer,
-                                     map_location=self.device, env=self.env, log=self.log)
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.log(f"resumed from {info.path} (step {self.step}, {self.tokens:,} tokens)")
@@ -184,14 +236,16 @@ class Trainer:
                                     rank_state={"loader": self.loader.state_dict()}, config=to_dict(self.cfg),
                                     keep_last_k=self.cfg.trainer.keep_last_k, env=self.env)
 
-    def _out_of_time(self, step_s: float) -> bool:
-        """True when another step would leave too little of ``trainer.max_minutes`` for the wrap-up
-        (full validation, checkpoint, export and sample, budgeted at ``FINISH_RESERVE_S``). Ranks agree:
-        one rank out of time stops them all."""
+    def _steps_that_fit(self, step_s: float) -> int | None:
+        """How many more steps ``trainer.max_minutes`` allows, keeping ``FINISH_RESERVE_S`` for the wrap-up
+        (full validation, checkpoint, export and sample); None without a limit. Ranks agree on the fewest."""
         limit = self.cfg.trainer.max_minutes * 60
         if limit <= 0:
-            return False
-        return any_rank(time.perf_counter() - self._t_start + step_s > limit - FINISH_RESERVE_S, self.env)
+            return None
+        left = limit - FINISH_RESERVE_S - (time.perf_counter() - self._t_start)
+        fit = math.floor(left / max(step_s, 1e-9))
+        return int(all_reduce(torch.tensor([fit], device=self.device), self.env, "min").item()) \
+            if self.env.distributed else fit
 
     def validate(self, max_batches: int | None = None) -> ValResult:
         """Loss on the first ``max_batches`` validation batches of each rank (None: the whole split).
@@ -220,17 +274,31 @@ class Trainer:
         finally:
             self.model.train()
 
-    def train_step(self) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
+    def _check_ids(self, micro: list[dict]) -> None:
+        """Token ids inside the model's vocabulary, checked on the host (numpy) before the copy to the device."""
+        vocab = self.cfg.model.vocab_size
+        for batch in micro:
+            ids = batch["input_ids"].numpy()
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= vocab:
+                raise DataError(f"{self.train_set.path}: token id {lo if lo < 0 else hi} at step {self.step + 1} is "
+                                f"outside the model's vocabulary [0, {vocab}) (damaged token file?)")
+
+    def train_step(self) -> StepOutput:
+        """One optimizer step over ``grad_accum`` micro-batches, without waiting for the device; its metrics
+        stay there until ``metrics.read_back``."""
         t = self.cfg.trainer
         lr = lr_at(self.step, t.steps, self.cfg.optim.lr, self.cfg.schedule)
         set_lr(self.optimizer, lr)
         ce_sum = torch.zeros((), device=self.device)
         z_sum = torch.zeros((), device=self.device)
-        micro = [self._to_device(self.loader.next_batch()) for _ in range(t.grad_accum)]
-        n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
-        if self.fsdp:
-            n_tokens = int(all_reduce(torch.tensor([n_tokens], device=self.device), self.env).item())
+        micro = [self.loader.next_batch() for _ in range(t.grad_accum)]
+        self._check_ids(micro)
+        n_tokens = sum(int((b["labels"].numpy() != -100).sum()) for b in micro)  # on the host: no sync
+        step_tokens = sum(b["input_ids"].numel() for b in micro) * self.env.world_size
+        micro = [self._to_device(b) for b in micro]
+        if self.fsdp:  # the global count stays on the device: the division below needs no sync
+            n_tokens = all_reduce(torch.tensor(n_tokens, device=self.device), self.env)
         # Normalised by the whole step's scored tokens over all ranks, so accumulation and data parallelism
         # equal one big batch (times the world size: FSDP averages the ranks' gradients).
         norm = n_tokens / self.env.world_size if self.fsdp else n_tokens
@@ -245,29 +313,42 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
         if self.fsdp:
             sums = all_reduce(torch.stack([ce_sum, z_sum]), self.env)
             ce_sum, z_sum = sums[0], sums[1]
-        loss = (ce_sum / n_tokens).item()
-        skipped = None
-        if not math.isfinite(loss):
-            skipped = f"non-finite loss ({loss})"
-        elif not math.isfinite(grad_norm):
-            skipped = f"non-finite gradient norm ({grad_norm})"
-        if skipped is None:
+        mean_ce = ce_sum / n_tokens
+        finite = torch.isfinite(mean_ce) & torch.isfinite(grad_norm)
+        if self.optimizer.defaults.get("fused"):
+            # The fused kernel leaves weights, moments and step counts untouched when found_inf is 1.
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+        elif finite:  # unfused (CPU): the flag is read on the host, which costs nothing there
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += sum(b["input_ids"].numel() for b in micro) * self.env.world_size
-        record = {"step": self.step, "loss": loss, "z_loss": (z_sum / n_tokens).item(), "lr": lr,
-                  "grad_norm": grad_norm, "tokens": self.tokens}
-        if skipped:
-            record["skipped"] = skipped
-        return record
+        self.tokens += step_tokens
+        return StepOutput(self.step, lr, self.tokens, mean_ce.detach(), (z_sum / n_tokens).detach(), grad_norm.detach())
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to ``trainer.steps`` (or the time budget), validate, save, export and sample, holding the
+        run directory's lock. Ctrl-C raises ``KeyboardInterrupt`` saying where a resume would continue."""
+        lock = self._lock_run_dir()
+        try:
+            return self._fit()
+        except KeyboardInterrupt as e:
+            raise KeyboardInterrupt(self._interrupted_note()) from e
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _interrupted_note(self) -> str:
+        info = ckpt.latest_checkpoint(self.run_dir, log=lambda _: None)
+        if info is None:
+            return f"interrupted at step {self.step}: no checkpoint was written yet, so --resume starts from step 0"
+        return f"interrupted at step {self.step}: --resume continues from {info.path} (step {info.step})"
+
+    def _fit(self) -> TrainResult:
         t, d = self.cfg.trainer, self.cfg.data
         self._prepare_run_dir()
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -286,39 +367,11 @@ class Trainer:
         self.log(f"unigram baseline on the validation split (same tokenizer): {unigram:.4f} nats/token")
         logger = MetricsLogger(self.run_dir, t.steps, t.log_interval, resume_step=self.step,
                                tensorboard=t.tensorboard, wandb_project=t.wandb_project or None,
-                               config=to_dict(self.cfg)) if self.env.is_main else NullLogger()
+                               config=to_dict(self.cfg), log=self.log) if self.env.is_main else NullLogger()
         result = TrainResult(self.run_dir, self.step, None, None, unigram)
-        first_loss = None
         self.model.train()
         try:
-            train_s, run_steps = 0.0, 0
-            while self.step < t.steps:
-                t0 = time.perf_counter()
-                record = self.train_step()
-                dt = time.perf_counter() - t0
-                train_s, run_steps = train_s + dt, run_steps + 1
-                record.update(self._throughput(tokens_per_step, dt))
-                out_of_time = self.step < t.steps and self._out_of_time(train_s / run_steps)
-                last = self.step == t.steps or out_of_time
-                if out_of_time:
-                    result.stopped_early = True
-                    logger.print(f"trainer.max_minutes={t.max_minutes:g} reached: stopping at step {self.step} of "
-                                 f"{t.steps} (the learning-rate schedule did not finish; this machine is slower "
-                                 f"than the preset assumes)")
-                if last or (t.eval_interval > 0 and self.step % t.eval_interval == 0):
-                    # Periodic passes may use a prefix of the split; the final one scores all of it,
-                    # on the same tokens as the unigram baseline.
-                    val = self.validate(None if last or t.eval_batches == 0 else t.eval_batches)
-                    record.update(val_loss=val.loss, val_bpb=bits_per_byte(val.loss, self.val_set))
-                    if last:
-                        result.final_val_loss, result.final_val_bpb = record["val_loss"], record["val_bpb"]
-                logger.log(record)
-                result.losses.append(record["loss"])
-                first_loss = record["loss"] if first_loss is None else first_loss
-                if last or (t.save_interval > 0 and self.step % t.save_interval == 0):
-                    self.save()
-                if out_of_time:
-                    break
+            self._train_loop(logger, result, tokens_per_step)
         finally:
             logger.close()
         result.steps = self.step
@@ -333,8 +386,67 @@ class Trainer:
                 result.sample = self.sample(t.sample_prompt, t.sample_tokens, t.sample_temperature, plain)
             barrier(self.env)
         result.wall_s = time.perf_counter() - self._t_start
-        self._summary(result, first_loss)
+        self._summary(result)
         return result
+
+    def _train_loop(self, logger, result: TrainResult, tokens_per_step: int) -> None:
+        """Steps until ``trainer.steps`` or the time budget. The device's metrics are read back (one sync) at
+        the first step, each log interval, validation, checkpoint, time-budget check and the end."""
+        t = self.cfg.trainer
+        pending: list[StepOutput] = []
+        first, check_time_at = self.step + 1, None
+        train_s, run_steps = 0.0, 0
+        window_start = time.perf_counter()
+        while self.step < t.steps:
+            pending.append(self.train_step())
+            step = self.step
+            last = step == t.steps
+            evaluate = t.eval_interval > 0 and step % t.eval_interval == 0
+            save = t.save_interval > 0 and step % t.save_interval == 0
+            if not (last or evaluate or save or step == first or step % t.log_interval == 0 or step == check_time_at):
+                continue
+            records = read_back(pending)  # waits for the device, so the window's wall time is its compute time
+            window_s = time.perf_counter() - window_start
+            train_s, run_steps, pending = train_s + window_s, run_steps + len(records), []
+            for r in records:
+                r.update(self._throughput(tokens_per_step, window_s / len(records)))
+            fit = None if last else self._steps_that_fit(train_s / run_steps)
+            if fit is not None and fit <= 0:
+                last = result.stopped_early = True
+                logger.print(f"trainer.max_minutes={t.max_minutes:g} reached: stopping at step {step} of "
+                             f"{t.steps} (the learning-rate schedule did not finish; this machine is slower "
+                             f"than the preset assumes)")
+            check_time_at = step + fit if fit else None
+            if last or evaluate:
+                # Periodic passes may use a prefix of the split; the final one scores all of it,
+                # on the same tokens as the unigram baseline.
+                val = self.validate(None if last or t.eval_batches == 0 else t.eval_batches)
+                records[-1].update(val_loss=val.loss, val_bpb=bits_per_byte(val.loss, self.val_set))
+                if last:
+                    result.final_val_loss, result.final_val_bpb = val.loss, records[-1]["val_bpb"]
+            for r in records:
+                logger.log(r)
+                result.losses.append(r["loss"])
+            self._check_divergence(records)
+            if last or save:
+                self.save()
+            if last:
+                break
+            window_start = time.perf_counter()  # validation and saving are not training time
+
+    def _check_divergence(self, records: list[dict]) -> None:
+        """Stop the run after ``trainer.max_consecutive_skips`` skipped steps in a row: the weights or the
+        optimizer state have gone non-finite, or every batch now overflows; no further checkpoint is written."""
+        limit = self.cfg.trainer.max_consecutive_skips
+        for r in records:
+            self.consecutive_skips = self.consecutive_skips + 1 if "skipped" in r else 0
+            if self.consecutive_skips >= limit:
+                info = ckpt.latest_checkpoint(self.run_dir, log=lambda _: None)
+                kept = (f"the newest checkpoint {info.path} (step {info.step}) is finite: lower optim.lr or check "
+                        "the data, then --resume" if info else "no checkpoint was written")
+                raise DivergenceError(f"training diverged: {limit} steps in a row were skipped, the last at step "
+                                      f"{r['step']} ({r['skipped']}); stopping (trainer.max_consecutive_skips="
+                                      f"{limit}); {kept}")
 
     def _throughput(self, tokens_per_step: int, dt: float) -> dict:
         """tokens/s (all ranks and per device), MFU against the device's peak, and peak memory."""
@@ -384,17 +496,17 @@ class Trainer:
         model = model or self.model
         model.eval()
         ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
-        torch.manual_seed(self.cfg.trainer.seed)
+        # The engine's seeded sampler: `olmo-hybrid generate RUN --seed S --top-p 1.0 ...` gives the same tokens.
         out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=self.cfg.trainer.sample_top_k)
+                             top_k=self.cfg.trainer.sample_top_k, seed=self.cfg.trainer.seed)
         return self.tokenizer.decode(out[0].tolist())
 
-    def _summary(self, r: TrainResult, first_loss: float | None) -> None:
+    def _summary(self, r: TrainResult) -> None:
         self.log("")
         self.log(f"finished {r.steps} steps in {format_duration(r.wall_s)} (data preparation included); "
                  f"run directory {self.run_dir}")
-        if first_loss is not None and r.losses:
-            self.log(f"training loss {first_loss:.4f} at the first step of this run -> {r.losses[-1]:.4f} at the last")
+        if r.losses:
+            self.log(f"training loss {r.losses[0]:.4f} at the first step of this run -> {r.losses[-1]:.4f} at the last")
         if r.final_val_loss is not None and r.unigram_val_loss is not None:
             gap = r.unigram_val_loss - r.final_val_loss
             self.log(f"validation loss {r.final_val_loss:.4f} nats/token ({r.final_val_bpb:.3f} bits/byte) vs the "
@@ -410,5 +522,6 @@ class Trainer:
             self.log("-" * 72)
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print) -> TrainResult:
-    return Trainer(cfg, run_dir, resume=resume, log=log).fit()
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, log=print,
+          overwrite: bool = False) -> TrainResult:
+    return Trainer(cfg, run_dir, resume=resume, log=log, overwrite=overwrite).fit()

@@ -1,4 +1,4 @@
-"""Process-group set-up for ``torchrun`` and the few collectives the trainer needs.
+"""Process-group set-up for ``torchrun`` and the few collectives the trainer and checkpoints need.
 
 A run started by ``torchrun --nproc-per-node=N`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` in the
 environment) joins one process group: NCCL when the device is CUDA, gloo on CPU (tests, laptops).
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from olmo_hybrid.config import ConfigError
+from olmo_hybrid.errors import ConfigError
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: cuda (this process's local GPU), then mps, then cpu; ``cuda`` means the local GPU too."""
+def resolve_device(name: str, local_rank: int = 0, setting: str = "trainer.device") -> torch.device:
+    """``auto``: cuda (this process's local GPU), then mps, then cpu; ``cuda`` means the local GPU too. Errors
+    name ``setting``, the config field or command-line flag that gave ``name``."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank) if dist_env_world_size() > 1 else torch.device("cuda")
@@ -29,9 +30,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"trainer.device: {e}") from e
+        raise ConfigError(f"{setting}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name!r} but CUDA is not available (use 'auto' or 'cpu')")
+        raise ConfigError(f"{setting}={name!r} but CUDA is not available (use 'auto' or 'cpu')")
     if device.type == "cuda" and device.index is None and dist_env_world_size() > 1:
         device = torch.device("cuda", local_rank)
     return device
@@ -59,6 +60,11 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def single_process(device: str | torch.device = "cpu") -> DistEnv:
+    """The environment of a plain (not torchrun) process."""
+    return DistEnv(0, 1, 0, torch.device(device))
 
 
 def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> DistEnv:
@@ -93,16 +99,28 @@ def barrier(env: DistEnv) -> None:
 
 
 def all_reduce(t: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
-    """Reduce ``t`` in place over all ranks (sum or max); returns it. Identity on one process."""
+    """Reduce ``t`` in place over all ranks (``sum``, ``max`` or ``min``); returns it. Identity on one process."""
     if env.distributed:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
 
 
 def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True on every rank when ``flag`` is true on at least one (e.g. "my write failed")."""
+    """True on every rank when ``flag`` is true on at least one (e.g. "my write failed"). One process
+    answers without touching the device (no host sync)."""
+    if not env.distributed:
+        return bool(flag)
     t = torch.tensor([1.0 if flag else 0.0], device=env.device)
     return bool(all_reduce(t, env, "max").item() > 0)
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` on one process."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def rank_zero(log, env: DistEnv):

@@ -11,6 +11,7 @@ probability p_i (the same trick as gpt-fast, which uses it to avoid ``torch.mult
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +35,20 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            raise ValueError(f"SamplingParams.temperature must be a number >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        # The one place sampling settings are checked: the engine, ``HybridLM.generate`` and the CLI all build
+        # a SamplingParams, so they accept and refuse the same values (NaN fails every comparison below).
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not (number(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
             raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = no limit), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                          and self.seed >= 0):
             raise ValueError(f"SamplingParams.seed must be a non-negative integer or None, got {self.seed!r}")
 
     @property

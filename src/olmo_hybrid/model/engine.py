@@ -14,6 +14,12 @@ when it reaches EOS, a stop token or string, or ``max_new_tokens``; its slot is 
 request in the same step.
 The cache is allocated once, sized ``max_batch x max_context``; a request that cannot fit a slot is refused
 at ``submit`` and an engine whose cache does not fit the memory budget is refused at construction.
+
+Prefill and decode are ``HybridLM.forward`` calls on rows of the cache (``cache.for_prefill`` /
+``cache.for_decode``). A decode step covers the rows ``[0, n)`` up to the highest running slot; rows of free
+or still-prefilling slots inside it are inactive, so their GDN states and lengths stay untouched. Per step the
+engine reads the sampled tokens back once (``tokens.tolist()``, to stream them and check stop conditions);
+nothing in the model's forward reads device memory on the host.
 """
 
 from __future__ import annotations
@@ -25,13 +31,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from olmo_hybrid.model.cache import GDNLayerCache
+from olmo_hybrid.model.cache import HybridCache
 from olmo_hybrid.model.hybrid import HybridLM
-from olmo_hybrid.serve.memory import (MemoryBudgetError, check_pool_fits, describe_sequence_bytes, element_size,
+from olmo_hybrid.model.memory import (MemoryBudgetError, check_pool_fits, describe_sequence_bytes, element_size,
                                       format_bytes, sequence_bytes)
-from olmo_hybrid.serve.runner import ModelRunner
-from olmo_hybrid.serve.sampling import SamplingParams, sample
-from olmo_hybrid.serve.slots import SlotCache
+from olmo_hybrid.model.sampling import SamplingParams, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +115,11 @@ class Engine:
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
-        self.cache = SlotCache(cfg, max_batch, max_context, self.device, self.dtype)
-        self.runner = ModelRunner(self.model, self.cache)
-        # Per-slot device state of the decode batch; rows of free slots hold position 0 and inactive=0.
+        self.cache = HybridCache(cfg, max_batch, max_context, self.device, self.dtype)
+        # Per-slot device state of the decode batch (positions are the cache's lengths); free slots are inactive.
         z = dict(device=self.device)
         self._tokens = torch.zeros(max_batch, dtype=torch.long, **z)
-        self._positions = torch.zeros(max_batch, dtype=torch.long, **z)
-        self._active = torch.zeros(max_batch, dtype=torch.long, **z)
+        self._active = torch.zeros(max_batch, dtype=torch.bool, **z)
         self._counter = torch.zeros(max_batch, dtype=torch.long, **z)
         self._temperature = torch.zeros(max_batch, **z)
         self._top_k = torch.zeros(max_batch, dtype=torch.long, **z)
@@ -130,9 +132,9 @@ class Engine:
         self.stats = EngineStats()
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            from olmo_hybrid.serve.cuda_graphs import DecodeGraphs
+            from olmo_hybrid.model.cuda_graphs import DecodeGraphs
 
-            self._graphs = DecodeGraphs(self.runner, self._tokens, self._positions)
+            self._graphs = DecodeGraphs(self._decode, max_batch, cfg.vocab_size, self.device)
 
     # -- public API ----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
@@ -226,7 +228,6 @@ class Engine:
             if req.id == request_id:
                 self._prefilling.remove(req)
                 self.cache.release(req.slot)
-                self._positions[req.slot] = 0
                 return self._output(req, "aborted")
         for slot, req in self._running.items():
             if req.id == request_id:
@@ -263,12 +264,10 @@ class Engine:
             take = left if budget is None else min(budget, left)
             t0 = time.perf_counter()
             ids = torch.tensor(req.prompt[req.prefilled:req.prefilled + take], dtype=torch.long, device=self.device)
-            logits = self.runner.prefill(req.slot, ids, self.prefill_chunk)
+            logits = self._prefill(req.slot, ids, req.prefilled)
             req.prefilled += take
             budget = None if budget is None else budget - take
             if req.prefilled < len(req.prompt):
-                # Park the row where prefill writes next: decode steps in between put their garbage there.
-                self._positions[req.slot] = req.prefilled
                 self.stats.prefill_seconds += time.perf_counter() - t0
                 continue
             self._prefilling.popleft()
@@ -282,7 +281,7 @@ class Engine:
         slot = req.slot = self.cache.allocate()
         s = req.sampling
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = s.temperature, s.top_k, s.top_p
-        self._seed[slot], self._counter[slot], self._positions[slot] = s.seed or 0, 0, 0
+        self._seed[slot], self._counter[slot] = s.seed or 0, 0
         self._prefilling.append(req)
         self.stats.prefill_tokens += len(req.prompt)
 
@@ -291,46 +290,41 @@ class Engine:
         token = sample(logits[None], self._temperature[rows], self._top_k[rows], self._top_p[rows], self._seed[rows],
                        self._counter[rows], all_greedy=req.sampling.greedy)
         self._tokens[slot] = token[0]
-        self._positions[slot], self._active[slot], self._counter[slot] = len(req.prompt), 1, 1
+        self._active[slot], self._counter[slot] = True, 1
         self._running[slot] = req
         self.stats.max_running = max(self.stats.max_running, len(self._running))
         return self._append(slot, int(token[0]))
 
-    def _protect_prefilling(self, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of the GDN state and conv rows of slots still prefilling inside the decode batch: a decode step
-        updates them in place with garbage (their KV is safe: the row is parked past its prefilled tokens)."""
-        saved = []
-        for req in self._prefilling:
-            if req.slot < rows:
-                for layer in self.cache.layers:
-                    if isinstance(layer, GDNLayerCache):
-                        saved += [(t[req.slot], t[req.slot].clone()) for t in vars(layer).values()]
-        return saved
+    @torch.no_grad()
+    def _prefill(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Append ``ids`` [T] to ``slot`` from position ``start``, ``prefill_chunk`` tokens per forward call (later
+        chunks attend to earlier ones through the cache); the last token's logits [V] in fp32."""
+        rows = slice(slot, slot + 1)
+        for s in range(0, ids.shape[0], self.prefill_chunk):
+            piece = ids[None, s:s + self.prefill_chunk]
+            logits = self.model(piece, cache=self.cache.for_prefill(rows, start + s), logits_to_keep=1)
+        return logits[0, -1].float()
+
+    @torch.no_grad()
+    def _decode(self, rows: int) -> torch.Tensor:
+        """One decode step for slots ``[0, rows)``: the tokens in ``_tokens``, the active rows in ``_active``;
+        logits [rows, V] fp32. Reads and writes only device tensors, so a CUDA graph can capture it."""
+        tokens = self._tokens[:rows, None]
+        return self.model(tokens, cache=self.cache.for_decode(slice(0, rows), self._active[:rows]))[:, 0].float()
 
     def _decode_step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         n = max(self._running) + 1
-        saved = self._protect_prefilling(n)
-        if self._graphs is not None:
-            logits = self._graphs.decode(n)
-        else:
-            lengths = {self.cache.lengths[s] for s in self._running}
-            # One length among the running rows: no mask needed (free rows' outputs are discarded anyway).
-            uniform = len(lengths) == 1
-            logits = self.runner.decode(self._tokens[:n], self._positions[:n], max(lengths) + 1, uniform=uniform)
+        logits = self._graphs.decode(n) if self._graphs is not None else self._decode(n)
         greedy = all(r.sampling.greedy for r in self._running.values())
         tokens = sample(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._seed[:n],
                         self._counter[:n], all_greedy=greedy)
-        for view, copy in saved:
-            view.copy_(copy)
         self._tokens[:n] = tokens
-        self._positions[:n] += self._active[:n]
         self._counter[:n] += self._active[:n]
-        host = tokens.tolist()
+        host = tokens.tolist()  # the step's one read of device memory
         self.stats.decode_tokens += len(self._running)
         done = []
         for slot in list(self._running):
-            self.cache.lengths[slot] += 1
             out = self._append(slot, host[slot])
             if out:
                 done.append(out)
@@ -368,7 +362,7 @@ class Engine:
     def _free(self, slot: int) -> None:
         del self._running[slot]
         self.cache.release(slot)
-        self._active[slot], self._positions[slot], self._counter[slot] = 0, 0, 0
+        self._active[slot], self._counter[slot] = False, 0
 
     def _output(self, req: _Request, reason: str, stop: str | int | None = None) -> RequestOutput:
         text = None

@@ -1,7 +1,7 @@
-"""Memory accounting for the engine: cache bytes per sequence (from the config), workspace, budget checks.
+"""Memory budget of the engine: cache bytes per sequence, workspace, budget checks.
 
-The cache figure is ``ModelConfig.inference_bytes_per_sequence`` (the same number ``olmo-hybrid info``
-prints); the engine allocates exactly that per slot. The workspace figure is an estimate of the largest
+The cache figure is ``model/cache.py: cache_bytes_per_sequence`` (the same number ``olmo-hybrid info``
+prints); the engine's ``HybridCache`` allocates exactly that per slot. The workspace figure is an estimate of the largest
 transient activations (one prefill chunk, one decode step's logits and sort), used only to check free
 device memory before allocating; the benchmark measures the real peak.
 """
@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 
 from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.errors import OlmoHybridError
+from olmo_hybrid.model.cache import cache_bytes_per_sequence
 
 
-class MemoryBudgetError(MemoryError):
+class MemoryBudgetError(OlmoHybridError, MemoryError):
     """The requested cache or request does not fit in the memory budget; the message names the numbers."""
 
 
@@ -30,7 +32,7 @@ def element_size(dtype: torch.dtype) -> int:
 
 def sequence_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> dict[str, int]:
     """Cache bytes for one sequence of ``context`` tokens with KV and conv states in ``dtype``."""
-    return config.inference_bytes_per_sequence(context, kv_bytes=element_size(dtype))
+    return cache_bytes_per_sequence(config, context, kv_bytes=element_size(dtype))
 
 
 def describe_sequence_bytes(mem: dict[str, int]) -> str:
@@ -40,13 +42,13 @@ def describe_sequence_bytes(mem: dict[str, int]) -> str:
 
 def workspace_bytes(config: ModelConfig, prefill_chunk: int, max_batch: int, dtype: torch.dtype) -> int:
     """Rough upper estimate of transient activation memory of the engine (not counted in the cache)."""
-    c, item = config, element_size(dtype)
-    gdn_width = 2 * c.gdn_heads * c.gdn_head_k + 3 * c.gdn_value_heads * c.gdn_head_v
+    c, item = config.resolved(), element_size(dtype)
+    gdn_width = 2 * c.gdn_heads * c.gdn_head_k + 3 * c.gdn_v_heads * c.gdn_head_v
     per_token = (6 * c.d_model + 3 * c.mlp_hidden + 2 * gdn_width) * item
-    per_token += 4 * (gdn_width + c.gdn_value_heads * 4)  # fp32 copies inside the GDN ops
+    per_token += 4 * (gdn_width + c.gdn_v_heads * 4)  # fp32 copies inside the GDN ops
     prefill = prefill_chunk * per_token + 2 * c.vocab_size * 4
-    # Logits, scaled, sorted and probs in fp32; one GDN layer's new state before it is copied into the cache.
-    decode = max_batch * (per_token + 4 * c.vocab_size * 4 + c.gdn_value_heads * c.gdn_head_k * c.gdn_head_v * 4)
+    # Logits, scaled, sorted and probs in fp32 (decode steps update the GDN states in place).
+    decode = max_batch * (per_token + 4 * c.vocab_size * 4)
     return max(prefill, decode)
 
 

@@ -1,0 +1,174 @@
+"""One error style for every subcommand: an input error is one line on stderr and a non-zero exit, never a
+traceback (unless ``--debug`` / ``OLMO_HYBRID_DEBUG=1``); a failed write leaves what the user had untouched.
+
+The bad inputs run in this process (``olmo_hybrid.cli.main``); a few real subprocesses check what a terminal
+shows. Every command in ``COMMANDS`` must appear in ``BAD_INPUTS``, so a new command needs its cases here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from olmo_hybrid.cli import COMMANDS, main
+
+# Per command: (arguments, a phrase the one-line message must contain). Placeholders: HF (a HF checkpoint),
+# RUN (a run directory), TEXT (a text file), EMPTY (an empty directory), STRANGER (a directory of other files),
+# MISSING (a path that does not exist), OUT (a new output directory).
+BAD_INPUTS = {
+    "train": [(["--bogus"], "unrecognized arguments: --bogus"),
+              (["optim.lr=inf", "--dry-run"], "optim.lr: expected a finite number"),
+              (["nosuch.x=1", "--dry-run"], "unknown config section 'nosuch'"),
+              (["MISSING/cfg.json", "--dry-run"], "does not exist"),
+              (["data.seq_len=99999", "--dry-run"], "exceeds the model's limit"),
+              (["--steps", "x"], "invalid int value"),
+              (["--out", "TEXT"], "is a file, not a directory"),
+              (["--out", "STRANGER"], "is not empty and holds no training run"),
+              (["--out", "RUN"], "already holds checkpoints"),
+              (["--out", "RUN", "--resume", "--overwrite"], "contradict each other")],
+    "prepare": [(["--out", "OUT"], "give input files/directories or --hf-dataset"),
+                (["MISSING", "--out", "OUT"], "does not exist"),
+                (["TEXT", "--out", "OUT", "--workers", "0"], "--workers must be at least 1"),
+                (["TEXT", "--out", "OUT", "--val-fraction", "nan"], "val_fraction must be in [0, 1)"),
+                (["TEXT", "--out", "STRANGER"], "not empty and holds no prepared dataset")],
+    "generate": [([], "the following arguments are required"),
+                 (["MISSING", "--prompt", "x"], "does not exist"),
+                 (["EMPTY", "--prompt", "x"], "neither a Hugging Face checkpoint"),
+                 (["HF", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+                 (["HF", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
+                 (["HF", "--prompt", "x", "--top-k", "-3"], "top_k must be an integer >= 0"),
+                 (["HF", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+                 (["HF", "--prompt", "", "--max-new-tokens", "2"], "encodes to zero tokens"),
+                 (["HF", "--prompt", "x", "--device", "nonsense"], "--device: ")],
+    "convert": [(["HF", "HF"], "is the checkpoint being converted"),
+                (["MISSING", "OUT"], "does not exist"),
+                (["HF", "STRANGER"], "is not empty and is not a Hugging Face checkpoint"),
+                (["HF", "OUT", "--max-shard-size", "lots"], "--max-shard-size"),
+                (["HF", "OUT", "--dtype", "fp8"], "invalid choice: 'fp8'")],
+    "info": [(["MISSING"], "neither a preset"),
+             (["EMPTY"], "neither a Hugging Face checkpoint"),
+             (["tiny", "--seq-len", "0"], "--seq-len must be >= 1")],
+    "eval": [(["MISSING"], "does not exist"),
+             (["HF", "--suite", "speed"], "unknown suite(s) speed"),
+             (["HF", "--suite", ""], "--suite is empty"),
+             (["HF", "--batch-size", "0"], "--batch-size must be >= 1"),
+             (["HF", "--suite", "ruler", "--lengths", "4096", "--out", "OUT"], "exceed the model's window")],
+    "ladder": [(["MISSING/ladder.json"], "does not exist"),
+               (["TEXT"], "is not valid JSON")],
+    "scaling": [(["fit", "MISSING/results.jsonl", "--out", "OUT"], "does not exist"),
+                (["bogus"], "invalid choice: 'bogus'")],
+}
+
+
+@pytest.fixture(scope="module")
+def places(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("places")
+    hf, run = tiny_checkpoints
+    (root / "empty").mkdir()
+    (root / "stranger").mkdir()
+    (root / "stranger" / "notes.txt").write_text("mine")
+    (root / "text.txt").write_text("the cat sat on the mat. " * 20)
+    return {"HF": str(hf), "RUN": str(run), "TEXT": str(root / "text.txt"), "EMPTY": str(root / "empty"),
+            "STRANGER": str(root / "stranger"), "MISSING": str(root / "missing"), "OUT": str(root / "out")}
+
+
+def _fill(argv: list[str], places: dict) -> list[str]:
+    out = []
+    for a in argv:
+        for key, value in places.items():
+            if a == key or a.startswith(key + "/"):
+                a = value + a[len(key):]
+        out.append(a)
+    return out
+
+
+def test_every_command_has_bad_inputs():
+    assert set(BAD_INPUTS) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_bad_inputs_give_one_line_and_a_nonzero_exit(command, places, hash_tree, capsys):
+    users = {k: hash_tree(places[k]) for k in ("HF", "RUN", "TEXT", "STRANGER")}
+    cases = BAD_INPUTS[command] + [(["--no-such-flag"], f"(see olmo-hybrid {command} --help)")]
+    for argv, phrase in cases:
+        if command == "generate" and "--device" in argv and torch.cuda.is_available():
+            continue
+        rc = main([command, *_fill(argv, places)])
+        out = capsys.readouterr()
+        assert rc in (1, 2), (argv, rc, out.err)
+        assert out.err.count("\n") == 1 and out.err.startswith(f"olmo-hybrid {command}: error: "), (argv, out.err)
+        assert phrase in out.err, (argv, out.err)
+        assert "Traceback" not in out.err + out.out
+    assert {k: hash_tree(places[k]) for k in users} == users  # nothing the user had was touched
+    assert not os.path.exists(places["OUT"])  # and nothing was written for a refused command
+
+
+def test_debug_shows_the_traceback(places, monkeypatch, capsys):
+    assert main(["info", places["EMPTY"], "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "CheckpointError" in err
+    assert err.splitlines()[-1].startswith("olmo-hybrid info: error: ")
+    monkeypatch.setenv("OLMO_HYBRID_DEBUG", "1")
+    assert main(["info", places["EMPTY"]]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_a_terminal_sees_one_line(places):
+    """Real processes: the package entry point and ``python -m olmo_hybrid.train``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OLMO_HYBRID_DEBUG", None)
+    plain = subprocess.run([sys.executable, "-m", "olmo_hybrid", "info", places["EMPTY"]], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert plain.returncode == 1 and plain.stdout == ""
+    assert plain.stderr == f"olmo-hybrid info: error: {places['EMPTY']} is neither a Hugging Face checkpoint " \
+                           "(config.json + *.safetensors) nor a training run directory\n"
+    module = subprocess.run([sys.executable, "-m", "olmo_hybrid.train", "--bogus"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert module.returncode == 2
+    assert module.stderr == "olmo-hybrid train: error: unrecognized arguments: --bogus (see olmo-hybrid train --help)\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# A full disk while writing a prepared dataset or evaluation results
+
+
+def test_full_disk_during_prepare_keeps_the_previous_dataset(places, tmp_path, hash_tree, file_size_limit, capsys):
+    out = tmp_path / "prepared"
+    assert main(["prepare", places["TEXT"], "--out", str(out), "--bpe-vocab", "300", "--val-fraction", "0",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    before = hash_tree(tmp_path)
+    with file_size_limit(2048):
+        rc = main(["prepare", places["TEXT"], "--out", str(out), "--bpe-vocab", "300", "--val-fraction", "0",
+                   "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"could not write the prepared dataset {out}: file too large" in err and "is unchanged" in err
+    assert hash_tree(tmp_path) == before  # the old dataset as it was, no temporary directory left
+
+
+def test_full_disk_while_writing_eval_results(places, tmp_path, hash_tree, file_size_limit, capsys):
+    out = tmp_path / "results"
+    argv = ["eval", places["HF"], "--suite", "bpb", "--text", places["TEXT"], "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = hash_tree(out)
+    with file_size_limit(64):
+        rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "could not write" in err and "file too large" in err, err
+    assert hash_tree(out) == before
+
+    pytest.importorskip("matplotlib")
+    from olmo_hybrid.errors import WriteError
+    from olmo_hybrid.eval.report import plot_score_vs_length
+
+    plot = plot_score_vs_length({"a": {8: 1.0, 16: 2.0}}, out / "plot.png", "t")
+    before = hash_tree(out)
+    with file_size_limit(64), pytest.raises(WriteError, match=f"could not write {plot}: file too large"):
+        plot_score_vs_length({"a": {8: 3.0, 16: 1.0}}, plot, "t")
+    assert hash_tree(out) == before
