@@ -19,28 +19,7 @@ from olmo_hybrid import ops
 from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.model.cache import GDNLayerState
 from olmo_hybrid.model.context import ForwardContext
-from olmo_hybrid.model.layers import GatedRMSNorm
-
-
-class ShortConv(nn.Module):
-    """Depthwise causal conv weight stored as ``[C, 1, W]``, the checkpoint's layout."""
-
-    def __init__(self, channels: int, width: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, 1, width))
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, C] -> silu(conv(x)); with a cache ``state`` [B, C, W-1], continues from it and updates it."""
-        w = self.weight[:, 0, :]
-        if state is None:
-            return ops.causal_conv1d(x, w, activation="silu", reset_mask=ctx.reset_mask)[0]
-        if ctx.decoding:
-            y, _ = ops.causal_conv1d_step(x[:, 0], state, w, activation="silu", inplace=True, active=ctx.active)
-            return y[:, None]
-        y, final = ops.causal_conv1d(x, w, activation="silu", initial_state=state if ctx.start else None,
-                                     output_final_state=True)
-        state.copy_(final)
-        return y
+from olmo_hybrid.model.layers import GatedRMSNorm, ShortConv
 
 
 class GatedDeltaNet(nn.Module):
