@@ -143,17 +143,18 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
     return from_dict(type(cfg), data)
 
 
-def read_json_object(path: str | Path) -> dict:
-    """A config file's top-level JSON object (not yet validated against any dataclass)."""
+def read_json_object(path: str | Path, what: str = "config file", error: type[Exception] = ConfigError) -> dict:
+    """The top-level JSON object of ``path`` (not yet validated against any dataclass); a missing or unreadable
+    file, invalid JSON or another top-level value raises ``error`` naming ``what`` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise error(f"{what} {p} does not exist")
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {p} is not valid JSON: {e}") from e
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} {p} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: expected a JSON object at the top level")
+        raise error(f"{what} {p}: expected a JSON object at the top level")
     return data
 
 

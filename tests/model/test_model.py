@@ -52,6 +52,24 @@ def test_packed_documents_equal_separate_runs(pattern):
     assert (packed - alone).abs().max() < 1e-4 * alone.abs().max()
 
 
+def test_a_caller_built_context_replaces_the_models_own():
+    """``context=`` (context parallelism builds one per slice) is used as given: the context the model would
+    build gives the same logits; with doc_ids too it is refused."""
+    from olmo_hybrid import ops
+    from olmo_hybrid.model.context import ForwardContext, document_mask
+
+    model = small("GA")
+    ids = torch.randint(0, 61, (2, 30))
+    doc_ids = torch.cat([torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 18, dtype=torch.long)], dim=1)
+    ctx = ForwardContext(model.model.rotary_emb(torch.arange(30)[None].expand(2, 30)), document_mask(doc_ids),
+                         ops.reset_mask_from_doc_ids(doc_ids))
+    with torch.no_grad():
+        assert torch.equal(model(ids, context=ctx), model(ids, doc_ids=doc_ids))
+        assert not torch.equal(model(ids, context=ForwardContext(ctx.rope)), model(ids, doc_ids=doc_ids))
+    with pytest.raises(ValueError, match="replaces doc_ids"):
+        model(ids, doc_ids=doc_ids, context=ctx)
+
+
 @pytest.mark.parametrize("pattern", ["GGGA", "G", "A", "MMMA", "MGAM"])
 def test_chunked_prefill_and_decode_equal_full_forward(pattern):
     model = small(pattern)

@@ -22,10 +22,11 @@ Reading (``dataset.py``)
 Loading (``loader.py``)
     DataConfig                                           nested as ``data`` in the trainer's config
     open_datasets(cfg) -> (train, val | None)
-    TrainLoader(dataset, seq_len, batch_size, seed, doc_masking, rank, world_size, max_epochs)
+    TrainLoader(dataset, seq_len, batch_size, seed, doc_masking, rank, world_size, max_epochs, cp_rank, cp_degree)
         .next_batch(), iter(), len() (steps per epoch), state_dict(), load_state_dict(), from_config()
-    val_batches(dataset, seq_len, batch_size, doc_masking, rank, world_size, max_batches)
-    Batches: {"input_ids": [B, T], "labels": [B, T], "doc_ids": [B, T] (only with doc_masking)}, int64.
+    val_batches(dataset, seq_len, batch_size, doc_masking, rank, world_size, max_batches, cp_rank, cp_degree)
+    Batches: {"input_ids": [B, T], "labels": [B, T], "doc_ids": [B, T] (only with doc_masking)}, int64;
+    with cp_degree > 1 each is the rank's slice [B, T / cp_degree] (context parallelism).
 
 The loader names (DataConfig, open_datasets, TrainLoader, val_batches) are imported on first use, so
 ``olmo-hybrid prepare`` and tokenizing workers never import torch.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig
+from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, read_json_object
 from olmo_hybrid.model.hybrid import HybridLM
 
 log = logging.getLogger(__name__)
@@ -234,13 +234,7 @@ def read_config(path: Path) -> ModelConfig:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not f.is_file():
         raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face olmo_hybrid checkpoint)")
-    try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{f} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ConfigError(f"{f} must hold a JSON object")
-    return config_from_hf(d, source=str(f))
+    return config_from_hf(read_json_object(f, what="checkpoint config"), source=str(f))
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

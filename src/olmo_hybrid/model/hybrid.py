@@ -22,7 +22,7 @@ from olmo_hybrid import ops
 from olmo_hybrid.config import ATTN, GDN, MAMBA, ModelConfig
 from olmo_hybrid.model.attention import Attention
 from olmo_hybrid.model.cache import AttnLayerState, CacheSlice, GDNLayerState, HybridCache, Mamba2LayerState
-from olmo_hybrid.model.context import ForwardContext
+from olmo_hybrid.model.context import ForwardContext, document_mask
 from olmo_hybrid.model.gated_deltanet import GatedDeltaNet
 from olmo_hybrid.model.layers import MLP, GatedRMSNorm, RMSNorm
 from olmo_hybrid.model.mamba2 import GroupGatedRMSNorm, Mamba2Mixer
@@ -132,6 +132,7 @@ class HybridLM(nn.Module):
         cache: CacheSlice | None = None,
         logits_to_keep: int = 0,
         lm_head_fn=None,
+        context: ForwardContext | None = None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` [B, T]; with ``logits_to_keep=n`` only for the last n positions.
 
@@ -144,13 +145,17 @@ class HybridLM(nn.Module):
         ``lm_head_fn(hidden, lm_head)`` replaces ``lm_head(hidden)`` (hidden: the final-norm output [B, T, d])
         and its result is returned: training uses it to compute the loss in chunks without materialising
         [B, T, vocab] logits. It runs inside ``forward`` so that wrappers that gather parameters around
-        ``forward`` (FSDP) have ``lm_head`` gathered. Token ids are not range-checked here (that would need a
-        host sync): the engine, ``generate`` and the data loader check them.
+        ``forward`` (FSDP) have ``lm_head`` gathered. ``context`` replaces the :class:`ForwardContext` built from
+        ``input_ids`` and ``doc_ids`` for a call without a cache (context parallelism passes one for its slice of
+        each sequence). Token ids are not range-checked here (that would need a host sync): the engine,
+        ``generate`` and the data loader check them.
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer [batch, seq_len] tensor, got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        ctx = self._context(input_ids, doc_ids, cache)
+        if context is not None and (doc_ids is not None or cache is not None):
+            raise ValueError("a ForwardContext given as context= replaces doc_ids and takes no cache")
+        ctx = context if context is not None else self._context(input_ids, doc_ids, cache)
         states = cache.cache.views(cache.rows) if cache is not None else [None] * len(self.model.layers)
         h = self.model.embed_tokens(input_ids)
         for layer, state in zip(self.model.layers, states):
@@ -181,9 +186,7 @@ class HybridLM(nn.Module):
                 return ForwardContext(rope)
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-            mask = ((doc_ids[:, None, :] == doc_ids[:, :, None]) & causal)[:, None]
-            return ForwardContext(rope, mask, ops.reset_mask_from_doc_ids(doc_ids))
+            return ForwardContext(rope, document_mask(doc_ids), ops.reset_mask_from_doc_ids(doc_ids))
         if doc_ids is not None:
             raise ValueError("doc_ids cannot be combined with a cache: give each sequence its own cache row")
         if cache.num_rows != b:

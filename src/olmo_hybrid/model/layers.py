@@ -58,6 +58,19 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class ShortConvOp(nn.Module):
+    """``ops.causal_conv1d`` over whole sequences: ``(y, final_state)``. Holds no tensors, so replacing it
+    (``olmo_hybrid.train.context_parallel``) leaves state dicts unchanged."""
+
+    def __init__(self, activation: str | None = "silu"):
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x, weight, reset_mask=None, initial_state=None, output_final_state=False):
+        return ops.causal_conv1d(x, weight, activation=self.activation, initial_state=initial_state,
+                                 output_final_state=output_final_state, reset_mask=reset_mask)
+
+
 class ShortConv(nn.Module):
     """Depthwise causal conv, weight stored as ``[C, 1, W]`` (the checkpoints' layout), then SiLU; with ``bias``
     (Mamba2's ``conv1d.bias``) the bias is added before the SiLU."""
@@ -66,19 +79,19 @@ class ShortConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+        self.conv_op = ShortConvOp("silu" if self.bias is None else None)  # with a bias, SiLU comes after it
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, state: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, C] -> silu(conv(x) + bias); with a cache ``state`` [B, C, W-1], continues from it and updates
         it (decode: in place, active rows only)."""
         w = self.weight[:, 0, :]
-        act = "silu" if self.bias is None else None  # with a bias, SiLU comes after adding it
         if state is None:
-            y = ops.causal_conv1d(x, w, activation=act, reset_mask=ctx.reset_mask)[0]
+            y = self.conv_op(x, w, reset_mask=ctx.reset_mask)[0]
         elif ctx.decoding:
-            y, _ = ops.causal_conv1d_step(x[:, 0], state, w, activation=act, inplace=True, active=ctx.active)
+            y, _ = ops.causal_conv1d_step(x[:, 0], state, w, activation=self.conv_op.activation, inplace=True,
+                                          active=ctx.active)
             y = y[:, None]
         else:
-            y, final = ops.causal_conv1d(x, w, activation=act, initial_state=state if ctx.start else None,
-                                         output_final_state=True)
+            y, final = self.conv_op(x, w, initial_state=state if ctx.start else None, output_final_state=True)
             state.copy_(final)
         return y if self.bias is None else F.silu(y + self.bias.to(y.dtype))

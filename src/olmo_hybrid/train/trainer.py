@@ -3,7 +3,10 @@ periodic validation, checkpoints with exact resume, and the end-of-run export an
 
 One process, or N under ``torchrun`` (FSDP2 over a device mesh, see ``parallel.py``): every rank runs
 this same loop on its shard of each global batch; the loss is normalised by the global number of
-scored tokens, so N ranks x B sequences give the gradients of one process with N x B sequences.
+scored tokens, so N ranks x B sequences give the gradients of one process with N x B sequences. With
+context parallelism (``parallel.cp_degree`` = n) a shard is a slice of every sequence of a data-parallel
+rank's batch; the same normalisation makes N ranks give the gradients of one process with N / n x B
+whole sequences.
 
 A step does not wait for the device: scored tokens are counted on the host before the copy, a
 non-finite step is skipped by the fused AdamW kernel itself (``found_inf``; on the CPU, where reading a
@@ -38,11 +41,11 @@ from olmo_hybrid.errors import CheckpointError, ConfigError, DataError, Divergen
 from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.model import HybridLM
 from olmo_hybrid.train.config import TrainConfig
-from olmo_hybrid.train.loss import ValResult, chunked_lm_loss, evaluate, loss_terms
+from olmo_hybrid.train.loss import IGNORE_INDEX, ValResult, chunked_lm_loss, evaluate, loss_terms
 from olmo_hybrid.train.metrics import (MetricsLogger, NullLogger, StepOutput, format_duration, peak_flops,
                                        peak_memory_gib, read_back)
 from olmo_hybrid.train.optim import build_optimizer, lr_at, set_lr
-from olmo_hybrid.train.parallel import parallelize
+from olmo_hybrid.train.parallel import data_parallel_layout, parallelize
 
 __all__ = ["Trainer", "TrainResult", "autocast_context", "resolve_device", "seed_everything", "train"]
 
@@ -100,6 +103,8 @@ class Trainer:
         t = cfg.trainer
         self.env = init_distributed(t.device)
         self.log = log = rank_zero(log, self.env)
+        par = cfg.parallel
+        self.dp_rank, self.dp_size, self.cp_rank = data_parallel_layout(self.env, par.cp_degree)
         self.device = self.env.device
         self.fsdp = self.env.distributed
         self.bf16 = bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type != "cpu")
@@ -122,14 +127,15 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
                               f"{self.train_set.path} ({self.train_set.vocab_size} ids)")
         self._check_sample_prompt()
-        self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.env.rank, self.env.world_size)
+        self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.dp_rank, self.dp_size,
+                                              cp_rank=self.cp_rank, cp_degree=par.cp_degree)
         torch.manual_seed(t.seed)  # weight init depends only on the seed (the same on every rank)
         # On CUDA the weights are drawn on the GPU (seconds for a 1B model; the CPU takes minutes).
         with torch.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             self.model = HybridLM(cfg.model).to(self.device)
-        par = cfg.parallel
         self.plan = parallelize(self.model, self.env, ac=t.activation_checkpointing, ac_every=t.ac_every,
                                 compile=t.compile, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
+                                cp_degree=par.cp_degree, cp_mode=par.cp_mode,
                                 param_dtype=torch.bfloat16 if bf16 else None,
                                 reshard_after_forward=par.reshard_after_forward)
         self.plain = not (self.fsdp or t.compile or self.plan["ac_layers"])
@@ -219,8 +225,9 @@ class Trainer:
         current = json.loads(json.dumps(to_dict(self.cfg)))  # tuples as the saved JSON lists
         other = [f"{section}.{k}" for section in ("data", "optim", "schedule", "trainer")
                  for k, v in saved.get(section, {}).items() if current[section].get(k) != v]
-        saved_world = ckpt.read_checkpoint_world_size(info.path)
-        if saved["data"]["batch_size"] * saved_world == self.cfg.data.batch_size * self.env.world_size:
+        # data-parallel ranks: the processes of the checkpoint's run over its context-parallel degree
+        saved_dp = ckpt.read_checkpoint_world_size(info.path) // saved.get("parallel", {}).get("cp_degree", 1)
+        if saved["data"]["batch_size"] * saved_dp == self.cfg.data.batch_size * self.dp_size:
             other = [k for k in other if k != "data.batch_size"]  # the same global batch on another world size
         if other:
             self.log(f"note: config differs from the checkpoint's in {', '.join(other)} "
@@ -250,22 +257,24 @@ class Trainer:
     def validate(self, max_batches: int | None = None) -> ValResult:
         """Loss on the first ``max_batches`` validation batches of each rank (None: the whole split).
 
-        Rank r scores windows r, r + N, ... (``val_batches``), so N ranks with B sequences each score the
-        same tokens as one process with N x B. Under FSDP every forward is collective: ranks with fewer
-        batches run padding forwards whose scores are dropped.
+        Data-parallel rank r scores windows r, r + N, ... (``val_batches``), so N ranks with B sequences each
+        score the same tokens as one process with N x B (context-parallel ranks each score their slice).
+        Under FSDP every forward is collective: ranks with fewer batches run padding forwards whose scores are
+        dropped.
         """
         d, env = self.cfg.data, self.env
-        batches = list(val_batches(self.val_set, d.seq_len, d.batch_size, d.doc_masking, env.rank, env.world_size,
-                                   max_batches=max_batches))
+        cp = dict(cp_rank=self.cp_rank, cp_degree=self.cfg.parallel.cp_degree)
+        batches = list(val_batches(self.val_set, d.seq_len, d.batch_size, d.doc_masking, self.dp_rank, self.dp_size,
+                                   max_batches=max_batches, **cp))
         n_max = int(all_reduce(torch.tensor([len(batches)], device=self.device), env, "max").item())
         pad = n_max - len(batches)
         if pad:
-            filler = next(val_batches(self.val_set, d.seq_len, 1, d.doc_masking, max_batches=1))
-            batches += [dict(filler, labels=torch.full_like(filler["labels"], -100))] * pad  # scores nothing
+            filler = next(val_batches(self.val_set, d.seq_len, 1, d.doc_masking, max_batches=1, **cp))
+            batches += [dict(filler, labels=torch.full_like(filler["labels"], IGNORE_INDEX))] * pad  # scores nothing
 
         def score(batch):
             ce, _, _ = self._loss(batch, 1.0, self.model)
-            return ce, (batch["labels"] != -100).sum()
+            return ce, (batch["labels"] != IGNORE_INDEX).sum()
 
         self.model.eval()
         try:
@@ -294,7 +303,7 @@ class Trainer:
         z_sum = torch.zeros((), device=self.device)
         micro = [self.loader.next_batch() for _ in range(t.grad_accum)]
         self._check_ids(micro)
-        n_tokens = sum(int((b["labels"].numpy() != -100).sum()) for b in micro)  # on the host: no sync
+        n_tokens = sum(int((b["labels"].numpy() != IGNORE_INDEX).sum()) for b in micro)  # on the host: no sync
         step_tokens = sum(b["input_ids"].numel() for b in micro) * self.env.world_size
         micro = [self._to_device(b) for b in micro]
         if self.fsdp:  # the global count stays on the device: the division below needs no sync
@@ -352,7 +361,7 @@ class Trainer:
         t, d = self.cfg.trainer, self.cfg.data
         self._prepare_run_dir()
         n_params = sum(p.numel() for p in self.model.parameters())
-        tokens_per_step = t.grad_accum * d.batch_size * d.seq_len * self.env.world_size
+        tokens_per_step = t.grad_accum * d.batch_size * d.seq_len * self.dp_size
         if self.fsdp:
             dtype = "bf16 params, fp32 reduction" if self.bf16 else "fp32"
         else:
@@ -464,9 +473,11 @@ class Trainer:
     def _log_plan(self) -> None:
         t, plan = self.cfg.trainer, self.plan
         if self.env.distributed:
-            mesh = plan["mesh"]
+            mesh, par = plan["mesh"], self.cfg.parallel
+            cp = (f", context parallel {par.cp_degree} ({par.cp_mode}: each sequence split in {par.cp_degree} "
+                  f"slices of {self.cfg.data.seq_len // par.cp_degree} tokens)" if plan["cp"] is not None else "")
             self.log(f"parallel: {self.env.world_size} processes, FSDP2 over mesh "
-                     f"{dict(zip(mesh.mesh_dim_names, mesh.shape))} (torchrun; rank 0 logs)")
+                     f"{dict(zip(mesh.mesh_dim_names, mesh.shape))}{cp} (torchrun; rank 0 logs)")
         if plan["ac_layers"]:
             self.log(f"activation checkpointing ({t.activation_checkpointing}): blocks {plan['ac_layers']}")
         if t.compile:
