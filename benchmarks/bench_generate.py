@@ -149,11 +149,12 @@ def random_prompts(batch: int, length: int, vocab: int, device: torch.device, se
 
 # -- runs -----------------------------------------------------------------------------------------------
 
-def run_ours(model, prompts: torch.Tensor, new: int, dtype, cuda_graphs: bool, prefill_chunk: int) -> dict:
+def run_ours(model, prompts: torch.Tensor, new: int, dtype, cuda_graphs: bool, prefill_chunk: int,
+             compile_decode: str | None = None) -> dict:
     device = prompts.device
     b, p = prompts.shape
     engine = Engine(model, max_batch=b, max_context=p + new, device=device, dtype=dtype,
-                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs, compile_decode=compile_decode)
     # Warm-up: lazy init and kernel compilation, including a prefill chunk that continues from a cached state
     # (the kernels specialise on it), so the timed prefill compiles nothing.
     warm = prompts[0, :min(p, prefill_chunk + 16)]
@@ -267,7 +268,8 @@ def measure(system: str, cfg: ModelConfig, case: Case, batch: int, device, dtype
     prompts = random_prompts(batch, case.prompt, cfg.vocab_size, device)
     if system.startswith("ours"):
         graphs = args.cuda_graphs and case.batch > 0  # the fit run decodes 2 tokens: capture is not worth it
-        row = run_ours(model, prompts, case.new, dtype, graphs, args.prefill_chunk)
+        row = run_ours(model, prompts, case.new, dtype, graphs, args.prefill_chunk,
+                       "inductor" if args.compile_decode else None)
         engine = row.pop("engine")
         if args.profile:
             profile_engine(engine, prompts, f"{case.name} {system}", case.new)
@@ -400,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-long", action="store_true", help="also run transformers at 32k")
     p.add_argument("--no-fit-run", action="store_true", help="64k-fit: report the accounting only")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-decode", action="store_true", help="our engine: torch.compile the decode step")
     p.add_argument("--prefill-chunk", type=int, default=None, help="default: 4096 (128 with --tiny)")
     p.add_argument("--check", action="store_true", help="first compare greedy tokens with full forwards")
     p.add_argument("--profile", action="store_true", help="after each run of our engine, print a decode profile")

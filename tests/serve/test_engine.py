@@ -146,6 +146,19 @@ def test_abort_frees_the_slot_without_disturbing_others():
     assert rest[0].token_ids == greedy_by_full_forwards(model, prompts[1], 10)
 
 
+def test_abort_all_frees_every_slot_even_one_a_failed_step_lost():
+    model = tiny_model("GGGA")
+    engine = Engine(model, max_batch=2, max_context=40)
+    ids = [engine.submit(p, 10) for p in random_prompts((5, 11, 7))]
+    engine.step()
+    del engine._running[0]  # as if a step raised between taking the slot and recording the request
+    outs = engine.abort_all()
+    assert sorted(o.request_id for o in outs if o) == ids[1:] and all(o.finish_reason == "aborted" for o in outs if o)
+    assert not engine.has_work and engine.cache.num_free == 2 and not engine._active.any()
+    out = engine.generate(random_prompts((6,)), 4)[0]
+    assert out.token_ids == greedy_by_full_forwards(model, random_prompts((6,))[0], 4)
+
+
 def test_bad_requests_are_rejected_with_clear_errors():
     engine = Engine(tiny_model("GGGA"), max_batch=1, max_context=20)
     with pytest.raises(ValueError, match="prompt_ids is empty"):
@@ -258,3 +271,4 @@ def test_model_generate_cuts_rows_at_stop_strings_and_pads_them():
     if len(want[0]) != len(want[1]):
         with pytest.raises(ValueError, match="pass pad_token_id"):
             model.generate(ids, 20, stop=stop, tokenizer=tok, attention_mask=mask)
+

@@ -2,25 +2,11 @@
 
 import pytest
 import torch
-from serve_util import greedy_by_full_forwards
+from serve_util import greedy_by_full_forwards, save_tiny_checkpoint
 
 from olmo_hybrid.cli import main
-from olmo_hybrid.config import ModelConfig
-from olmo_hybrid.data.tokenizer import train_bpe
-from olmo_hybrid.model import HybridLM
 
-
-def _checkpoint(tmp_path):
-    tok = train_bpe(["the cat sat on the mat, the dog sat on the log"] * 4, vocab_size=270)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=272, d_model=32, n_layers=4, n_heads=2, gdn_heads=2, gdn_head_k=8, gdn_head_v=16,
-                      mlp_hidden=64, max_seq_len=128, layer_pattern="GGGA")
-    model = HybridLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # peaked logits: a varied continuation rather than one repeated token
-    model.save_pretrained(tmp_path)
-    tok.save(tmp_path)
-    return model, tok
+_checkpoint = save_tiny_checkpoint
 
 
 def test_generate_streams_the_greedy_continuation(tmp_path, capsys):

@@ -25,6 +25,7 @@ COMMANDS = {
     "train": "train the tiny hybrid on the bundled corpus, or any preset/config (see --help)",
     "prepare": "tokenize text/JSONL/HF datasets into token shards",
     "generate": "generate text from a checkpoint, streaming",
+    "serve": "serve a checkpoint over HTTP with the OpenAI API (completions, chat, streaming, metrics)",
     "convert": "convert between training checkpoints and Hugging Face directories",
     "info": "parameters, FLOPs per token and inference memory of a preset or checkpoint",
     "eval": "evaluate a checkpoint: RULER, probes, multiple choice, bits per byte",

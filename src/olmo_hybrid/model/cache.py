@@ -18,8 +18,10 @@ of every tensor (views, no gather).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +32,10 @@ from olmo_hybrid.config import ATTN, MAMBA, ModelConfig
 class AttnLayerState:
     keys: torch.Tensor  # [slots, Hkv, capacity, D]
     values: torch.Tensor  # [slots, Hkv, capacity, D]
+    # Fields indexed by token position (axis 2, after slot and head): a prefix of them is the state of a prefix.
+    # Every other field of a layer state is a fixed-size summary of the whole sequence so far. Code that copies
+    # slot states (views, prefix snapshots) goes by this split only, so a new layer type just declares it.
+    per_token: ClassVar[tuple[str, ...]] = ("keys", "values")
 
 
 @dataclass
@@ -38,12 +44,14 @@ class GDNLayerState:
     conv_k: torch.Tensor  # [slots, H*K, W-1]
     conv_v: torch.Tensor  # [slots, HV*V, W-1]
     recurrent: torch.Tensor  # [slots, HV, K, V] float32
+    per_token: ClassVar[tuple[str, ...]] = ()
 
 
 @dataclass
 class Mamba2LayerState:
     conv: torch.Tensor  # [slots, conv_dim, W-1], the last pre-conv inputs of x, B and C (oldest first)
     ssm: torch.Tensor  # [slots, H, P, N] float32
+    per_token: ClassVar[tuple[str, ...]] = ()
 
 
 LayerState = AttnLayerState | GDNLayerState | Mamba2LayerState
@@ -113,7 +121,7 @@ class HybridCache:
 
     def nbytes(self) -> int:
         """Bytes of the per-layer state (the lengths are bookkeeping, not counted)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in vars(layer).values())
+        return sum(t.numel() * t.element_size() for layer in self.layers for _, t in layer_tensors(layer))
 
     # -- slots ----------------------------------------------------------------------------------------
     @property
@@ -133,6 +141,10 @@ class HybridCache:
             raise ValueError(f"slot {slot} is not an allocated slot of this cache")
         self.lengths[slot] = 0
         heapq.heappush(self._free, slot)
+
+    def release_all(self) -> None:
+        self.lengths.zero_()
+        self._free = list(range(self.num_slots))
 
     # -- addressing -----------------------------------------------------------------------------------
     def _check_rows(self, rows: slice) -> slice:
@@ -158,4 +170,9 @@ class HybridCache:
 
     def views(self, rows: slice) -> list[LayerState]:
         """Per-layer states restricted to ``rows`` (views: writes land in the cache)."""
-        return [type(s)(*(t[rows] for t in vars(s).values())) for s in self.layers]
+        return [type(s)(**{name: t[rows] for name, t in layer_tensors(s)}) for s in self.layers]
+
+
+def layer_tensors(state: LayerState) -> list[tuple[str, torch.Tensor]]:
+    """``(field name, tensor)`` of one layer's state, in declaration order."""
+    return [(f.name, getattr(state, f.name)) for f in dataclasses.fields(state)]
