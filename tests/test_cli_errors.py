@@ -68,6 +68,17 @@ BAD_INPUTS = {
                (["TEXT"], "is not valid JSON")],
     "scaling": [(["fit", "MISSING/results.jsonl", "--out", "OUT"], "does not exist"),
                 (["bogus"], "invalid choice: 'bogus'")],
+    "extend": [([], "the following arguments are required"),
+               (["MISSING", "--method", "drope", "--seq-len", "512", "--steps", "1", "--out", "OUT"], "does not exist"),
+               (["RUN", "--method", "fancy", "--seq-len", "512", "--steps", "1"], "invalid choice: 'fancy'"),
+               (["RUN", "--method", "none", "--seq-len", "512", "--out", "OUT"], "give the stage's length once"),
+               (["RUN", "--method", "yarn", "--seq-len", "512", "--steps", "1", "--out", "OUT"], "nothing to rescale"),
+               (["RUN", "--method", "none", "--seq-len", "512", "--steps", "1", "--out", "RUN/x"], "inside it"),
+               (["RUN", "--method", "none", "--seq-len", "512", "--steps", "1", "--out", "OUT", "optim.lr=inf"],
+                "optim.lr: expected a finite number")],
+    "longctx-experiment": [(["MISSING/experiment.json"], "does not exist"),
+                           (["TEXT"], "is not valid JSON"),
+                           (["TEXT", "--max-minutes", "0"], "--max-minutes must be positive")],
 }
 
 

@@ -105,6 +105,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def coerce_field(cls, name: str, value: Any, path: str) -> Any:
+    """``value`` converted to the annotated type of field ``name`` of dataclass ``cls``; a ConfigError names
+    ``path`` when it cannot be."""
+    return _coerce(value, _field_types(cls)[name], path)
+
+
 def from_dict(cls: type[T], data: dict, path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys raise ``ConfigError`` naming the field."""
     if not isinstance(data, dict):
@@ -167,6 +173,8 @@ def load_json(cls: type[T], path: str | Path) -> T:
 
 GDN, ATTN, MAMBA = "G", "A", "M"
 LAYER_KINDS = {GDN: "GDN", ATTN: "attention", MAMBA: "Mamba2"}
+YARN_FIELDS = ("rope_factor", "rope_original_max_seq_len", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
+               "rope_mscale", "rope_mscale_all_dim", "rope_truncate")
 
 
 @dataclass
@@ -187,7 +195,17 @@ class ModelConfig:
     n_heads: int = 30
     n_kv_heads: int | None = None  # None: multi-head attention (as many KV heads as n_heads)
     rope_theta: float | None = None  # None: no positional encoding (NoPE), as the released 7B
-    rope_type: str = "default"  # how positions become rotations (model/rope.py lists the implemented ones)
+    rope_type: str = "default"  # "default" or "yarn": how positions become rotations (model/rope.py)
+    # YaRN (rope_type "yarn"), transformers' rope_parameters with a rope_ prefix. None means transformers'
+    # default: beta_fast 32, beta_slow 1, truncate true, attention_factor 0.1 ln(factor) + 1 (or from mscale).
+    rope_factor: float | None = None  # how many times the original length positions are stretched to
+    rope_original_max_seq_len: int | None = None  # original_max_position_embeddings: the length RoPE was trained at
+    rope_beta_fast: float | None = None
+    rope_beta_slow: float | None = None
+    rope_attention_factor: float | None = None  # multiplies cos and sin (so attention logits by its square)
+    rope_mscale: float | None = None
+    rope_mscale_all_dim: float | None = None
+    rope_truncate: bool | None = None  # round the interpolation ramp's bounds to whole dimensions
     # Gated DeltaNet
     gdn_heads: int = 30
     gdn_v_heads: int | None = None  # None: as many value heads as gdn_heads; more gives grouped value heads
@@ -273,6 +291,7 @@ class ModelConfig:
                 bad("rope_theta", f"RoPE needs an even head dim, got {self.head_dim}")
         if self.rope_theta is not None and not self.rope_theta > 0:
             bad("rope_theta", f"must be positive or null (no RoPE), got {self.rope_theta}")
+        self._validate_yarn(bad)
         if (self.gdn_v_heads or self.gdn_heads) % self.gdn_heads:
             bad("gdn_v_heads", f"{self.gdn_v_heads} is not a multiple of gdn_heads={self.gdn_heads}")
         if MAMBA in self.layer_types:
@@ -284,6 +303,31 @@ class ModelConfig:
                 bad("mamba_n_groups", f"{self.mamba_n_groups} does not divide the {self.mamba_heads} Mamba2 heads")
         if not self.norm_eps > 0:
             bad("norm_eps", f"must be positive, got {self.norm_eps}")
+
+    def _validate_yarn(self, bad) -> None:
+        set_fields = [f for f in YARN_FIELDS if getattr(self, f) is not None]
+        if self.rope_type != "yarn":
+            if set_fields:
+                bad(set_fields[0], f"is a YaRN setting, used only with rope_type='yarn' (rope_type is "
+                                   f"{self.rope_type!r}); leave it null")
+            return
+        if self.rope_theta is None:
+            bad("rope_type", "'yarn' rescales RoPE, but rope_theta is null (no RoPE): set rope_theta or use "
+                             "rope_type='default'")
+        for name in ("rope_factor", "rope_original_max_seq_len"):
+            if getattr(self, name) is None:
+                bad(name, "is required with rope_type='yarn'")
+        if not self.rope_factor > 0:
+            bad("rope_factor", f"must be positive, got {self.rope_factor}")
+        if isinstance(self.rope_original_max_seq_len, bool) or not self.rope_original_max_seq_len > 0:
+            bad("rope_original_max_seq_len", f"must be a positive integer, got {self.rope_original_max_seq_len!r}")
+        for name in ("rope_beta_fast", "rope_beta_slow", "rope_attention_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                bad(name, f"must be positive or null (the default), got {value}")
+        fast, slow = self.rope_beta_fast or 32, self.rope_beta_slow or 1
+        if fast < slow:
+            bad("rope_beta_fast", f"must be at least rope_beta_slow, got {fast} < {slow}")
 
     # -- sizes ---------------------------------------------------------------------------------------
     def gdn_mixer_params(self) -> int:

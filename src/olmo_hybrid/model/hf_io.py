@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, read_json_object
+from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, coerce_field, read_json_object
 from olmo_hybrid.model.hybrid import HybridLM
 
 log = logging.getLogger(__name__)
@@ -66,21 +66,13 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
                           f"{sorted(set(layer_types))}")
     if len(layer_types) != n_layers:
         raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries, num_hidden_layers={n_layers}")
-    # A missing or null rope_theta means NoPE: the released checkpoints were trained without RoPE at the
-    # end, and transformers' silent default of 10000 is a known pitfall (docs/architecture.md).
-    rope = d.get("rope_parameters")
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else d.get("rope_theta")
-    # The rope type travels with the config; the model refuses one it does not implement (model/rope.py).
-    legacy = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else {}
-    rope_type = (rope.get("rope_type") if isinstance(rope, dict) else None) or legacy.get("rope_type") \
-        or legacy.get("type") or "default"
     gdn_heads = d.get("linear_num_key_heads") or n_heads
     head_k = d.get("linear_key_head_dim") or int(0.75 * d_model / gdn_heads)
     mamba = {field: d[key] for key, field in _MAMBA2_FIELDS.items() if d.get(key) is not None}
     cfg = ModelConfig(
         vocab_size=need("vocab_size"), d_model=d_model, n_layers=n_layers,
         layer_pattern="".join(_LAYER_TYPE[t] for t in layer_types),
-        n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads"), rope_theta=theta, rope_type=rope_type,
+        n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads"), **rope_from_hf(d, source),
         gdn_heads=gdn_heads, gdn_v_heads=d.get("linear_num_value_heads"), gdn_head_k=head_k,
         gdn_head_v=d.get("linear_value_head_dim") or 2 * head_k,
         gdn_conv_size=d.get("linear_conv_kernel_dim", 4),
@@ -94,6 +86,70 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{source}: mamba_num_heads={heads} disagrees with mamba_expand * hidden_size / "
                           f"mamba_head_dim = {cfg.mamba_heads}")
     return cfg
+
+
+# rope_parameters keys (transformers) <-> ModelConfig fields, for the rope types we implement.
+_YARN_KEYS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_seq_len",
+              "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "attention_factor": "rope_attention_factor",
+              "mscale": "rope_mscale", "mscale_all_dim": "rope_mscale_all_dim", "truncate": "rope_truncate"}
+_ROPE_KEYS = {"default": {"rope_theta", "rope_type", "type", "partial_rotary_factor"}}
+_ROPE_KEYS["yarn"] = _ROPE_KEYS["default"] | set(_YARN_KEYS)
+
+
+def rope_from_hf(d: dict, source: str = "config.json") -> dict:
+    """ModelConfig's rope fields from a config.json, read as transformers reads them: the legacy ``rope_scaling``
+    dict, when present, replaces ``rope_parameters``; a top-level ``rope_theta`` or
+    ``original_max_position_embeddings`` fills in (the latter takes precedence over the dict's; without either the
+    original length is max_position_embeddings).
+
+    One deliberate difference: a missing or null rope_theta means NoPE, not transformers' silent default of 10000
+    (the released checkpoints were trained without RoPE at the end; docs/architecture.md), and with NoPE every
+    other rope setting is moot, as in transformers. A rope type we do not implement passes through to be refused by
+    the model by name; a setting of an implemented type we do not implement (an unknown key, a partial rotary
+    factor) is refused here.
+    """
+    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: {key} must be a JSON object, got {params!r}")
+    if "rope_type" not in params and "type" not in params and {"full_attention", "linear_attention"} & set(params):
+        raise ConfigError(f"{source}: {key} given per layer type is not supported (olmo_hybrid takes one dict)")
+    theta = params.get("rope_theta", d.get("rope_theta"))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if theta is None:
+        return {"rope_theta": None, "rope_type": "default"}
+    if rope_type not in _ROPE_KEYS:
+        return {"rope_theta": theta, "rope_type": rope_type}
+    unknown = sorted(set(params) - _ROPE_KEYS[rope_type])
+    if unknown:
+        raise ConfigError(f"{source}: {key} has {', '.join(map(repr, unknown))}, which rope_type {rope_type!r} does "
+                          f"not take here (known: {', '.join(sorted(_ROPE_KEYS[rope_type]))})")
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor={partial} is not supported (olmo_hybrid rotates the "
+                          "whole attention head)")
+    out = {"rope_theta": coerce_field(ModelConfig, "rope_theta", theta, f"{source}: rope_theta"), "rope_type": rope_type}
+    if rope_type == "yarn":
+        for k, field in _YARN_KEYS.items():
+            if params.get(k) is not None:
+                out[field] = coerce_field(ModelConfig, field, params[k], f"{source}: {key}.{k}")
+        if d.get("original_max_position_embeddings") is not None:
+            out["rope_original_max_seq_len"] = coerce_field(ModelConfig, "rope_original_max_seq_len",
+                                                            d["original_max_position_embeddings"],
+                                                            f"{source}: original_max_position_embeddings")
+        out.setdefault("rope_original_max_seq_len", d.get("max_position_embeddings", 65536))
+        if "rope_factor" not in out:  # transformers refuses it too
+            raise ConfigError(f"{source}: {key} with rope_type 'yarn' needs 'factor'")
+        if "truncate" in params and params["truncate"] is None:
+            out["rope_truncate"] = False  # transformers reads a null truncate as false
+    return out
+
+
+def rope_to_hf(cfg: ModelConfig) -> dict:
+    """``rope_parameters`` for config.json: theta (null for NoPE), type, and every YaRN setting that is set."""
+    out = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
+    out.update({k: getattr(cfg, field) for k, field in _YARN_KEYS.items() if getattr(cfg, field) is not None})
+    return out
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eos_token_id=None, pad_token_id=None,
@@ -120,7 +176,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eos_token_id=None, pad_to
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         # Written explicitly, null for NoPE, so transformers does not fall back to theta=10000.
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type},
+        "rope_parameters": rope_to_hf(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "layer_types": [inv[t] for t in cfg.layer_types],

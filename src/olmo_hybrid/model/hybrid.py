@@ -206,6 +206,14 @@ class HybridLM(nn.Module):
         return ForwardContext(rope, _lower_right_causal(t, end) if start else None, start=start)
 
     # -- conveniences --------------------------------------------------------------------------------
+    def widen_window(self, max_seq_len: int) -> None:
+        """Accept sequences of up to ``max_seq_len`` tokens, past the window the model was configured for, to measure
+        how it extrapolates (the "no extension" rows of a long-context comparison). Positions are computed as
+        always; nothing is rescaled. Only this model's own config changes (caches and engines built afterwards see
+        it); a checkpoint saved from it records the wider window."""
+        if max_seq_len > self.config.max_seq_len:
+            self.config.max_seq_len = max_seq_len
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.model.embed_tokens.weight.numel()
