@@ -1,7 +1,9 @@
 """Training throughput of the real trainer on GPUs: tokens/s per GPU, MFU and peak memory.
 
-    # one GPU: the 1b hybrid and the same-width/depth transformer at seq 4096 and 8192
+    # one GPU: the 1b hybrid, the 3:1 hybrid Mamba2 and the same-width/depth transformer at seq 4096 and 8192
     python benchmarks/bench_train.py single --steps 20 --md $OUT/train_1gpu.md
+    # only the GDN hybrid beside the hybrid Mamba2 (MMMA, the paper's baseline; Triton SSD kernels)
+    python benchmarks/bench_train.py single --only hybrid --steps 20
     # long sequences on one GPU: the 1b hybrid and transformer at 16k, 32k and 64k tokens (one sequence per step,
     # window 65,536, activation checkpointing and the chunked loss via --set), with the longctx memory estimate
     python benchmarks/bench_train.py long --steps 8 --set trainer.activation_checkpointing=full --md $OUT/long.md
@@ -16,8 +18,10 @@ not custom ops; the transformer has no GDN layers). Data: the bundled Shakespear
 tokenizer (100k vocabulary), prepared on first use. Each ``single`` configuration runs in its own
 process (clean peak-memory counters; an out-of-memory micro-batch is retried at half the size).
 
-The transformer keeps the hybrid's width, depth, heads and MLP and makes every layer attention
-(``layer_pattern=A``): it has fewer parameters (a GDN mixer holds q/k of 2048 and v/g of 4096 columns,
+The hybrid Mamba2 (``layer_pattern=MMMA``) puts the ladder's Mamba2 mixer (``config._ladder``: 16 heads of 256,
+state 128, one group, expand 2) where the hybrid has GDN, same blocks and MLP; its ops run on the backend
+``--gdn-backend`` names too (fla has no SSD: use triton). The transformer keeps the hybrid's width, depth, heads
+and MLP and makes every layer attention (``layer_pattern=A``): it has fewer parameters (a GDN mixer holds q/k of 2048 and v/g of 4096 columns,
 attention four 2048 x 2048 matrices) and fewer FLOPs per token. Both tokens/s and MFU (which counts
 each model's own FLOPs, ``ModelConfig.flops_per_token``, the ``olmo-hybrid info`` figure) are shown.
 
@@ -46,8 +50,10 @@ import torch
 HERE = Path(__file__).resolve()
 SINGLE_CONFIGS = [  # (name, layer pattern, seq_len, micro-batch sizes to try, largest first)
     ("1b hybrid", "GGGA", 4096, [2, 1]),
+    ("1b hybrid-mamba2", "MMMA", 4096, [2, 1]),
     ("1b transformer", "A", 4096, [2, 1]),
     ("1b hybrid", "GGGA", 8192, [1]),
+    ("1b hybrid-mamba2", "MMMA", 8192, [1]),
     ("1b transformer", "A", 8192, [1]),
 ]
 LONG_CONFIGS = [(name, pattern, seq, [1]) for seq in (16384, 32768, 65536)

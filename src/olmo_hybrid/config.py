@@ -171,7 +171,8 @@ def load_json(cls: type[T], path: str | Path) -> T:
 # --------------------------------------------------------------------------------------------------
 # The model
 
-GDN, ATTN = "G", "A"
+GDN, ATTN, MAMBA = "G", "A", "M"
+LAYER_KINDS = {GDN: "GDN", ATTN: "attention", MAMBA: "Mamba2"}
 YARN_FIELDS = ("rope_factor", "rope_original_max_seq_len", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
                "rope_mscale", "rope_mscale_all_dim", "rope_truncate")
 
@@ -180,9 +181,10 @@ YARN_FIELDS = ("rope_factor", "rope_original_max_seq_len", "rope_beta_fast", "ro
 class ModelConfig:
     """Shape of a hybrid GDN / attention language model.
 
-    ``layer_pattern`` is a string over {G, A} (Gated DeltaNet, softmax attention). A pattern shorter
+    ``layer_pattern`` is a string over {G, A, M} (Gated DeltaNet, softmax attention, Mamba2). A pattern shorter
     than ``n_layers`` is repeated; "GGGA" gives OLMo Hybrid's 3:1 interleave with attention at
-    ``i % 4 == 3``; "A" is a transformer, "G" pure GDN, and any full-length string places layers freely.
+    ``i % 4 == 3``; "A" is a transformer, "G" pure GDN, "MMMA" the paper's hybrid Mamba2 baseline and "M" pure
+    Mamba2; any full-length string places layers freely.
     """
 
     vocab_size: int = 100352
@@ -211,6 +213,15 @@ class ModelConfig:
     gdn_head_v: int = 192
     gdn_conv_size: int = 4
     gdn_allow_neg_eigval: bool = True  # beta = 2*sigmoid in (0, 2)
+    # Mamba2 (transformers' Mamba2Config names in comments); mamba_heads = mamba_expand * d_model / mamba_head_dim
+    mamba_expand: int = 2  # expand: the mixer's inner width is mamba_expand * d_model
+    mamba_head_dim: int = 64  # head_dim
+    mamba_state_size: int = 128  # state_size (N)
+    mamba_n_groups: int = 1  # n_groups: heads sharing one B and C
+    mamba_conv_size: int = 4  # conv_kernel
+    mamba_chunk_size: int = 256  # chunk_size: recorded for export; our kernels chunk by 64 (same result)
+    mamba_proj_bias: bool = False  # use_bias: biases of in_proj and out_proj
+    mamba_conv_bias: bool = True  # use_conv_bias
     # MLP and the rest
     mlp_hidden: int = 11008
     norm_eps: float = 1e-6
@@ -241,18 +252,33 @@ class ModelConfig:
     def n_attn_layers(self) -> int:
         return self.layer_types.count(ATTN)
 
+    @property
+    def n_mamba_layers(self) -> int:
+        return self.layer_types.count(MAMBA)
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_expand * self.d_model // self.mamba_head_dim
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        """Channels of the Mamba2 conv: x (heads x head dim) and the groups' B and C."""
+        return self.mamba_expand * self.d_model + 2 * self.mamba_n_groups * self.mamba_state_size
+
     def validate(self) -> None:
         def bad(name, why):
             raise ConfigError(f"model.{name}: {why}")
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "gdn_heads", "gdn_head_k",
-                     "gdn_head_v", "gdn_conv_size", "mlp_hidden", "max_seq_len"):
+                     "gdn_head_v", "gdn_conv_size", "mamba_expand", "mamba_head_dim", "mamba_state_size",
+                     "mamba_n_groups", "mamba_conv_size", "mamba_chunk_size", "mlp_hidden", "max_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, f"must be a positive integer, got {v!r}")
         p = self.layer_pattern
-        if not p or set(p) - {GDN, ATTN}:
-            bad("layer_pattern", f"must be a non-empty string of 'G' (GDN) and 'A' (attention), got {p!r}")
+        if not p or set(p) - set(LAYER_KINDS):
+            bad("layer_pattern", f"must be a non-empty string of 'G' (GDN), 'A' (attention) and 'M' (Mamba2), "
+                f"got {p!r}")
         if len(p) != self.n_layers and self.n_layers % len(p) != 0:
             bad("layer_pattern", f"length {len(p)} neither equals n_layers={self.n_layers} nor divides it")
         if ATTN in self.layer_types:
@@ -268,6 +294,13 @@ class ModelConfig:
         self._validate_yarn(bad)
         if (self.gdn_v_heads or self.gdn_heads) % self.gdn_heads:
             bad("gdn_v_heads", f"{self.gdn_v_heads} is not a multiple of gdn_heads={self.gdn_heads}")
+        if MAMBA in self.layer_types:
+            inner = self.mamba_expand * self.d_model
+            if inner % self.mamba_head_dim:
+                bad("mamba_head_dim", f"{self.mamba_head_dim} does not divide the inner width mamba_expand * "
+                    f"d_model = {inner}")
+            elif self.mamba_heads % self.mamba_n_groups:
+                bad("mamba_n_groups", f"{self.mamba_n_groups} does not divide the {self.mamba_heads} Mamba2 heads")
         if not self.norm_eps > 0:
             bad("norm_eps", f"must be positive, got {self.norm_eps}")
 
@@ -304,6 +337,14 @@ class ModelConfig:
         conv = (2 * key + val) * self.gdn_conv_size
         return proj + conv + self.gdn_head_v + 2 * hv  # o_norm, A_log, dt_bias
 
+    def mamba_mixer_params(self) -> int:
+        d, h, inner, conv = self.d_model, self.mamba_heads, self.mamba_expand * self.d_model, self.mamba_conv_dim
+        proj = d * (inner + conv + h) + inner * d  # in_proj [z | xBC | dt], out_proj
+        if self.mamba_proj_bias:
+            proj += inner + conv + h + d
+        conv_params = conv * (self.mamba_conv_size + self.mamba_conv_bias)
+        return proj + conv_params + 3 * h + inner  # dt_bias, A_log, D; the gated norm
+
     def attn_mixer_params(self) -> int:
         d, hd = self.d_model, self.head_dim
         q, kv = self.n_heads * hd, (self.n_kv_heads or self.n_heads) * hd
@@ -315,6 +356,7 @@ class ModelConfig:
         block = mlp + 2 * self.d_model
         n = self.n_gdn_layers * (block + self.gdn_mixer_params())
         n += self.n_attn_layers * (block + self.attn_mixer_params())
+        n += self.n_mamba_layers * (block + self.mamba_mixer_params())
         n += self.d_model  # final norm
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         emb = self.vocab_size * self.d_model
@@ -327,12 +369,16 @@ class ModelConfig:
         score and value matmuls (2 * 2 * T/2 * d per layer forward). GDN adds the chunked
         algorithm's forward work, 6CK + 4CV + 6KV per token-head with chunk C=64 (the products of fla's
         chunked forward: K K^T 2CK, W 2CK, U 2CV, state update 4KV, output 2KV + 2CK + 2CV).
+        Mamba2 adds the chunked SSD's, 2CN + 2CP + 4NP per token-head (Q K^T and its product with V inside the
+        chunk, the state's read and write; N state size, P head dim).
         """
         dense = 6 * (self.num_params(embeddings=False) - self.d_model)
         attn = self.n_attn_layers * 3 * (2 * 2 * (seq_len / 2) * self.n_heads * self.head_dim)
         c, k, v = 64, self.gdn_head_k, self.gdn_head_v
         gdn = self.n_gdn_layers * 3 * (self.gdn_v_heads or self.gdn_heads) * (6 * c * k + 4 * c * v + 6 * k * v)
-        return float(dense + attn + gdn)
+        n, hd = self.mamba_state_size, self.mamba_head_dim
+        mamba = self.n_mamba_layers * 3 * self.mamba_heads * (2 * c * n + 2 * c * hd + 4 * n * hd)
+        return float(dense + attn + gdn + mamba)
 
     def resolved(self) -> "ModelConfig":
         """This config with the optional head counts filled in (``n_kv_heads = n_heads``, ``gdn_v_heads =
@@ -364,12 +410,19 @@ def _ladder(d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
     head dim 2x that. This reproduces the ladder's published non-embedding counts (60M: 72.9M, 190M:
     254.4M, 760M: 947.9M, 1B: 1.48B). The 7B was derived the same way except that it keeps the exact
     key dim int(0.75 * d / heads) = 96 and drops two heads (d_model 4096 -> 3840) to match OLMo 3 7B.
+
+    Mamba2 layers (``layer_pattern=MMMA`` or ``M``), from OLMo-core's ladder analysis (``model_specs.py``
+    ``mamba2_dims``): one Mamba2 head per attention head, so head dim 2 * d_model / heads (expand 2; 256 at
+    1B), state 128, one group, conv 4. Its parameter formula also counts in/out projection biases and no conv
+    bias; with ``mamba_proj_bias=true mamba_conv_bias=false`` our count equals its published pure/hybrid Mamba
+    ladder counts (100M, 190M; tests/model/test_mamba2_model.py). The presets keep mamba_ssm's own defaults
+    (no projection biases, a conv bias): which the ladder trained with is not recorded.
     """
     head_k = 128 * math.ceil(0.75 * d_model / n_heads / 128)
     return ModelConfig(
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, gdn_heads=n_heads,
-        gdn_head_k=head_k, gdn_head_v=2 * head_k, mlp_hidden=_olmo3_mlp_hidden(d_model, 1.5),
-        rope_theta=500_000.0, max_seq_len=8192,
+        gdn_head_k=head_k, gdn_head_v=2 * head_k, mamba_head_dim=2 * d_model // n_heads,
+        mlp_hidden=_olmo3_mlp_hidden(d_model, 1.5), rope_theta=500_000.0, max_seq_len=8192,
     )
 
 
@@ -415,6 +468,8 @@ PATTERNS = {
     "hybrid-eighth": "GGGGGGGA",  # 7:1
     "transformer": "A",
     "pure-gdn": "G",
+    "hybrid-mamba2": "MMMA",  # 3:1 Mamba2:attention, the paper's hybrid Mamba2 baseline
+    "pure-mamba2": "M",
 }
 
 

@@ -11,7 +11,8 @@ from olmo_hybrid.model import HybridLM
 
 def small(pattern="GGGA", rope=10_000.0, **kw):
     cfg = dict(vocab_size=61, d_model=48, n_layers=4, n_heads=4, gdn_heads=2, gdn_head_k=12, gdn_head_v=24,
-               mlp_hidden=96, rope_theta=rope, max_seq_len=400, layer_pattern=pattern)
+               mamba_head_dim=12, mamba_state_size=16, mamba_n_groups=2, mlp_hidden=96, rope_theta=rope,
+               max_seq_len=400, layer_pattern=pattern)
     cfg.update(kw)
     torch.manual_seed(0)
     return HybridLM(ModelConfig(**cfg)).eval()
@@ -38,7 +39,7 @@ def test_ladder_matches_published_non_embedding_counts():
         assert abs(got - expected) / expected < 0.005, (name, got)
 
 
-@pytest.mark.parametrize("pattern", ["GGGA", "GA", "A", "G", "AGGA"])
+@pytest.mark.parametrize("pattern", ["GGGA", "GA", "A", "G", "AGGA", "MMMA", "M"])
 def test_packed_documents_equal_separate_runs(pattern):
     model = small(pattern)
     lengths = [37, 1, 70, 20]
@@ -69,7 +70,7 @@ def test_a_caller_built_context_replaces_the_models_own():
         model(ids, doc_ids=doc_ids, context=ctx)
 
 
-@pytest.mark.parametrize("pattern", ["GGGA", "G", "A"])
+@pytest.mark.parametrize("pattern", ["GGGA", "G", "A", "MMMA", "MGAM"])
 def test_chunked_prefill_and_decode_equal_full_forward(pattern):
     model = small(pattern)
     ids = torch.randint(0, 61, (2, 150))

@@ -43,6 +43,14 @@ def test_reference_rules_for_a_micro_size(corpus_dir):
     assert len(plan.warnings) == 4 and "sees the training split" in plan.warnings[0]  # a 25k-token corpus
 
 
+def test_mamba2_architectures_plan_with_their_pattern(corpus_dir):
+    plan = _plan(corpus_dir, sizes=["micro-128"], architectures=["hybrid-mamba2", "pure-mamba2"], seq_len=512,
+                 recipe={}, budgets=[1], custom_sizes={})
+    hybrid, pure = plan.runs
+    assert "".join(hybrid.model.layer_types) == "MMMA" and "".join(pure.model.layer_types) == "MMMM"
+    assert hybrid.params_nonemb == hybrid.model.num_params(embeddings=False) > 0
+
+
 def test_branch_schedules_continue_the_stable_phase(corpus_dir):
     plan = _plan(corpus_dir, sizes=["micro-64", "micro-256"], architectures=["transformer"], seq_len=512,
                  recipe={}, budgets=[0.5, 1, 2, 4, 8], custom_sizes={})
@@ -62,8 +70,6 @@ def test_branch_schedules_continue_the_stable_phase(corpus_dir):
 @pytest.mark.parametrize("fields, message", [
     ({"architectures": ["hybrid-half", "retnet"]}, "unknown architecture 'retnet'"),
     ({"sizes": ["t32", "3b"]}, "unknown size '3b'"),
-    ({"architectures": ["hybrid-mamba2"]}, r"architecture 'hybrid-mamba2' \(pattern MMMA\) needs the Mamba2 layer"),
-    ({"architectures": ["pure-mamba2"]}, r"'pure-mamba2' \(pattern M\) needs the Mamba2 layer"),
     ({"architectures": ["hybrid-eighth"]}, "'hybrid-eighth' .* does not fit size 't32'"),
     ({"budgets": [0.05]}, r"budget 0.05x of hybrid-half/t32: 1 steps leave 0 before the decay"),
     ({"custom_sizes": {"t32": {"d_model": "wide"}}, "sizes": ["t32"]}, "custom_sizes.t32.*d_model"),

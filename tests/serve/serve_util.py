@@ -15,7 +15,8 @@ MODEL_NAME = "tiny"
 
 def tiny_model(pattern="GGGA", seed=0, **kw) -> HybridLM:
     cfg = dict(vocab_size=VOCAB, d_model=48, n_layers=4, n_heads=4, gdn_heads=2, gdn_head_k=12, gdn_head_v=24,
-               mlp_hidden=96, rope_theta=10_000.0, max_seq_len=400, layer_pattern=pattern)
+               mamba_head_dim=12, mamba_state_size=16, mamba_n_groups=2, mlp_hidden=96, rope_theta=10_000.0,
+               max_seq_len=400, layer_pattern=pattern)
     cfg.update(kw)
     torch.manual_seed(seed)
     return HybridLM(ModelConfig(**cfg)).eval()

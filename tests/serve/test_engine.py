@@ -17,6 +17,7 @@ LENGTHS = (1, 7, 33, 70)
     ("G", {}),
     ("A", {"n_kv_heads": 2}),  # all attention, grouped KV heads
     ("GA", {"rope_theta": None}),  # NoPE attention, as the released 7B
+    ("MMMA", {}),  # the paper's hybrid Mamba2 baseline
 ])
 def test_greedy_tokens_equal_loop_of_full_forwards(pattern, extra):
     model = tiny_model(pattern, **extra)
@@ -52,9 +53,9 @@ def test_equal_length_prompts_and_a_hole_in_the_batch():
         assert outs[rid].token_ids == greedy_by_full_forwards(model, p, n)
 
 
-@pytest.mark.parametrize("prefill_budget", [None, 8])
-def test_continuous_batching_equals_each_request_alone(prefill_budget):
-    model = tiny_model("GGGA")
+@pytest.mark.parametrize("prefill_budget,pattern", [(None, "GGGA"), (8, "GGGA"), (8, "MGMA")])
+def test_continuous_batching_equals_each_request_alone(prefill_budget, pattern):
+    model = tiny_model(pattern)
     prompts = random_prompts((12, 3, 50, 8, 25, 1))
     new = [9, 3, 6, 12, 4, 7]
     params = [SamplingParams(), SamplingParams(temperature=0.9, top_k=10, seed=5), SamplingParams(),

@@ -32,8 +32,9 @@ def test_decode_attention_kernel_on_gpu_long_rows(batch, capacity):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_equals_eager_with_continuous_batching():
-    model = tiny_model("GGGA").cuda()
+@pytest.mark.parametrize("pattern", ["GGGA", "MMMA"])
+def test_cuda_graph_decode_equals_eager_with_continuous_batching(pattern):
+    model = tiny_model(pattern).cuda()
     prompts = [p.cuda() for p in random_prompts((12, 3, 50, 8, 25))]
     new = [9, 3, 6, 12, 4]
     params = [SamplingParams(), SamplingParams(temperature=0.9, top_k=10, seed=5), SamplingParams(),

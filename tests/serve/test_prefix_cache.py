@@ -49,7 +49,7 @@ def test_restored_row_is_bit_identical_to_the_prefilled_one():
     engine.prefix_cache.check()
 
 
-@pytest.mark.parametrize("pattern", ["GGGA", "GAGA"])
+@pytest.mark.parametrize("pattern", ["GGGA", "GAGA", "MMMA"])
 def test_same_tokens_with_and_without_the_prefix_cache(pattern):
     # fp32 on the CPU: greedy and seeded sampling give the same tokens; a hit restores whole blocks only.
     model = tiny_model(pattern)

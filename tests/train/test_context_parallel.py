@@ -166,6 +166,8 @@ def test_trainer_with_cp2_matches_one_process_and_resumes_with_cp1(corpus_dir, t
      r"256 / parallel.cp_degree=128 = 2 tokens per rank is shorter than .* \(model.gdn_conv_size - 1 = 3\)"),
     (["parallel.cp_mode=ring"], "parallel.cp_mode: expected one of ulysses, state_passing, got 'ring'"),
     (["parallel.cp_degree=0"], "parallel.cp_degree must be a positive integer, got 0"),
+    (["parallel.cp_degree=2", "model.layer_pattern=MMMA", "model.mamba_head_dim=32"],
+     r"parallel.cp_degree=2: context parallelism is not implemented for Mamba2 layers \(model.layer_pattern='MMMA'"),
 ])
 def test_bad_settings_are_refused_with_the_fields_named(overrides, message):
     with pytest.raises(ConfigError, match=message):

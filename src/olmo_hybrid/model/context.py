@@ -5,7 +5,7 @@ Three kinds of call fill it differently (the mixers pick their kernels from it):
 - prefill into cache rows (``start`` set): every row's new tokens begin at the host position ``start``;
   attention reads the cached prefix through ``attn_mask`` (a lower-right causal mask, or None at ``start == 0``);
 - decode (``positions`` set): one token per row at per-row device positions, attention over ``lengths`` keys
-  per row, and only rows where ``active`` is True (None: all) change their GDN state.
+  per row, and only rows where ``active`` is True (None: all) change their GDN and Mamba2 states.
 Everything here is decided on the host without reading device memory, so a decode call never synchronises.
 A caller may build the context itself (``HybridLM.forward(context=...)``): context parallelism passes RoPE for its
 slice of each sequence and the masks of the whole sequences, which only the op modules it swaps in read.

@@ -5,7 +5,7 @@ q, k, v each go through their own short causal depthwise conv + SiLU; q and k ar
 the op; beta = 2 sigmoid(b) when negative eigenvalues are allowed; the output is a per-head gated RMSNorm.
 With a cache, prefill runs the chunked ops from the cached state and stores the final state; decode runs the
 one-token step ops, which update the cached states in place, only in the active rows. The whole-sequence op calls
-(no cache, and prefill) go through tensor-free modules, :class:`ShortConvOp` and :class:`DeltaRuleOp`, that a
+(no cache, and prefill) go through tensor-free modules, ``layers.ShortConvOp`` and :class:`DeltaRuleOp`, that a
 wrapper can replace from outside (context parallelism does).
 """
 
@@ -21,16 +21,7 @@ from olmo_hybrid import ops
 from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.model.cache import GDNLayerState
 from olmo_hybrid.model.context import ForwardContext
-from olmo_hybrid.model.layers import GatedRMSNorm
-
-
-class ShortConvOp(nn.Module):
-    """``ops.causal_conv1d`` with the model's SiLU over whole sequences: ``(y, final_state)``. Holds no tensors,
-    so replacing it (``olmo_hybrid.train.context_parallel``) leaves state dicts unchanged."""
-
-    def forward(self, x, weight, reset_mask=None, initial_state=None, output_final_state=False):
-        return ops.causal_conv1d(x, weight, activation="silu", initial_state=initial_state,
-                                 output_final_state=output_final_state, reset_mask=reset_mask)
+from olmo_hybrid.model.layers import GatedRMSNorm, ShortConv
 
 
 class DeltaRuleOp(nn.Module):
@@ -41,27 +32,6 @@ class DeltaRuleOp(nn.Module):
         return ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
                                     output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
                                     reset_mask=reset_mask)
-
-
-class ShortConv(nn.Module):
-    """Depthwise causal conv weight stored as ``[C, 1, W]``, the checkpoint's layout."""
-
-    def __init__(self, channels: int, width: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, 1, width))
-        self.conv_op = ShortConvOp()
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, C] -> silu(conv(x)); with a cache ``state`` [B, C, W-1], continues from it and updates it."""
-        w = self.weight[:, 0, :]
-        if state is None:
-            return self.conv_op(x, w, reset_mask=ctx.reset_mask)[0]
-        if ctx.decoding:
-            y, _ = ops.causal_conv1d_step(x[:, 0], state, w, activation="silu", inplace=True, active=ctx.active)
-            return y[:, None]
-        y, final = self.conv_op(x, w, initial_state=state if ctx.start else None, output_final_state=True)
-        state.copy_(final)
-        return y
 
 
 class GatedDeltaNet(nn.Module):

@@ -3,6 +3,12 @@
 Our module names are the checkpoint's names, so loading is a copy after a rename table that accepts the
 variants found in the wild (listed in docs/architecture.md): older HF norm names, OLMo-core's exporter names
 (``out_proj``/``norm``), transformers' fused ``conv1d``, and OLMo-core state-dict names (``blocks.N...``).
+
+A model with Mamba2 layers (pattern letter ``M``) is saved in the same layout but in this project's own format,
+``model_type: olmo_hybrid_mamba2`` (layer type ``mamba2``, ``mamba_*`` fields, tensors
+``model.layers.N.mixer.*`` as transformers' Mamba2Mixer names them), because transformers' ``olmo_hybrid`` has
+no Mamba2 layer: its config carries a note saying so, and transformers refuses the unknown model type instead of
+building something else.
 """
 
 from __future__ import annotations
@@ -17,13 +23,22 @@ from pathlib import Path
 
 import torch
 
-from olmo_hybrid.config import ATTN, GDN, ConfigError, ModelConfig, coerce_field, read_json_object
+from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, coerce_field, read_json_object
 from olmo_hybrid.model.hybrid import HybridLM
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("olmo_hybrid", "olmo3_5_hybrid", "olmo3_2_hybrid")
-_LAYER_TYPE = {"linear_attention": GDN, "full_attention": ATTN}
+MAMBA2_MODEL_TYPE = "olmo_hybrid_mamba2"  # our own format: patterns with Mamba2 layers
+MODEL_TYPES = ("olmo_hybrid", "olmo3_5_hybrid", "olmo3_2_hybrid", MAMBA2_MODEL_TYPE)
+_LAYER_TYPE = {"linear_attention": GDN, "full_attention": ATTN, "mamba2": MAMBA}
+MAMBA2_NOTE = ("Written by olmo-hybrid for a layer pattern with Mamba2 layers ('mamba2' in layer_types), which "
+               "transformers' olmo_hybrid model does not implement: this is olmo-hybrid's own format. Load it with "
+               "olmo_hybrid.model.HybridLM.from_pretrained; transformers' AutoModel refuses the model type.")
+# config.json key -> ModelConfig field, for the Mamba2 layers (transformers' Mamba2Config names, prefixed).
+_MAMBA2_FIELDS = {"mamba_expand": "mamba_expand", "mamba_head_dim": "mamba_head_dim",
+                  "mamba_state_size": "mamba_state_size", "mamba_n_groups": "mamba_n_groups",
+                  "mamba_conv_kernel": "mamba_conv_size", "mamba_chunk_size": "mamba_chunk_size",
+                  "mamba_use_bias": "mamba_proj_bias", "mamba_use_conv_bias": "mamba_conv_bias"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -45,11 +60,16 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     unknown = sorted(set(layer_types) - set(_LAYER_TYPE))
     if unknown:
         raise ConfigError(f"{source}: layer_types has unsupported entries {unknown} (expected {list(_LAYER_TYPE)})")
+    if ("mamba2" in layer_types) != (d["model_type"] == MAMBA2_MODEL_TYPE):
+        raise ConfigError(f"{source}: layer type 'mamba2' goes with model_type '{MAMBA2_MODEL_TYPE}' (this project's "
+                          f"format) and only with it; got model_type {d['model_type']!r} with layer types "
+                          f"{sorted(set(layer_types))}")
     if len(layer_types) != n_layers:
         raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries, num_hidden_layers={n_layers}")
     gdn_heads = d.get("linear_num_key_heads") or n_heads
     head_k = d.get("linear_key_head_dim") or int(0.75 * d_model / gdn_heads)
-    return ModelConfig(
+    mamba = {field: d[key] for key, field in _MAMBA2_FIELDS.items() if d.get(key) is not None}
+    cfg = ModelConfig(
         vocab_size=need("vocab_size"), d_model=d_model, n_layers=n_layers,
         layer_pattern="".join(_LAYER_TYPE[t] for t in layer_types),
         n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads"), **rope_from_hf(d, source),
@@ -59,8 +79,13 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         gdn_allow_neg_eigval=d.get("linear_allow_neg_eigval", True),
         mlp_hidden=need("intermediate_size"), norm_eps=d.get("rms_norm_eps", 1e-6),
         max_seq_len=d.get("max_position_embeddings", 65536),
-        tie_embeddings=d.get("tie_word_embeddings", False), init_std=d.get("initializer_range", 0.02),
+        tie_embeddings=d.get("tie_word_embeddings", False), init_std=d.get("initializer_range", 0.02), **mamba,
     )
+    heads = d.get("mamba_num_heads")
+    if heads is not None and heads != cfg.mamba_heads:
+        raise ConfigError(f"{source}: mamba_num_heads={heads} disagrees with mamba_expand * hidden_size / "
+                          f"mamba_head_dim = {cfg.mamba_heads}")
+    return cfg
 
 
 # rope_parameters keys (transformers) <-> ModelConfig fields, for the rope types we implement.
@@ -131,9 +156,14 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eos_token_id=None, pad_to
                  bos_token_id=None) -> dict:
     cfg = cfg.resolved()
     inv = {v: k for k, v in _LAYER_TYPE.items()}
+    mamba = MAMBA in cfg.layer_types
+    extra = {}
+    if mamba:
+        extra = {"olmo_hybrid_note": MAMBA2_NOTE, "mamba_num_heads": cfg.mamba_heads,
+                 **{key: getattr(cfg, field) for key, field in _MAMBA2_FIELDS.items()}}
     return {
-        "architectures": ["OlmoHybridForCausalLM"],
-        "model_type": "olmo_hybrid",
+        "architectures": ["OlmoHybridMamba2ForCausalLM" if mamba else "OlmoHybridForCausalLM"],
+        "model_type": MAMBA2_MODEL_TYPE if mamba else "olmo_hybrid",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.mlp_hidden,
@@ -160,6 +190,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eos_token_id=None, pad_to
         "pad_token_id": pad_token_id,
         "bos_token_id": bos_token_id,
         "dtype": str(dtype).removeprefix("torch."),
+        **extra,
     }
 
 
@@ -314,7 +345,8 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
 
 def save_pretrained(model: HybridLM, path, dtype: torch.dtype | None = None, tokenizer=None,
                     max_shard_bytes: int = 5 * 1024**3, eos_token_id=None, pad_token_id=None) -> None:
-    """Write config.json + safetensors (sharded above ``max_shard_bytes``) that transformers loads.
+    """Write config.json + safetensors (sharded above ``max_shard_bytes``) that transformers loads (patterns with
+    Mamba2 layers: this project's own format, see the module docstring).
 
     Files are written to a temporary directory and moved into place, so an interrupted save never
     leaves a half-written checkpoint behind under the final names.
@@ -322,7 +354,10 @@ def save_pretrained(model: HybridLM, path, dtype: torch.dtype | None = None, tok
     from safetensors.torch import save_file
 
     cfg = model.config
-    if GDN not in cfg.layer_types or ATTN not in cfg.layer_types:
+    if MAMBA in cfg.layer_types:
+        log.warning("layer pattern %r has Mamba2 layers: saving in olmo-hybrid's own format (model_type %s), "
+                    "which transformers cannot load", cfg.layer_pattern, MAMBA2_MODEL_TYPE)
+    elif GDN not in cfg.layer_types or ATTN not in cfg.layer_types:
         log.warning("layer pattern %r has no %s layer: transformers' OlmoHybridForCausalLM will refuse it",
                     cfg.layer_pattern, "GDN" if GDN not in cfg.layer_types else "attention")
     path = Path(path)

@@ -35,10 +35,9 @@ ARCHITECTURES = {
     "hybrid-half": "hybrid-half",  # 1:1
     "hybrid-eighth": "hybrid-eighth",  # 7:1
     "middle": "middle",  # a quarter of the layers attention, as one centred block
-    "hybrid-mamba2": "MMMA",
-    "pure-mamba2": "M",
+    "hybrid-mamba2": "hybrid-mamba2",  # 3:1 Mamba2:attention (MMMA)
+    "pure-mamba2": "pure-mamba2",  # M
 }
-MAMBA2 = "M"
 
 
 class LadderError(ConfigError):
@@ -230,9 +229,6 @@ def _with_arch(cfg: LadderConfig, base: ModelConfig, arch: str, size: str, vocab
         return dataclasses.replace(base, layer_pattern=pattern, vocab_size=vocab,
                                    max_seq_len=max(base.max_seq_len, cfg.seq_len))
     except ConfigError as e:
-        if MAMBA2 in pattern and "layer_pattern" in str(e):
-            raise LadderError(f"architecture '{arch}' (pattern {pattern}) needs the Mamba2 layer ('{MAMBA2}'), "
-                              f"which this version's model does not have yet: {e}") from e
         raise LadderError(f"architecture '{arch}' (pattern {pattern}) does not fit size '{size}': {e}") from e
 
 

@@ -34,7 +34,8 @@ from olmo_hybrid import ops
 from olmo_hybrid.config import ConfigError, ModelConfig
 from olmo_hybrid.model.attention import Attention
 from olmo_hybrid.model.context import ForwardContext, document_mask
-from olmo_hybrid.model.gated_deltanet import GatedDeltaNet, ShortConv
+from olmo_hybrid.model.gated_deltanet import GatedDeltaNet
+from olmo_hybrid.model.layers import ShortConv
 from olmo_hybrid.train.cp_comm import (CPGroup, all_gather, gather_sequence, heads_to_seq, refuse_state,
                                       seq_to_heads)
 from olmo_hybrid.train.state_passing import StatePassingDeltaRule
@@ -62,6 +63,9 @@ def _check_degree_and_heads(model: ModelConfig, degree: int, mode: str) -> None:
     if mode not in CP_MODES:
         raise ConfigError(f"parallel.cp_mode: expected one of {', '.join(CP_MODES)}, got {mode!r}")
     m = model.resolved()
+    if m.n_mamba_layers and degree > 1:
+        raise ConfigError(f"parallel.cp_degree={degree}: context parallelism is not implemented for Mamba2 layers "
+                          f"(model.layer_pattern={m.layer_pattern!r} has 'M'); train them with cp_degree=1")
     heads = {}
     if m.n_attn_layers:
         heads.update({"model.n_heads": m.n_heads, "model.n_kv_heads": m.n_kv_heads})
