@@ -218,8 +218,10 @@ def test_a_full_queue_answers_429_and_shutdown_ends_streams(served_checkpoint):
     http = httpx.Client(trust_env=False, timeout=30)
     with running_server(served_checkpoint, max_batch=2, max_queue=1, shutdown_timeout=0.5) as (url, srv):
         # Slow until the end (this engine is not used afterwards): 140 steps take 28 s, far longer than the
-        # checks below even on a loaded machine, so the shutdown always finds the streams unfinished.
-        slow_steps(srv, 0.2).__enter__()
+        # checks below even on a loaded machine, so the shutdown always finds the streams unfinished. The context
+        # is kept in a name: dropped at once, its generator would be closed and undo the patch there and then.
+        slow = slow_steps(srv, 0.2)
+        slow.__enter__()
         streams = [http.stream("POST", url + "/v1/completions", json=body) for _ in range(3)]
         responses = [s.__enter__() for s in streams]
         assert [r.status_code for r in responses] == [200] * 3  # two running, one waiting for a slot
@@ -232,6 +234,7 @@ def test_a_full_queue_answers_429_and_shutdown_ends_streams(served_checkpoint):
         assert json.loads(lines[-2][len("data: "):])["choices"][0]["finish_reason"] == "abort"
     for s in streams:
         s.__exit__(None, None, None)
+    slow.__exit__(None, None, None)
     http.close()
     pool.shutdown()
     assert idle(srv) and not srv.loop.alive
