@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_hybrid import ops
+from olmo_hybrid.config import KernelSettings
 from olmo_hybrid.model.gated_deltanet import DeltaRuleOp
 from olmo_hybrid.train.state_passing import delta_rule_with_transition, incoming_state
 
@@ -30,7 +31,7 @@ def test_transition_is_the_product_of_the_per_token_maps_and_resets_clear_it():
     q, k, v, g, beta = _inputs(2, 70, 2, 4, 8, 6, torch.float64)
     reset = torch.zeros(2, 70, dtype=torch.bool, device=DEVICE)
     reset[1, 40] = True
-    op = DeltaRuleOp()
+    op = DeltaRuleOp(KernelSettings())
     with ops.use_backend("torch"), torch.no_grad():
         o, p, a, b = delta_rule_with_transition(op, q, k, v, g, beta, reset)
         kn = ops.l2norm(k)
@@ -57,7 +58,7 @@ def _slices_against_whole(backend, dtype, t, n, dk, dv, tol):
     reset[0, tl] = True  # a document starting exactly at a slice
     reset[1, 5] = True  # and one that spans every later slice
     weight = torch.randn(2, t, 4, dv, dtype=dtype, device=DEVICE)
-    op = DeltaRuleOp()
+    op = DeltaRuleOp(KernelSettings())
     with ops.use_backend(backend):
         want, _ = op(*x, reset_mask=reset)
         (want * weight).sum().backward()

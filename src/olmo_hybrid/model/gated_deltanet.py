@@ -18,20 +18,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from olmo_hybrid import ops
-from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.config import KernelSettings, ModelConfig
 from olmo_hybrid.model.cache import GDNLayerState
 from olmo_hybrid.model.context import ForwardContext
 from olmo_hybrid.model.layers import GatedRMSNorm, ShortConv
 
 
 class DeltaRuleOp(nn.Module):
-    """``ops.gated_delta_rule`` with the model's in-kernel q/k L2 norm over whole sequences: ``(o, final_state)``.
-    Holds no tensors, so replacing it (``olmo_hybrid.train.context_parallel``) leaves state dicts unchanged."""
+    """``ops.gated_delta_rule`` with the model's in-kernel q/k L2 norm and kernel settings over whole sequences:
+    ``(o, final_state)``. Holds no tensors, so replacing it (``olmo_hybrid.train.context_parallel``) leaves state
+    dicts unchanged."""
+
+    def __init__(self, settings: KernelSettings):
+        super().__init__()
+        self.settings = settings
 
     def forward(self, q, k, v, g, beta, reset_mask=None, initial_state=None, output_final_state=False):
         return ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
                                     output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
-                                    reset_mask=reset_mask)
+                                    reset_mask=reset_mask, settings=self.settings)
 
 
 class GatedDeltaNet(nn.Module):
@@ -55,7 +60,8 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = GatedRMSNorm(self.head_v, eps=1e-5)
         self.A_log = nn.Parameter(torch.empty(self.v_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.v_heads))
-        self.delta_rule_op = DeltaRuleOp()
+        self.kernel_settings = c.kernels
+        self.delta_rule_op = DeltaRuleOp(c.kernels)
 
     @torch.no_grad()
     def reset_gate_parameters(self, generator: torch.Generator | None = None,
@@ -86,7 +92,8 @@ class GatedDeltaNet(nn.Module):
             o, _ = self.delta_rule_op(q, k, v, g, beta, reset_mask=ctx.reset_mask)
         elif ctx.decoding:
             o, _ = ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent,
-                                             use_qk_l2norm_in_kernel=True, inplace=True, active=ctx.active)
+                                             use_qk_l2norm_in_kernel=True, inplace=True, active=ctx.active,
+                                             settings=self.kernel_settings)
             o = o[:, None]
         else:
             o, final = self.delta_rule_op(q, k, v, g, beta, initial_state=state.recurrent if ctx.start else None,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from olmo_hybrid import ops
-from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.config import KernelSettings, ModelConfig
 from olmo_hybrid.model.cache import Mamba2LayerState
 from olmo_hybrid.model.context import ForwardContext
 from olmo_hybrid.model.layers import ShortConv
@@ -56,8 +56,10 @@ class GroupGatedRMSNorm(nn.Module):
 class Mamba2Mixer(nn.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, state_size: int = 128, n_groups: int = 1,
                  conv_kernel: int = 4, *, use_bias: bool = False, use_conv_bias: bool = True,
-                 norm_eps: float = NORM_EPS, time_step_limit: tuple[float, float] = (0.0, math.inf)):
+                 norm_eps: float = NORM_EPS, time_step_limit: tuple[float, float] = (0.0, math.inf),
+                 kernel_settings: KernelSettings | None = None):
         super().__init__()
+        self.kernel_settings = kernel_settings  # None: the ops' defaults
         if num_heads % n_groups:
             raise ValueError(f"num_heads={num_heads} must be a multiple of n_groups={n_groups}")
         self.num_heads, self.head_dim, self.state_size, self.n_groups = num_heads, head_dim, state_size, n_groups
@@ -75,7 +77,8 @@ class Mamba2Mixer(nn.Module):
     @classmethod
     def from_config(cls, c: ModelConfig) -> "Mamba2Mixer":
         return cls(c.d_model, c.mamba_heads, c.mamba_head_dim, c.mamba_state_size, c.mamba_n_groups,
-                   c.mamba_conv_size, use_bias=c.mamba_proj_bias, use_conv_bias=c.mamba_conv_bias)
+                   c.mamba_conv_size, use_bias=c.mamba_proj_bias, use_conv_bias=c.mamba_conv_bias,
+                   kernel_settings=c.kernels)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, generator: torch.Generator | None = None, a_range=(1.0, 16.0),
@@ -108,14 +111,14 @@ class Mamba2Mixer(nn.Module):
         A = -self.A_log.float().exp()
         xs, B, C = xs.view(b, t, H, P), B.view(b, t, G, N), C.view(b, t, G, N)
         if state is None:
-            y, _ = ops.ssd(xs, dt, A, B, C, self.D, reset_mask=ctx.reset_mask)
+            y, _ = ops.ssd(xs, dt, A, B, C, self.D, reset_mask=ctx.reset_mask, settings=self.kernel_settings)
         elif ctx.decoding:
             y, _ = ops.ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm, self.D, inplace=True,
-                                active=ctx.active)
+                                active=ctx.active, settings=self.kernel_settings)
             y = y[:, None]
         else:
             y, final = ops.ssd(xs, dt, A, B, C, self.D, initial_state=state.ssm if ctx.start else None,
-                               output_final_state=True)
+                               output_final_state=True, settings=self.kernel_settings)
             state.ssm.copy_(final)
         y = self.norm(y.reshape(b, t, self.intermediate_size), gate)
         return self.out_proj(y.to(x.dtype))

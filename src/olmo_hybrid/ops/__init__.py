@@ -8,7 +8,8 @@ the serving engine's decode attention, each with a PyTorch reference and Triton 
 
 One folder per op (``gated_delta_rule/``, ``short_conv/``, ``ssd/``, ``decode_attention/``), each with its public functions
 (``api.py``), reference, kernels and custom ops side by side; ``dispatch.py`` holds the (op, backend) table,
-``settings.py`` the :class:`KernelSettings` the GDN ops take as ``settings=``. Importing this package imports
+and the GDN and SSD ops take a :class:`KernelSettings` (``olmo_hybrid.config``, part of the model config) as
+``settings=``. Importing this package imports
 neither triton nor fla. The public functions shadow the subpackages of the same name as attributes of this
 package: import submodules by their full path (``from olmo_hybrid.ops.gated_delta_rule import reference``).
 """
@@ -17,7 +18,7 @@ from .decode_attention import decode_attention
 from .dispatch import BackendUnavailableError, available_backends, current_backend, use_backend
 from .gated_delta_rule import gated_delta_rule, gated_delta_rule_step, recurrent_gated_delta_rule
 from .gated_delta_rule.reference import l2norm
-from .settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 from .short_conv import causal_conv1d, causal_conv1d_step
 from .ssd import recurrent_ssd, ssd, ssd_step
 from .varlen import reset_mask_from_doc_ids

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 from ..triton_runtime import interpreting, tl, triton
 
 CHUNK = 64

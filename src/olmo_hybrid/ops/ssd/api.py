@@ -7,7 +7,7 @@ import torch
 
 from ..checks import check_active, check_boundaries, check_float, check_inplace_state, check_shape, resolve_settings
 from ..dispatch import select
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 
 
 def _check_params(op: str, H: int, A, D) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 from ..triton_runtime import device_refusal, dtype_refusal, rows_contiguous
 from .chunk_bwd import chunk_ssd_bwd
 from ..gated_delta_rule.chunk_common import CHUNK, operand_dtype
