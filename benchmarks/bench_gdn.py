@@ -20,7 +20,7 @@ are discarded; a worker whose slice of some kernel holds only configs over the s
 with OutOfResources (fla's own autotuning skips such configs), which costs only warm-up coverage.
 
 fla 0.6.0 refuses its backward on Hopper with Triton in [3.4, 3.7.1) (fla issue 640): ``chunk_bwd_dqkwg`` in
-``fla/ops/common/chunk_o.py`` raises when the module global ``TRITON_ABOVE_3_7_1`` is False. This script sets that
+``fla.ops.common.chunk_o`` raises when the module global ``TRITON_ABOVE_3_7_1`` is False. This script sets that
 global to True in its own process only (``--no-fla-guard-bypass`` keeps the guard), and cross-checks fla's
 gradients against ours at every benchmarked shape (printed as relative differences).
 """

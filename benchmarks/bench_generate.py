@@ -1,8 +1,8 @@
 """Generation speed and memory: our engine vs transformers, hybrid vs all-attention, in one process.
 
-    python benchmarks/bench_generate.py                 # one GPU, the issue-7 shapes (1.5B OLMo-Hybrid shape)
+    python benchmarks/bench_generate.py                 # one GPU, the 1.5B OLMo-Hybrid shape (FULL_SHAPE)
     python benchmarks/bench_generate.py --tiny          # tiny shapes on CPU: checks that everything runs
-    python benchmarks/bench_generate.py --cases b8 --check --out docs/benchmarks.md
+    python benchmarks/bench_generate.py --cases b8 --check --out $OUT/generate.md
 
 Systems: ``ours-hybrid`` (olmo_hybrid.serve.Engine on HybridLM, pattern GGGA), ``ours-attn`` (the same engine on
 the all-attention twin: same width, depth, heads and MLP), ``hf-hybrid`` (transformers' OlmoHybridForCausalLM,
@@ -17,7 +17,7 @@ forward (teacher-forced; 8 prompts x 32 new tokens at the b8 prompt length), lis
 its logit gap: tiny gaps are bf16 near-ties between the flat logits of random weights, large ones are bugs.
 
 Columns: prefill s (all prompts, wall clock), decode tok/s (new tokens after the first, per second of decode),
-new tok/s (all new tokens / total time, the issue's figure), extra peak memory over the weights, and that
+new tok/s (all new tokens / total time, prefill included), extra peak memory over the weights, and that
 peak divided by the batch beside the per-sequence cache bytes the config computes (``olmo-hybrid info``).
 Decode bandwidth: step ms (batch / decode tok/s), the fewest bytes a step must move (every weight but the
 embedding table once, each row's KV cache at the mean decode context once, GDN states read and written once),
@@ -49,7 +49,8 @@ from olmo_hybrid.model.memory import format_bytes, workspace_bytes
 from olmo_hybrid.serve import Engine, max_sequences
 from olmo_hybrid.serve.verify import greedy_disagreements, teacher_forced_logits
 
-# The issue's 1.5B OLMo-Hybrid shape; MLP as the OLMo 3 ladder at this width (SwiGLU multiplier 1.5).
+# A 1.5B OLMo-Hybrid shape (docs/benchmarks.md, "Generation"); MLP as the OLMo 3 ladder at this width (SwiGLU
+# multiplier 1.5).
 FULL_SHAPE = dict(vocab_size=100352, d_model=2048, n_layers=16, n_heads=16, gdn_heads=16, gdn_head_k=96,
                   gdn_head_v=192, mlp_hidden=8192, rope_theta=500_000.0, layer_pattern="GGGA",
                   max_seq_len=65536 + 512)
@@ -149,11 +150,12 @@ def random_prompts(batch: int, length: int, vocab: int, device: torch.device, se
 
 # -- runs -----------------------------------------------------------------------------------------------
 
-def run_ours(model, prompts: torch.Tensor, new: int, dtype, cuda_graphs: bool, prefill_chunk: int) -> dict:
+def run_ours(model, prompts: torch.Tensor, new: int, dtype, cuda_graphs: bool, prefill_chunk: int,
+             compile_decode: str | None = None) -> dict:
     device = prompts.device
     b, p = prompts.shape
     engine = Engine(model, max_batch=b, max_context=p + new, device=device, dtype=dtype,
-                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs)
+                    prefill_chunk=prefill_chunk, cuda_graphs=cuda_graphs, compile_decode=compile_decode)
     # Warm-up: lazy init and kernel compilation, including a prefill chunk that continues from a cached state
     # (the kernels specialise on it), so the timed prefill compiles nothing.
     warm = prompts[0, :min(p, prefill_chunk + 16)]
@@ -267,7 +269,8 @@ def measure(system: str, cfg: ModelConfig, case: Case, batch: int, device, dtype
     prompts = random_prompts(batch, case.prompt, cfg.vocab_size, device)
     if system.startswith("ours"):
         graphs = args.cuda_graphs and case.batch > 0  # the fit run decodes 2 tokens: capture is not worth it
-        row = run_ours(model, prompts, case.new, dtype, graphs, args.prefill_chunk)
+        row = run_ours(model, prompts, case.new, dtype, graphs, args.prefill_chunk,
+                       "inductor" if args.compile_decode else None)
         engine = row.pop("engine")
         if args.profile:
             profile_engine(engine, prompts, f"{case.name} {system}", case.new)
@@ -307,7 +310,7 @@ def largest_fitting_batch(system: str, cfg: ModelConfig, case: Case, device, dty
 
 
 def check_greedy(cfg: ModelConfig, device, dtype, prompt_len: int, args) -> str:
-    """Engine greedy tokens vs the model's full forward (teacher-forced), 8 prompts x 32 new tokens (issue 7)."""
+    """Engine greedy tokens vs the model's full forward (teacher-forced), 8 prompts x 32 new tokens."""
     model = build("ours-hybrid", cfg, device, dtype)
     with torch.no_grad():
         model.lm_head.weight.mul_(args.head_scale)
@@ -400,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-long", action="store_true", help="also run transformers at 32k")
     p.add_argument("--no-fit-run", action="store_true", help="64k-fit: report the accounting only")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-decode", action="store_true", help="our engine: torch.compile the decode step")
     p.add_argument("--prefill-chunk", type=int, default=None, help="default: 4096 (128 with --tiny)")
     p.add_argument("--check", action="store_true", help="first compare greedy tokens with full forwards")
     p.add_argument("--profile", action="store_true", help="after each run of our engine, print a decode profile")

@@ -3,7 +3,7 @@
     python benchmarks/bench_prepare.py [--workers 1 2] [--repeats 2] [--replicate K] [--extra FILE ...]
 
 Prints one line per configuration: wall seconds (best of ``--repeats``), tokens and tokens/s. ``--extra``
-adds input files (for example ``../shared/data/gutenberg_top_authors/validation.txt.xz``) tokenized with dolma2;
+adds input files (for example a Gutenberg ``validation.txt.xz``) tokenized with dolma2;
 ``--replicate K`` also tokenizes K copies of the bundled corpus as a JSONL file (a larger, file-based input).
 """
 

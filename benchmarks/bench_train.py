@@ -1,7 +1,12 @@
 """Training throughput of the real trainer on GPUs: tokens/s per GPU, MFU and peak memory.
 
-    # one GPU: the 1b hybrid and the same-width/depth transformer at seq 4096 and 8192
+    # one GPU: the 1b hybrid, the 3:1 hybrid Mamba2 and the same-width/depth transformer at seq 4096 and 8192
     python benchmarks/bench_train.py single --steps 20 --md $OUT/train_1gpu.md
+    # only the GDN hybrid beside the hybrid Mamba2 (MMMA, the paper's baseline; Triton SSD kernels)
+    python benchmarks/bench_train.py single --only hybrid --steps 20
+    # long sequences on one GPU: the 1b hybrid and transformer at 16k, 32k and 64k tokens (one sequence per step,
+    # window 65,536, activation checkpointing and the chunked loss via --set), with the longctx memory estimate
+    python benchmarks/bench_train.py long --steps 8 --set trainer.activation_checkpointing=full --md $OUT/long.md
     # two GPUs (run it without torchrun; it starts torchrun itself): 190m hybrid, FSDP2, save,
     # then resume the step-S checkpoint on one GPU and compare the next steps' losses
     python benchmarks/bench_train.py dist --gpus 2 --steps 40 --md $OUT/train_2gpu.md
@@ -13,8 +18,10 @@ not custom ops; the transformer has no GDN layers). Data: the bundled Shakespear
 tokenizer (100k vocabulary), prepared on first use. Each ``single`` configuration runs in its own
 process (clean peak-memory counters; an out-of-memory micro-batch is retried at half the size).
 
-The transformer keeps the hybrid's width, depth, heads and MLP and makes every layer attention
-(``layer_pattern=A``): it has fewer parameters (a GDN mixer holds q/k of 2048 and v/g of 4096 columns,
+The hybrid Mamba2 (``layer_pattern=MMMA``) puts the ladder's Mamba2 mixer (``config._ladder``: 16 heads of 256,
+state 128, one group, expand 2) where the hybrid has GDN, same blocks and MLP; its ops run on the backend
+``--gdn-backend`` names too (fla has no SSD: use triton). The transformer keeps the hybrid's width, depth, heads
+and MLP and makes every layer attention (``layer_pattern=A``): it has fewer parameters (a GDN mixer holds q/k of 2048 and v/g of 4096 columns,
 attention four 2048 x 2048 matrices) and fewer FLOPs per token. Both tokens/s and MFU (which counts
 each model's own FLOPs, ``ModelConfig.flops_per_token``, the ``olmo-hybrid info`` figure) are shown.
 
@@ -43,10 +50,14 @@ import torch
 HERE = Path(__file__).resolve()
 SINGLE_CONFIGS = [  # (name, layer pattern, seq_len, micro-batch sizes to try, largest first)
     ("1b hybrid", "GGGA", 4096, [2, 1]),
+    ("1b hybrid-mamba2", "MMMA", 4096, [2, 1]),
     ("1b transformer", "A", 4096, [2, 1]),
     ("1b hybrid", "GGGA", 8192, [1]),
+    ("1b hybrid-mamba2", "MMMA", 8192, [1]),
     ("1b transformer", "A", 8192, [1]),
 ]
+LONG_CONFIGS = [(name, pattern, seq, [1]) for seq in (16384, 32768, 65536)
+                for name, pattern in (("1b hybrid", "GGGA"), ("1b transformer", "A"))]
 
 
 def build_config(preset: str, pattern: str, seq_len: int, batch: int, steps: int, compile: bool, extra: list[str]):
@@ -112,12 +123,21 @@ def run_one(args) -> dict:
         "step_s": step_s, "tokens_per_s": tokens / step_s,
         "mfu": (tokens / step_s) * m.flops_per_token(cfg.data.seq_len) / trainer.peak_flops if trainer.peak_flops else None,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "estimated_mem_gib": estimated_gib(cfg),
+        "activation_checkpointing": cfg.trainer.activation_checkpointing,
         "first_loss": losses[0], "last_loss": losses[-1],
         "warmup_s": t1 - t0, "steps": args.steps, **versions(),
     }
     if profile:
         out["profile"] = profile
     return out
+
+
+def estimated_gib(cfg) -> float:
+    """The up-front estimate ``olmo-hybrid extend`` checks a length against (olmo_hybrid.longctx.memory)."""
+    from olmo_hybrid.longctx import estimate_training_memory
+
+    return estimate_training_memory(cfg, "cuda").total / 2**30
 
 
 @contextlib.contextmanager
@@ -148,9 +168,9 @@ def profile_steps(trainer, n_steps: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
 
 
-def single(args) -> list[dict]:
+def single(args, configs=SINGLE_CONFIGS) -> list[dict]:
     results = []
-    for name, pattern, seq, batches in SINGLE_CONFIGS:
+    for name, pattern, seq, batches in configs:
         if args.only and args.only not in f"{name} {seq}":
             continue
         compile = not args.no_compile
@@ -282,13 +302,16 @@ def markdown(results: list[dict]) -> str:
     head = (f"{v.get('gpu', '?')}, driver {v.get('driver', '?')}, torch {v['torch']}, Triton {v['triton']}, "
             f"CUDA {v['cuda']}\n\n")
     if "tokens_per_s" in v:
-        lines = ["| model | non-emb params | seq | micro-batch | GDN backend | compile | step (ms) | tokens/s/GPU "
-                 "| MFU | peak mem (GiB) | loss first -> last |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| model | non-emb params | seq | micro-batch | GDN backend | compile | act. ckpt | step (ms) | "
+                 "tokens/s/GPU | MFU | peak mem (GiB) | estimate (GiB) | loss first -> last |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results:
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            est = f"{r['estimated_mem_gib']:.1f}" if r.get("estimated_mem_gib") is not None else "-"
             lines.append(f"| {r['name']} | {r['params_nonemb'] / 1e9:.2f}B | {r['seq_len']} | {r['batch']} | "
-                         f"{r['gdn_backend']} | {r['compile']} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | "
-                         f"{mfu} | {r['peak_mem_gib']:.1f} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |")
+                         f"{r['gdn_backend']} | {r['compile']} | {r.get('activation_checkpointing', '-')} | "
+                         f"{1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | "
+                         f"{est} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |")
     else:
         lines = ["| run | seq | batch/GPU | tokens/s/GPU | MFU | peak mem (GiB) | loss first -> last | resume: next-step "
                  "loss (N GPUs / 1 GPU) | 1-GPU tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -305,7 +328,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "train":
         return train_entry(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["single", "one", "dist"])
+    ap.add_argument("mode", choices=["single", "long", "one", "dist"])
     ap.add_argument("--preset", default=None, help="model preset (default: 1b for single, 190m for dist)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=4)
@@ -328,9 +351,11 @@ def main() -> None:
         args.preset = args.preset or "1b"
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
-    if args.mode == "single":
+    if args.mode in ("single", "long"):
         args.preset = args.preset or "1b"
-        results = single(args)
+        if args.mode == "long":  # the window the longest configuration needs
+            args.set = ["model.max_seq_len=65536", *args.set]
+        results = single(args, LONG_CONFIGS if args.mode == "long" else SINGLE_CONFIGS)
     else:
         args.preset = args.preset or "190m"
         results = dist(args)

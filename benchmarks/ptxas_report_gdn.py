@@ -4,7 +4,8 @@
     TRITON_INTERPRET=0 python benchmarks/ptxas_report_gdn.py --kernels bwd_dk --bv-bwd 32 --bwd-warps 8
 
 For each kernel: shared memory per block (the H100 allows 227 KB), registers per thread and spilled bytes, as
-reported by the ptxas bundled with Triton. The numbers in docs/benchmarks.md ("ptxas: ...") come from this.
+reported by the ptxas bundled with Triton. The numbers in docs/benchmarks.md and docs/benchmarks_history.md
+("ptxas: ...") come from this.
 """
 
 from __future__ import annotations

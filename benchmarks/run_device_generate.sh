@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device-machine call for the generation engine (issue 7); logs go to $OUT. Usage (repo root, .whl carried
+# One device-machine call for the generation engine; logs go to $OUT. Usage (repo root, .whl carried
 # for fla, which transformers' OlmoHybrid uses):
 #   bash benchmarks/run_device_generate.sh [phase ...]     phases, in the order given (default: tests b8 long):
 #   tests   the GPU tests of tests/serve (CUDA graphs vs eager, decode kernel at 32k, bf16 greedy vs full forwards)

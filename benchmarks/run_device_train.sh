@@ -5,6 +5,8 @@
 #   bash benchmarks/run_device_train.sh dist     # nvidia-h200-x2: 190m on 2 GPUs (FSDP2) + save, resume on 1 GPU
 #   bash benchmarks/run_device_train.sh compare  # nvidia-h100-x1, carry .whl (fla): GPU test, 1b hybrid at 4096
 #                                                # compiled + profile, then eager with our GDN kernel vs fla's
+#   bash benchmarks/run_device_train.sh mamba2   # nvidia-h100-x1: GPU tests of Mamba2 training, then the 1b GDN
+#                                                # hybrid beside the 3:1 hybrid Mamba2 (MMMA) at seq 4096 and 8192
 # BENCH_ARGS adds bench_train.py options (e.g. "--only hybrid"). Everything lands in $OUT (the device tool's output folder; /tmp/out elsewhere).
 set -o pipefail
 mode=${1:-single}
@@ -22,6 +24,11 @@ if [ "$mode" = single ]; then
     | tee "$OUT/train_gpu_tests.log"
   timeout 400 python benchmarks/bench_train.py single --steps 30 --warmup 4 --profile 3 --timeout 200 \
     --md "$OUT/train_1gpu.md" --json "$OUT/train_1gpu.json" $BENCH_ARGS 2>&1 | tee "$OUT/train_1gpu.log"
+elif [ "$mode" = mamba2 ]; then
+  timeout 200 python -m pytest -q -m gpu tests/train/test_gpu_train.py tests/train/test_mamba2_train.py -s \
+    -p no:cacheprovider 2>&1 | tee "$OUT/train_mamba2_gpu_tests.log"
+  timeout 380 python benchmarks/bench_train.py single --only hybrid --steps 30 --warmup 4 --profile 3 --timeout 170 \
+    --md "$OUT/train_mamba2.md" --json "$OUT/train_mamba2.json" $BENCH_ARGS 2>&1 | tee "$OUT/train_mamba2.log"
 elif [ "$mode" = compare ]; then
   timeout 150 python -m pytest -q -m gpu tests/train/test_gpu_train.py -s -p no:cacheprovider 2>&1 \
     | grep -v DEBUG | tee "$OUT/train_gpu_tests.log"

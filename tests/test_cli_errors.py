@@ -7,6 +7,7 @@ shows. Every command in ``COMMANDS`` must appear in ``BAD_INPUTS``, so a new com
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from olmo_hybrid.cli import COMMANDS, main
 
 # Per command: (arguments, a phrase the one-line message must contain). Placeholders: HF (a HF checkpoint),
 # RUN (a run directory), TEXT (a text file), EMPTY (an empty directory), STRANGER (a directory of other files),
-# MISSING (a path that does not exist), OUT (a new output directory).
+# MISSING (a path that does not exist), OUT (a new output directory), CHAT / BADCHAT (conversations, the second
+# without an assistant turn), PAIRS / SAMEPAIR (preference pairs, the second with chosen == rejected).
 BAD_INPUTS = {
     "train": [(["--bogus"], "unrecognized arguments: --bogus"),
               (["optim.lr=inf", "--dry-run"], "optim.lr: expected a finite number"),
@@ -38,12 +40,19 @@ BAD_INPUTS = {
     "generate": [([], "the following arguments are required"),
                  (["MISSING", "--prompt", "x"], "does not exist"),
                  (["EMPTY", "--prompt", "x"], "neither a Hugging Face checkpoint"),
-                 (["HF", "--prompt", "x", "--temperature", "-1"], "temperature must be a number >= 0"),
+                 (["HF", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
                  (["HF", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
                  (["HF", "--prompt", "x", "--top-k", "-3"], "top_k must be an integer >= 0"),
                  (["HF", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
                  (["HF", "--prompt", "", "--max-new-tokens", "2"], "encodes to zero tokens"),
                  (["HF", "--prompt", "x", "--device", "nonsense"], "--device: ")],
+    "serve": [(["MISSING"], "does not exist"),
+              (["EMPTY"], "neither a Hugging Face checkpoint"),
+              (["HF", "--max-batch", "0"], "--max-batch must be >= 1"),
+              (["HF", "--port", "70000"], "--port must be in [0, 65535]"),
+              (["HF", "--prefix-cache-gib", "-1"], "--prefix-cache-gib must be >= 0"),
+              (["HF", "--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
+              (["HF", "--chat-template", "MISSING/chat.jinja"], "--chat-template")],
     "convert": [(["HF", "HF"], "is the checkpoint being converted"),
                 (["MISSING", "OUT"], "does not exist"),
                 (["HF", "STRANGER"], "is not empty and is not a Hugging Face checkpoint"),
@@ -57,6 +66,40 @@ BAD_INPUTS = {
              (["HF", "--suite", ""], "--suite is empty"),
              (["HF", "--batch-size", "0"], "--batch-size must be >= 1"),
              (["HF", "--suite", "ruler", "--lengths", "4096", "--out", "OUT"], "exceed the model's window")],
+    "ladder": [(["MISSING/ladder.json"], "does not exist"),
+               (["TEXT"], "is not valid JSON")],
+    "scaling": [(["fit", "MISSING/results.jsonl", "--out", "OUT"], "does not exist"),
+                (["bogus"], "invalid choice: 'bogus'")],
+    "extend": [([], "the following arguments are required"),
+               (["MISSING", "--method", "drope", "--seq-len", "512", "--steps", "1", "--out", "OUT"], "does not exist"),
+               (["RUN", "--method", "fancy", "--seq-len", "512", "--steps", "1"], "invalid choice: 'fancy'"),
+               (["RUN", "--method", "none", "--seq-len", "512", "--out", "OUT"], "give the stage's length once"),
+               (["RUN", "--method", "yarn", "--seq-len", "512", "--steps", "1", "--out", "OUT"], "nothing to rescale"),
+               (["RUN", "--method", "none", "--seq-len", "512", "--steps", "1", "--out", "RUN/x"], "inside it"),
+               (["RUN", "--method", "none", "--seq-len", "512", "--steps", "1", "--out", "OUT", "optim.lr=inf"],
+                "optim.lr: expected a finite number")],
+    "longctx-experiment": [(["MISSING/experiment.json"], "does not exist"),
+                           (["TEXT"], "is not valid JSON"),
+                           (["TEXT", "--max-minutes", "0"], "--max-minutes must be positive")],
+    "sft": [(["HF"], "the following arguments are required: data"),
+            (["HF", "CHAT", "model.d_model=64", "--out", "OUT"], "the model is the source checkpoint's"),
+            (["HF", "CHAT", "trainer.steps=5", "--out", "OUT"], "derived from sft.epochs"),
+            (["HF", "CHAT", "data.truncation=cut", "--out", "OUT"], "data.truncation: expected one of"),
+            (["HF", "CHAT", "parallel.cp_degree=2", "--dry-run"], "post-training does not split"),
+            (["HF", "MISSING/chat.jsonl", "--out", "OUT"], "chat.jsonl does not exist"),
+            (["MISSING", "CHAT", "--out", "OUT"], "does not exist"),
+            (["EMPTY", "CHAT", "--out", "OUT"], "neither a Hugging Face checkpoint"),
+            (["HF", "CHAT", "--out", "RUN"], "already holds checkpoints"),
+            (["HF", "TEXT", "--out", "OUT"], "text.txt line 1: invalid JSON"),
+            (["HF", "BADCHAT", "--out", "OUT"], "badchat.jsonl line 2: the conversation has no assistant turn"),
+            (["HF", "CHAT", "--chat-template", "MISSING/t.jinja", "--out", "OUT"], "neither a file nor a Jinja"),
+            (["HF", "CHAT", "--chat-template", "{% for %}", "--out", "OUT"], "chat template does not parse")],
+    "dpo": [(["HF", "PAIRS", "dpo.loss=ipo", "--out", "OUT"], "dpo.loss: expected one of dpo, dpo_norm"),
+            (["HF", "PAIRS", "dpo.beta=0", "--out", "OUT"], "dpo.beta must be positive"),
+            (["HF", "PAIRS", "trainer.loss_chunk_tokens=64", "--out", "OUT"], "DPO needs every token's"),
+            (["HF", "MISSING/pairs.jsonl", "--out", "OUT"], "pairs.jsonl does not exist"),
+            (["HF", "CHAT", "--out", "OUT"], "chat.jsonl line 1: missing 'chosen'"),
+            (["HF", "SAMEPAIR", "--out", "OUT"], "same.jsonl line 2: 'chosen' and 'rejected' are identical")],
 }
 
 
@@ -68,8 +111,15 @@ def places(tiny_checkpoints, tmp_path_factory):
     (root / "stranger").mkdir()
     (root / "stranger" / "notes.txt").write_text("mine")
     (root / "text.txt").write_text("the cat sat on the mat. " * 20)
+    turn = [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": "sat"}]
+    pair = {"prompt": "the cat?", "chosen": "sat", "rejected": "mat"}
+    for name, records in (("chat", [{"messages": turn}] * 4), ("badchat", [{"messages": turn}, {"messages": turn[:1]}]),
+                          ("pairs", [pair] * 4), ("same", [pair, {**pair, "rejected": "sat"}])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"HF": str(hf), "RUN": str(run), "TEXT": str(root / "text.txt"), "EMPTY": str(root / "empty"),
-            "STRANGER": str(root / "stranger"), "MISSING": str(root / "missing"), "OUT": str(root / "out")}
+            "STRANGER": str(root / "stranger"), "MISSING": str(root / "missing"), "OUT": str(root / "out"),
+            "CHAT": str(root / "chat.jsonl"), "BADCHAT": str(root / "badchat.jsonl"),
+            "PAIRS": str(root / "pairs.jsonl"), "SAMEPAIR": str(root / "same.jsonl")}
 
 
 def _fill(argv: list[str], places: dict) -> list[str]:

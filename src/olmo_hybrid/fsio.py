@@ -2,11 +2,18 @@
 
 Failed writes become one ``WriteError`` that says what could not be written and why ("no space left on
 device"), whichever library's error carried the operating system's (``failure_reason``).
+
+Results files of long studies are JSON lines (``append_jsonl`` / ``read_jsonl``): a writer appends a whole line
+under an exclusive ``flock`` with one ``write`` and an ``fsync``. A writer killed mid-line can still leave a
+partial last line; readers drop it with a note, and the next append cuts it off first, so the file never holds a
+broken line in the middle.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import re
 import shutil
@@ -124,3 +131,56 @@ def install_dir(tmp: str | Path, final: str | Path) -> None:
         raise
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _cut_partial_tail(fd: int, log) -> None:
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - (1 << 20))
+    tail = os.pread(fd, size - start, start)
+    keep = start + tail.rfind(b"\n") + 1 if b"\n" in tail else start
+    log(f"note: dropping an incomplete last line ({size - keep} bytes, a writer was killed mid-line)")
+    os.ftruncate(fd, keep)
+
+
+def append_jsonl(path: str | Path, record: dict, log=print) -> None:
+    """Append ``record`` as one JSON line: a killed writer leaves the line whole or absent (see the module doc)."""
+    path = Path(path)
+    line = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    existed = path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _cut_partial_tail(fd, log)
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # releases the lock
+    if not existed:
+        fsync_dir(path.parent)
+
+
+def read_jsonl(path: str | Path, log=print, error: type[Exception] = ValueError) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every complete line of ``path`` (missing file: none). A partial last line is
+    dropped with a note; any other unreadable line raises ``error`` naming it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1]:
+        log(f"note: {path} line {len(lines)} is incomplete (a writer was killed mid-line); ignoring it")
+    records = []
+    for i, raw in enumerate(lines[:-1], start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise error(f"{path} line {i}: not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+            raise error(f"{path} line {i}: expected a JSON object, got {type(record).__name__}")
+        records.append((i, record))
+    return records

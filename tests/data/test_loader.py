@@ -135,6 +135,34 @@ def test_val_batches_cover_every_token_once(small_dataset):
     assert with_docs["doc_ids"].shape == with_docs["input_ids"].shape
 
 
+def test_context_parallel_ranks_get_slices_of_the_same_batches(train, small_dataset):
+    """CP rank c of n gets columns [c T/n, (c+1) T/n) of the batches one rank gets, for training and validation;
+    the validation tail is padded to T with unscored positions so it splits too; the resume state is the same."""
+    n = 4
+    whole = TrainLoader(train, T, B, seed=3, doc_masking=True, rank=1, world_size=2)
+    ranks = [TrainLoader(train, T, B, seed=3, doc_masking=True, rank=1, world_size=2, cp_rank=c, cp_degree=n)
+             for c in range(n)]
+    for _ in range(3):
+        want, got = whole.next_batch(), [r.next_batch() for r in ranks]
+        for key in ("input_ids", "labels", "doc_ids"):
+            assert torch.equal(torch.cat([g[key] for g in got], dim=1), want[key])
+            assert got[0][key].shape == (B, T // n)
+    assert all(r.state_dict() == whole.state_dict() for r in ranks)
+
+    val = TokenDataset(small_dataset, "val")
+    want = list(val_batches(val, T, B, doc_masking=True))
+    got = list(zip(*(val_batches(val, T, B, doc_masking=True, cp_rank=c, cp_degree=n) for c in range(n))))
+    assert len(got) == len(want) and want[-1]["labels"].shape[1] < T  # the split ends in a shorter tail
+    for parts, w in zip(got, want):
+        joined = {k: torch.cat([p[k] for p in parts], dim=1) for k in w}
+        tail = w["labels"].shape[1]
+        assert all(torch.equal(joined[k][:, :tail], w[k]) for k in w)
+        assert (joined["labels"][:, tail:] == -100).all() and joined["labels"].shape[1] == T
+        assert (joined["doc_ids"][:, tail:] == w["doc_ids"][:, -1:]).all()
+    with pytest.raises(DataError, match="cp_degree must divide seq_len=16"):
+        TrainLoader(train, T, B, cp_rank=0, cp_degree=3)
+
+
 def test_too_small_corpus_and_bad_arguments(tmp_path, train):
     tiny = prepare(None, tmp_path / "tiny", documents=random_documents(3, seed=9, max_words=30), bpe_vocab=270,
                    val_fraction=0, progress=False)

@@ -28,7 +28,9 @@ def gdn_rows(cache, row):
     return [t[row].clone() for s in cache.layers if isinstance(s, GDNLayerState) for t in vars(s).values()]
 
 
-@pytest.mark.parametrize("pattern,extra", [("GGGA", {}), ("GAGA", {"n_kv_heads": 2})])
+@pytest.mark.parametrize("pattern,extra", [("GGGA", {}), ("GAGA", {"n_kv_heads": 2}),
+                                           ("GAGA", {"rope_type": "yarn", "rope_factor": 4.0,
+                                                     "rope_original_max_seq_len": 12})], ids=["mha", "gqa", "yarn"])
 def test_decode_rows_at_their_own_positions_and_inactive_rows_untouched(pattern, extra):
     model = small(pattern, **extra)
     cache = model.new_cache(4, 64)
@@ -108,8 +110,8 @@ def test_rotary_embedding_equals_transformers():
 def test_unimplemented_rope_type_is_refused_by_name(tmp_path):
     import json
 
-    with pytest.raises(ConfigError, match="model.rope_type: 'yarn' is not implemented"):
-        small(rope_type="yarn")
+    with pytest.raises(ConfigError, match="model.rope_type: 'dynamic' is not implemented"):
+        small(rope_type="dynamic")
     small().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_theta": 10_000.0, "rope_type": "linear", "factor": 2.0}

@@ -11,7 +11,8 @@ from olmo_hybrid.model import HybridLM
 
 def small(pattern="GGGA", rope=10_000.0, **kw):
     cfg = dict(vocab_size=61, d_model=48, n_layers=4, n_heads=4, gdn_heads=2, gdn_head_k=12, gdn_head_v=24,
-               mlp_hidden=96, rope_theta=rope, max_seq_len=400, layer_pattern=pattern)
+               mamba_head_dim=12, mamba_state_size=16, mamba_n_groups=2, mlp_hidden=96, rope_theta=rope,
+               max_seq_len=400, layer_pattern=pattern)
     cfg.update(kw)
     torch.manual_seed(0)
     return HybridLM(ModelConfig(**cfg)).eval()
@@ -32,13 +33,13 @@ def test_preset_counts_agree_with_modules(name):
 
 
 def test_ladder_matches_published_non_embedding_counts():
-    # OLMo-core hybrid-ladder non-embedding counts (LM head included), paper.md 2.1.
+    # OLMo-core's hybrid-ladder non-embedding counts (LM head included), from its ladder fitting script.
     for name, expected in [("60m", 72.9e6), ("190m", 254.4e6), ("760m", 947.9e6), ("1b", 1.48e9)]:
         got = model_preset(name).num_params(embeddings=False)
         assert abs(got - expected) / expected < 0.005, (name, got)
 
 
-@pytest.mark.parametrize("pattern", ["GGGA", "GA", "A", "G", "AGGA"])
+@pytest.mark.parametrize("pattern", ["GGGA", "GA", "A", "G", "AGGA", "MMMA", "M"])
 def test_packed_documents_equal_separate_runs(pattern):
     model = small(pattern)
     lengths = [37, 1, 70, 20]
@@ -51,7 +52,25 @@ def test_packed_documents_equal_separate_runs(pattern):
     assert (packed - alone).abs().max() < 1e-4 * alone.abs().max()
 
 
-@pytest.mark.parametrize("pattern", ["GGGA", "G", "A"])
+def test_a_caller_built_context_replaces_the_models_own():
+    """``context=`` (context parallelism builds one per slice) is used as given: the context the model would
+    build gives the same logits; with doc_ids too it is refused."""
+    from olmo_hybrid import ops
+    from olmo_hybrid.model.context import ForwardContext, document_mask
+
+    model = small("GA")
+    ids = torch.randint(0, 61, (2, 30))
+    doc_ids = torch.cat([torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 18, dtype=torch.long)], dim=1)
+    ctx = ForwardContext(model.model.rotary_emb(torch.arange(30)[None].expand(2, 30)), document_mask(doc_ids),
+                         ops.reset_mask_from_doc_ids(doc_ids))
+    with torch.no_grad():
+        assert torch.equal(model(ids, context=ctx), model(ids, doc_ids=doc_ids))
+        assert not torch.equal(model(ids, context=ForwardContext(ctx.rope)), model(ids, doc_ids=doc_ids))
+    with pytest.raises(ValueError, match="replaces doc_ids"):
+        model(ids, doc_ids=doc_ids, context=ctx)
+
+
+@pytest.mark.parametrize("pattern", ["GGGA", "G", "A", "MMMA", "MGAM"])
 def test_chunked_prefill_and_decode_equal_full_forward(pattern):
     model = small(pattern)
     ids = torch.randint(0, 61, (2, 150))

@@ -17,6 +17,7 @@ LENGTHS = (1, 7, 33, 70)
     ("G", {}),
     ("A", {"n_kv_heads": 2}),  # all attention, grouped KV heads
     ("GA", {"rope_theta": None}),  # NoPE attention, as the released 7B
+    ("MMMA", {}),  # the paper's hybrid Mamba2 baseline
 ])
 def test_greedy_tokens_equal_loop_of_full_forwards(pattern, extra):
     model = tiny_model(pattern, **extra)
@@ -52,9 +53,9 @@ def test_equal_length_prompts_and_a_hole_in_the_batch():
         assert outs[rid].token_ids == greedy_by_full_forwards(model, p, n)
 
 
-@pytest.mark.parametrize("prefill_budget", [None, 8])
-def test_continuous_batching_equals_each_request_alone(prefill_budget):
-    model = tiny_model("GGGA")
+@pytest.mark.parametrize("prefill_budget,pattern", [(None, "GGGA"), (8, "GGGA"), (8, "MGMA")])
+def test_continuous_batching_equals_each_request_alone(prefill_budget, pattern):
+    model = tiny_model(pattern)
     prompts = random_prompts((12, 3, 50, 8, 25, 1))
     new = [9, 3, 6, 12, 4, 7]
     params = [SamplingParams(), SamplingParams(temperature=0.9, top_k=10, seed=5), SamplingParams(),
@@ -143,6 +144,19 @@ def test_abort_frees_the_slot_without_disturbing_others():
     rest = list(engine.run_until_done())
     assert [o.request_id for o in rest] == [b]
     assert rest[0].token_ids == greedy_by_full_forwards(model, prompts[1], 10)
+
+
+def test_abort_all_frees_every_slot_even_one_a_failed_step_lost():
+    model = tiny_model("GGGA")
+    engine = Engine(model, max_batch=2, max_context=40)
+    ids = [engine.submit(p, 10) for p in random_prompts((5, 11, 7))]
+    engine.step()
+    del engine._running[0]  # as if a step raised between taking the slot and recording the request
+    outs = engine.abort_all()
+    assert sorted(o.request_id for o in outs if o) == ids[1:] and all(o.finish_reason == "aborted" for o in outs if o)
+    assert not engine.has_work and engine.cache.num_free == 2 and not engine._active.any()
+    out = engine.generate(random_prompts((6,)), 4)[0]
+    assert out.token_ids == greedy_by_full_forwards(model, random_prompts((6,))[0], 4)
 
 
 def test_bad_requests_are_rejected_with_clear_errors():
@@ -257,3 +271,4 @@ def test_model_generate_cuts_rows_at_stop_strings_and_pads_them():
     if len(want[0]) != len(want[1]):
         with pytest.raises(ValueError, match="pass pad_token_id"):
             model.generate(ids, 20, stop=stop, tokenizer=tok, attention_mask=mask)
+

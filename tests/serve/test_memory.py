@@ -8,7 +8,8 @@ from olmo_hybrid.model.cache import cache_bytes_per_sequence
 from olmo_hybrid.serve import Engine, MemoryBudgetError, max_sequences
 
 
-@pytest.mark.parametrize("pattern,dtype", [("GGGA", torch.float32), ("A", torch.bfloat16), ("G", torch.float32)])
+@pytest.mark.parametrize("pattern,dtype", [("GGGA", torch.float32), ("A", torch.bfloat16), ("G", torch.float32),
+                                           ("MGMA", torch.bfloat16)])
 def test_cache_bytes_equal_config_formula(pattern, dtype):
     model = tiny_model(pattern)
     engine = Engine(model, max_batch=3, max_context=50, dtype=dtype, cuda_graphs=True)
@@ -20,15 +21,16 @@ def test_cache_bytes_equal_config_formula(pattern, dtype):
     assert engine.cache.nbytes() == report["cache_bytes"] == 3 * per_seq["total"]
     assert report["weight_bytes"] == sum(p.numel() for p in model.parameters()) * item
     # Independently: count the tensors the cache actually holds, by kind.
-    allocated = {"kv": 0, "state": 0, "conv": 0}
+    allocated = {"kv": 0, "state": 0, "ssm": 0, "conv": 0}
     for layer in engine.cache.layers:
         for name, t in vars(layer).items():
-            kind = "kv" if name in ("keys", "values") else "state" if name == "recurrent" else "conv"
+            kind = {"keys": "kv", "values": "kv", "recurrent": "state", "ssm": "ssm"}.get(name, "conv")
             allocated[kind] += t.numel() * t.element_size()
-            assert t.dtype == (torch.float32 if name == "recurrent" else dtype), name
+            assert t.dtype == (torch.float32 if name in ("recurrent", "ssm") else dtype), name
     assert allocated == {"kv": 3 * per_seq["kv_cache"], "state": 3 * per_seq["gdn_state"],
-                         "conv": 3 * per_seq["conv_state"]}
+                         "ssm": 3 * per_seq["mamba_state"], "conv": 3 * per_seq["conv_state"]}
     assert (per_seq["kv_cache"] == 0) == (pattern == "G") and (per_seq["gdn_state"] == 0) == (pattern == "A")
+    assert (per_seq["mamba_state"] > 0) == ("M" in pattern)
 
 
 def test_request_longer_than_a_slot_is_refused_up_front():

@@ -28,14 +28,16 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {k.replace("._checkpoint_wrapped_module", ""): p.grad for k, p in model.named_parameters()}
 
 
-def test_compiled_blocks_and_chunked_loss_are_as_accurate_as_eager_bf16():
-    """Reference: fp32 eager with the PyTorch GDN reference. The bf16 eager model (Triton GDN kernels) and the
+@pytest.mark.parametrize("pattern", ["GGGA", "MMMA"])
+def test_compiled_blocks_and_chunked_loss_are_as_accurate_as_eager_bf16(pattern):
+    """Reference: fp32 eager with the PyTorch GDN / SSD references. The bf16 eager model (Triton kernels) and the
     compiled one (AC + inductor blocks + chunked loss, same kernels) must be equally close to it: per parameter,
     the compiled gradient's error at most 2x the eager one's plus 1e-2 (a few small-sum gradients, like dt_bias,
     carry several % of bf16 noise in both)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, layer_pattern="GGGA", n_heads=4, gdn_heads=4,
-                      gdn_head_k=64, gdn_head_v=128, mlp_hidden=768, max_seq_len=1024, rope_theta=1e4)
+    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, layer_pattern=pattern, n_heads=4, gdn_heads=4,
+                      gdn_head_k=64, gdn_head_v=128, mamba_head_dim=128, mlp_hidden=768, max_seq_len=1024,
+                      rope_theta=1e4)
     reference = HybridLM(cfg).cuda()
     eager, fast = copy.deepcopy(reference), copy.deepcopy(reference)
     gen = torch.Generator(device="cuda").manual_seed(1)

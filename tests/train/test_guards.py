@@ -1,4 +1,4 @@
-"""Guard rails of training runs (issue 14): settings checked before any work, one trainer per run directory,
+"""Guard rails of training runs: settings checked before any work, one trainer per run directory,
 a finished run never replaced by accident, divergence stopped before it reaches a checkpoint or the export,
 damaged checkpoints and metrics lines survived, a full disk reported, Ctrl-C answered with the resume point.
 

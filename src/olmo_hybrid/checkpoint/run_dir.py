@@ -203,8 +203,10 @@ def model_config_diff(saved: dict, current: dict) -> list[str]:
 
 
 def check_model_config(path: str | Path, current_model: dict) -> None:
-    """Refuse to continue checkpoint ``path`` with a model config that differs from the one it was trained with."""
-    diff = model_config_diff(read_run_config(path)["model"], current_model)
+    """Refuse to continue checkpoint ``path`` with a model config that differs from the one it was trained with.
+    The kernel settings (``model.kernels``) may change: they choose numerics and tiles, not the model."""
+    saved = {k: v for k, v in read_run_config(path)["model"].items() if k != "kernels"}
+    diff = model_config_diff(saved, {k: v for k, v in current_model.items() if k != "kernels"})
     if diff:
         raise CheckpointError(f"checkpoint {path} was trained with a different model config: " + "; ".join(diff)
                               + ". Use the checkpoint's config, or start a fresh run in another --out directory.")

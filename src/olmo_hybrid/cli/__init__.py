@@ -1,7 +1,7 @@
 """The ``olmo-hybrid`` command: a thin dispatcher to one module per subcommand, and the one error style.
 
-Each subcommand lives in ``olmo_hybrid.cli.<name>`` and exposes ``main(argv) -> int``; it is imported
-only when used, so ``olmo-hybrid info`` never pays for the trainer's or evaluator's imports.
+Each subcommand lives in ``olmo_hybrid.cli.<name>`` (dashes become underscores) and exposes ``main(argv) -> int``;
+it is imported only when used, so ``olmo-hybrid info`` never pays for the trainer's or evaluator's imports.
 
 Errors: a subcommand raises, the dispatcher reports. The project's own errors (``olmo_hybrid.errors``:
 config, data, checkpoint, bad arguments, failed writes), operating-system errors, bad values and missing
@@ -25,9 +25,16 @@ COMMANDS = {
     "train": "train the tiny hybrid on the bundled corpus, or any preset/config (see --help)",
     "prepare": "tokenize text/JSONL/HF datasets into token shards",
     "generate": "generate text from a checkpoint, streaming",
+    "serve": "serve a checkpoint over HTTP with the OpenAI API (completions, chat, streaming, metrics)",
     "convert": "convert between training checkpoints and Hugging Face directories",
     "info": "parameters, FLOPs per token and inference memory of a preset or checkpoint",
     "eval": "evaluate a checkpoint: RULER, probes, multiple choice, bits per byte",
+    "ladder": "train a scaling ladder (sizes x architectures, WSD-S budgets), resumable",
+    "scaling": "fit Chinchilla laws to ladder results: token savings, rollout check, plots",
+    "extend": "continue a run or checkpoint at a longer context (YaRN, DRoPE or unchanged positions)",
+    "longctx-experiment": "the resumable long-context experiment: train, extend, RULER over lengths, report",
+    "sft": "supervised fine-tuning on chat conversations (loss on assistant turns)",
+    "dpo": "direct preference optimisation on chosen/rejected pairs",
 }
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "OLMO_HYBRID_DEBUG"
@@ -56,7 +63,7 @@ def run_command(name: str, argv: list[str], debug: bool = False) -> int:
     rank = os.environ.get("RANK", "0")
     prefix = f"olmo-hybrid {name}" + ("" if rank == "0" else f" (rank {rank})")
     try:
-        module = importlib.import_module(f"olmo_hybrid.cli.{name}")
+        module = importlib.import_module(f"olmo_hybrid.cli.{name.replace('-', '_')}")
         return int(module.main(argv) or 0)
     except KeyboardInterrupt as e:
         if debug:

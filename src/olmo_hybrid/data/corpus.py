@@ -4,8 +4,8 @@ Input formats (a file may be compressed: ``.gz``, ``.bz2``, ``.xz``; directories
 recursively, in sorted order, for ``.txt``, ``.text``, ``.md``, ``.jsonl`` and ``.ndjson`` files):
 
 * **text**: a file is one document, unless it contains lines that are exactly ``<|endoftext|>``;
-  then those lines separate documents (the convention of TinyStories and of the corpora in
-  ``shared/data``). Line endings are normalised to ``\\n``.
+  then those lines separate documents (the convention of TinyStories and of the Gutenberg
+  corpora used with this project). Line endings are normalised to ``\\n``.
 * **JSONL** (``.jsonl``, ``.ndjson``): one JSON object per line with a string field ``text`` (or
   ``text_field``); blank lines are skipped.
 * **Hugging Face dataset**: ``datasets.load_dataset(name, config, split=...)`` (optional dependency).
@@ -51,6 +51,17 @@ def bundled_corpus() -> list[Document]:
         raise DataError(f"the bundled corpus {SHAKESPEARE_ASSET} is missing: reinstall olmo-hybrid")
     with lzma.open(SHAKESPEARE_ASSET, "rt", encoding="utf-8") as f:
         return [Document(rec["text"], rec["name"]) for rec in map(json.loads, f)]
+
+
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line as an object; anything else is a ``DataError`` that names ``where``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _logical_suffix(path: Path) -> str:
@@ -146,11 +157,8 @@ class FileDocuments:
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict) or field not in record:
+            record = json_object(line, where)
+            if field not in record:
                 raise DataError(f"{where}: expected a JSON object with a '{field}' field")
             text = record[field]
             if not isinstance(text, str):

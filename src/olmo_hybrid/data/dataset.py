@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from olmo_hybrid.config import read_json_object
 from olmo_hybrid.data.corpus import DataError
 from olmo_hybrid.data.prepare import FORMAT, FORMAT_VERSION, SPLITS, TOKEN_DTYPE
 from olmo_hybrid.data.tokenizer import Tokenizer, load_tokenizer
@@ -21,10 +21,7 @@ def read_manifest(path: str | Path) -> dict:
         raise DataError(f"dataset directory {path} does not exist (create it with `olmo-hybrid prepare`)")
     if not file.is_file():
         raise DataError(f"{path} is not a prepared dataset: no manifest.json (create it with `olmo-hybrid prepare`)")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {file}: {e}") from e
+    manifest = read_json_object(file, what="dataset manifest", error=DataError)
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{file}: format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
                         f"is not {FORMAT!r} version {FORMAT_VERSION}; prepare the data again")

@@ -15,6 +15,11 @@ stays the same (e.g. 2 ranks x 4 sequences -> 1 rank x 8).
 Batches are ``{"input_ids", "labels"}`` (LongTensor ``[B, T]``) plus, with ``doc_masking``,
 ``"doc_ids"``: the document index of every input token within the split. It changes exactly after an
 eos token, which is where the model masks attention and resets GDN/conv state.
+
+Context parallelism (``cp_degree`` > 1): the ``cp_degree`` ranks of a context-parallel group are one
+data-parallel rank (``rank``, ``world_size`` count data-parallel ranks); each gets the same windows and
+keeps its slice ``[cp_rank T/n, (cp_rank+1) T/n)`` of every tensor of the batch. The resume state does not
+depend on it, so a run moves between CP degrees freely while the global batch stays the same.
 """
 
 from __future__ import annotations
@@ -77,14 +82,27 @@ def open_datasets(cfg: DataConfig) -> tuple[TokenDataset, TokenDataset | None]:
     return train, (val if val.n_tokens >= 2 else None)
 
 
-def _make_batch(dataset: TokenDataset, starts: np.ndarray, length: int, doc_masking: bool) -> dict:
+IGNORE_LABEL = -100  # a label that scores nothing (the trainer's cross-entropy ignore index)
+
+
+def _make_batch(dataset: TokenDataset, starts: np.ndarray, length: int, doc_masking: bool, cp_rank: int = 0,
+                cp_degree: int = 1, pad_to: int = 0) -> dict:
+    """Rows of ``length`` inputs from ``starts``; ``pad_to`` > length appends unscored positions (the last token
+    and document repeated, labels ``IGNORE_LABEL``): causal models score the real tokens exactly as without
+    them. With ``cp_degree`` > 1, slice ``cp_rank`` of every row."""
     positions = starts[:, None] + np.arange(length + 1)
     window = dataset.tokens[positions].astype(np.int64)
-    batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(window[:, :-1])),
-             "labels": torch.from_numpy(np.ascontiguousarray(window[:, 1:]))}
+    batch = {"input_ids": window[:, :-1], "labels": window[:, 1:]}
     if doc_masking:
-        batch["doc_ids"] = torch.from_numpy(dataset.doc_ids(positions[:, :-1]).astype(np.int64))
-    return batch
+        batch["doc_ids"] = dataset.doc_ids(positions[:, :-1]).astype(np.int64)
+    if pad_to > length:
+        extra = ((0, 0), (0, pad_to - length))
+        batch = {k: np.pad(v, extra, constant_values=IGNORE_LABEL) if k == "labels" else np.pad(v, extra, mode="edge")
+                 for k, v in batch.items()}
+    if cp_degree > 1:
+        n = batch["input_ids"].shape[1] // cp_degree
+        batch = {k: v[:, cp_rank * n:(cp_rank + 1) * n] for k, v in batch.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
 class TrainLoader:
@@ -95,10 +113,15 @@ class TrainLoader:
     """
 
     def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0,
-                 doc_masking: bool = False, rank: int = 0, world_size: int = 1, max_epochs: int | None = None):
+                 doc_masking: bool = False, rank: int = 0, world_size: int = 1, max_epochs: int | None = None,
+                 cp_rank: int = 0, cp_degree: int = 1):
         if not 0 <= rank < world_size:
             raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if not 0 <= cp_rank < cp_degree or seq_len % cp_degree:
+            raise DataError(f"cp_rank must be in [0, cp_degree={cp_degree}) and cp_degree must divide seq_len="
+                            f"{seq_len}, got cp_rank={cp_rank}")
         dataset.check_seq_len(seq_len)
+        self.cp_rank, self.cp_degree = cp_rank, cp_degree
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
         self.doc_masking, self.rank, self.world_size, self.max_epochs = doc_masking, rank, world_size, max_epochs
         self.n_windows = dataset.num_windows(seq_len)
@@ -112,8 +135,9 @@ class TrainLoader:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, dataset: TokenDataset, rank: int = 0, world_size: int = 1,
-                    max_epochs: int | None = None) -> "TrainLoader":
-        return cls(dataset, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.doc_masking, rank, world_size, max_epochs)
+                    max_epochs: int | None = None, cp_rank: int = 0, cp_degree: int = 1) -> "TrainLoader":
+        return cls(dataset, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.doc_masking, rank, world_size, max_epochs,
+                   cp_rank, cp_degree)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -138,7 +162,8 @@ class TrainLoader:
         first = self.consumed + self.rank * self.batch_size
         windows = self.window_order(self.epoch)[first:first + self.batch_size]
         self.consumed += self.global_batch
-        return _make_batch(self.dataset, windows * self.seq_len, self.seq_len, self.doc_masking)
+        return _make_batch(self.dataset, windows * self.seq_len, self.seq_len, self.doc_masking, self.cp_rank,
+                           self.cp_degree)
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -181,11 +206,13 @@ class TrainLoader:
 
 
 def val_batches(dataset: TokenDataset, seq_len: int, batch_size: int, doc_masking: bool = False,
-                rank: int = 0, world_size: int = 1, max_batches: int | None = None) -> Iterator[dict]:
+                rank: int = 0, world_size: int = 1, max_batches: int | None = None, cp_rank: int = 0,
+                cp_degree: int = 1) -> Iterator[dict]:
     """The whole split in order: windows at stride ``seq_len``, rank ``r`` taking windows ``i % world_size == r``.
 
     Every token but the first is a label exactly once over all ranks; the tail shorter than
-    ``seq_len`` comes last as a batch of one shorter row. ``max_batches`` stops early.
+    ``seq_len`` comes last as a batch of one shorter row (with ``cp_degree`` > 1, padded to ``seq_len`` with
+    unscored positions, so that it splits into equal slices). ``max_batches`` stops early.
     """
     if dataset.n_tokens < 2:
         raise DataError(f"the {dataset.split} split of {dataset.path} has no tokens to evaluate")
@@ -195,8 +222,9 @@ def val_batches(dataset: TokenDataset, seq_len: int, batch_size: int, doc_maskin
     for i in range(0, len(mine), batch_size):
         if max_batches is not None and count >= max_batches:
             return
-        yield _make_batch(dataset, mine[i:i + batch_size] * seq_len, seq_len, doc_masking)
+        yield _make_batch(dataset, mine[i:i + batch_size] * seq_len, seq_len, doc_masking, cp_rank, cp_degree)
         count += 1
     tail = dataset.n_tokens - 1 - n_full * seq_len
     if tail > 0 and n_full % world_size == rank and (max_batches is None or count < max_batches):
-        yield _make_batch(dataset, np.array([n_full * seq_len]), tail, doc_masking)
+        yield _make_batch(dataset, np.array([n_full * seq_len]), tail, doc_masking, cp_rank, cp_degree,
+                          pad_to=seq_len if cp_degree > 1 else 0)

@@ -2,9 +2,10 @@
 
 Both are Hugging Face ``tokenizers`` models behind one small wrapper, :class:`Tokenizer`. dolma2 has
 100,278 ids (the model pads its embedding to 100,352), ``<|endoftext|>`` = 100257 as end of document,
-``<|pad|>`` = 100277 and no BOS. :func:`train_bpe` builds a tokenizer of a few thousand ids for tiny
-models, where a 100k vocabulary would hold most of the parameters; it splits text with dolma2's own
-pre-tokenizer, so the two differ only in their merges.
+``<|pad|>`` = 100277, no BOS, and ``<|im_start|>`` / ``<|im_end|>`` for chat turns; it carries our chat
+template (``assets/chat_template.jinja``, rendered by ``olmo_hybrid.data.chat``). :func:`train_bpe` builds a
+tokenizer of a few thousand ids for tiny models, where a 100k vocabulary would hold most of the parameters; it
+splits text with dolma2's own pre-tokenizer, so the two differ only in their merges.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from olmo_hybrid.fsio import atomic_write_text
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DOLMA2 = "dolma2"
 DOLMA2_ALIASES = (DOLMA2, "allenai/dolma2-tokenizer", "allenai_dolma2")
+CHAT_TEMPLATE_FILE = ASSETS_DIR / "chat_template.jinja"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # Token names other tokenizers use for end of document, tried in order when no config says which.
@@ -45,13 +47,15 @@ class Tokenizer:
     ``encode`` never adds special tokens and, unless ``allow_special=True``, encodes special-token
     strings that occur in the text ("<|endoftext|>") as ordinary text, so a document can never
     contain a stray end-of-document id. ``vocab_size`` is the number of ids the tokenizer produces;
-    models round it up with :meth:`padded_vocab_size`.
+    models round it up with :meth:`padded_vocab_size`. ``chat_template`` (a Jinja string, or None) travels
+    with the tokenizer into every ``tokenizer_config.json`` it writes.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, name: str, eos_token: str | None = EOS_TOKEN,
-                 pad_token: str | None = None):
+                 pad_token: str | None = None, chat_template: str | None = None):
         self.backend = backend
         self.name = name
+        self.chat_template = chat_template
         self.eos_token, self.pad_token = eos_token, pad_token
         self.eos_token_id = self._id_of(eos_token, "eos_token")
         self.pad_token_id = self._id_of(pad_token, "pad_token")
@@ -110,6 +114,8 @@ class Tokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         atomic_write_text(directory / "tokenizer.json", self.to_json())
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         return directory / "tokenizer.json"
@@ -146,6 +152,13 @@ def _from_file(path: Path) -> Tokenizer:
         value = config.get(key)
         return value.get("content") if isinstance(value, dict) else value  # HF may store AddedToken dicts
 
+    template = config.get("chat_template")
+    if isinstance(template, list):  # transformers' named templates: [{"name", "template"}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja_file = path.with_name("chat_template.jinja")  # where transformers >= 4.43 saves it; it wins there too
+    if jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+
     try:
         text = lzma.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".xz" else path.read_text("utf-8")
         backend = tokenizers.Tokenizer.from_str(text)
@@ -154,17 +167,19 @@ def _from_file(path: Path) -> Tokenizer:
     has = lambda tok: backend.token_to_id(tok) is not None  # noqa: E731
     name = config.get("name") or str(path)
     return Tokenizer(backend, name, _pick(has, special("eos_token"), _EOS_CANDIDATES),
-                     _pick(has, special("pad_token"), _PAD_CANDIDATES))
+                     _pick(has, special("pad_token"), _PAD_CANDIDATES), template)
 
 
 def load_tokenizer(name_or_path: str | Path = DOLMA2) -> Tokenizer:
     """``"dolma2"`` (bundled), a ``tokenizer.json`` (or ``.json.xz``) file, or a directory holding one.
 
     Special tokens come from a ``tokenizer_config.json`` beside the file when there is one, else from
-    the usual names (``<|endoftext|>``, ``</s>``, ... for end of document).
+    the usual names (``<|endoftext|>``, ``</s>``, ... for end of document), and so does ``chat_template``
+    (or a ``chat_template.jinja`` beside it, which wins, as in transformers).
     """
     if str(name_or_path) in DOLMA2_ALIASES:
-        return Tokenizer(tokenizers.Tokenizer.from_str(_dolma2_json()), DOLMA2, EOS_TOKEN, PAD_TOKEN)
+        return Tokenizer(tokenizers.Tokenizer.from_str(_dolma2_json()), DOLMA2, EOS_TOKEN, PAD_TOKEN,
+                         CHAT_TEMPLATE_FILE.read_text(encoding="utf-8"))
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():

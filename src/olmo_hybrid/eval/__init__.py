@@ -8,7 +8,8 @@ Model access (``runner.py``; checkpoints load with ``olmo_hybrid.checkpoint.load
 RULER (``ruler_tasks.py``, ``ruler.py``, ``haystack.py``)
     TASKS, SYNTHETIC_TASKS; RulerGenerator(tokenizer, haystack).samples(task, max_length, n) -> [RulerSample]
     load_haystack("bundled" | path) -> HaystackText
-    run_ruler(runner, tokenizer, haystack, tasks, lengths, num_samples) -> RulerResult (.save(dir))
+    run_ruler(runner, tokenizer, haystack, tasks, lengths, num_samples, on_update=) -> RulerResult (.save(dir));
+        a task that cannot be built at a length lands in RulerResult.skipped with its reason
     string_match_all, string_match_part                    RULER's scoring rules (percent)
 Probes (``probe_tasks.py``, ``probes.py``; ``python -m olmo_hybrid.eval.probes``)
     PROBE_TASKS (parity, modular, s5, mqar); ProbeConfig; run_probe(cfg, variants); probe_checkpoint(model, cfg)

@@ -2,8 +2,8 @@
 
 RULER's essay haystack (Paul Graham essays) and its word lists (``wonderwords``) cannot ship with the
 project, so the generators here draw both from public-domain prose: by default the Shakespeare corpus
-bundled by ``olmo_hybrid.data``, or any UTF-8 text / ``.xz`` file (for example the Gutenberg splits in
-``shared/data``). Every result file records which source was used (``HaystackText.description``).
+bundled by ``olmo_hybrid.data``, or any UTF-8 text / ``.xz`` file (for example a Gutenberg
+split). Every result file records which source was used (``HaystackText.description``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import lzma
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -47,15 +47,19 @@ def encode_ids(tokenizer, text: str) -> list[int]:
 class HaystackText:
     text: str
     description: str
+    _pools: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def words(self) -> list[str]:
         return self.text.split()
 
     def word_pool(self, min_len: int = 3, max_len: int = 12) -> list[str]:
-        """Distinct lowercase alphabetic words of the text, sorted (deterministic across runs)."""
-        # whole words only: no fragments of elisions such as "sympathiz'd"
-        found = set(re.findall(rf"(?<![\w'-])[a-z]{{{min_len},{max_len}}}(?![\w'-])", self.text))
-        return sorted(found)
+        """Distinct lowercase alphabetic words of the text, sorted (deterministic across runs); a new list each call
+        (computed once per text: a pass over megabytes of prose)."""
+        if (min_len, max_len) not in self._pools:
+            # whole words only: no fragments of elisions such as "sympathiz'd"
+            found = set(re.findall(rf"(?<![\w'-])[a-z]{{{min_len},{max_len}}}(?![\w'-])", self.text))
+            self._pools[min_len, max_len] = sorted(found)
+        return list(self._pools[min_len, max_len])
 
 
 def read_text_file(path: str | Path, max_chars: int = DEFAULT_MAX_CHARS) -> str:

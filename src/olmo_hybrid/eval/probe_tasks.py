@@ -13,10 +13,10 @@ where nothing is scored. State-tracking tasks are "token tagging" (Merrill et al
   S5 is non-solvable: no fixed-depth transformer tracks it at arbitrary length (Merrill et al.).
 - ``mqar``: Zoology's multi-query associative recall: ``k1 v1 ... kn vn`` then the keys again at
   power-law-distributed gaps among random filler; label at each queried key = its value.
-- ``state_recall``: the paper's "state-based recall" (shared/reference/paper.md §5), in tokens: a memory
-  of slot/value pairs, registers pointing at slots, a run of register swaps (permutation tracking), then
-  queries "value of the slot register r points to now" (recall through tracked state). Longer sequences
-  mean more swaps; the memory stays the same size.
+- ``state_recall``: the OLMo Hybrid paper's "state-based recall" (Merrill et al. 2026, arXiv:2604.03444), in
+  tokens: a memory of slot/value pairs, registers pointing at slots, a run of register swaps (permutation
+  tracking), then queries "value of the slot register r points to now" (recall through tracked state). Longer
+  sequences mean more swaps; the memory stays the same size.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """RULER sample generators (Hsieh et al. 2024), re-implemented natively and parametrised by tokenizer.
 
 Templates, needle sentences, value generators, depth grid, answer prefixes and tokens-to-generate follow
-NVIDIA/RULER's ``scripts/data/synthetic`` (see shared/reference/evals_data.md §1). Deliberate deviations,
+NVIDIA/RULER's ``scripts/data/synthetic`` (github.com/NVIDIA/RULER). Deliberate deviations,
 all recorded in every result file:
 
 - Essay haystack: public-domain prose (``haystack.load_haystack``) instead of Paul Graham essays.

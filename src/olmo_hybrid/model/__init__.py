@@ -1,4 +1,4 @@
-"""The hybrid model: ``HybridLM`` (GDN + attention blocks), its cache, the generation engine and HF I/O."""
+"""The hybrid model: ``HybridLM`` (GDN, attention and Mamba2 blocks), its cache, the generation engine and HF I/O."""
 
 from olmo_hybrid.model.cache import HybridCache
 from olmo_hybrid.model.hybrid import HybridLM

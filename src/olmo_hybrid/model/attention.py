@@ -2,7 +2,8 @@
 
 The kernel follows from the call (``ForwardContext``): without a cache, SDPA (causal, or the packed-document
 mask); prefilling cache rows, SDPA over the cached prefix plus the new keys; decoding one token per row,
-``ops.decode_attention``, which reads each row's length on the device.
+``ops.decode_attention``, which reads each row's length on the device. The SDPA call sits in its own tensor-free
+module, :class:`AttentionOp`, so that a wrapper can replace it from outside (context parallelism does).
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ from olmo_hybrid.model.layers import RMSNorm
 from olmo_hybrid.model.rope import apply_rotary
 
 
+class AttentionOp(nn.Module):
+    """Softmax attention of q [B, H, T, D] over k, v [B, Hkv, S, D], the KV heads repeated for grouped queries:
+    causal when ``mask`` is None, else SDPA's ``mask`` (boolean [B, 1, T, S], or a causal bias object).
+
+    Holds no tensors, so replacing it leaves state dicts unchanged: the hook through which context parallelism
+    (``olmo_hybrid.train.context_parallel``) runs attention on a slice of each sequence."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -32,6 +49,7 @@ class Attention(nn.Module):
         # OLMo 2/3 normalise the whole projection (all heads jointly), before the head split.
         self.q_norm = RMSNorm(q_dim, c.norm_eps)
         self.k_norm = RMSNorm(kv_dim, c.norm_eps)
+        self.attention_op = AttentionOp()
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, state: AttnLayerState | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -52,11 +70,5 @@ class Attention(nn.Module):
                 state.keys[:, :, ctx.start:end] = k
                 state.values[:, :, ctx.start:end] = v
                 k, v = state.keys[:, :, :end], state.values[:, :, :end]
-            if self.n_kv_heads != self.n_heads:
-                rep = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if ctx.attn_mask is None:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask)
+            o = self.attention_op(q, k, v, ctx.attn_mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

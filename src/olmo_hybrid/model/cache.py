@@ -2,10 +2,11 @@
 
 Slot ``s`` owns row ``s`` of every tensor: for attention layers keys and values ``[slots, Hkv, capacity, D]``
 (the cache's dtype); for GDN layers the three short-conv states ``[slots, C, W-1]`` (the cache's dtype) and the
-recurrent state ``[slots, HV, K, V]`` (float32). Attention layers need every past key and value, so their part
-grows with ``capacity``; GDN layers keep a fixed-size state. Everything is allocated once, so a pool that cannot
-fit fails at construction, and its size is exactly ``slots * cache_bytes_per_sequence(config, capacity)``, the
-figure ``olmo-hybrid info`` prints.
+recurrent state ``[slots, HV, K, V]`` (float32); for Mamba2 layers one conv state ``[slots, conv_dim, W-1]`` and
+the SSM state ``[slots, H, P, N]`` (float32). Attention layers need every past key and value, so their part
+grows with ``capacity``; GDN and Mamba2 layers keep a fixed-size state. Everything is allocated once, so a pool
+that cannot fit fails at construction, and its size is exactly ``slots * cache_bytes_per_sequence(config,
+capacity)``, the figure ``olmo-hybrid info`` prints.
 
 ``lengths`` (long [slots], on the cache's device) counts the tokens cached per slot; ``HybridLM.forward``
 advances it, so a decode step reads its positions on the device. A forward call addresses rows of the cache
@@ -17,18 +18,24 @@ of every tensor (views, no gather).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from olmo_hybrid.config import ATTN, ModelConfig
+from olmo_hybrid.config import ATTN, MAMBA, ModelConfig
 
 
 @dataclass
 class AttnLayerState:
     keys: torch.Tensor  # [slots, Hkv, capacity, D]
     values: torch.Tensor  # [slots, Hkv, capacity, D]
+    # Fields indexed by token position (axis 2, after slot and head): a prefix of them is the state of a prefix.
+    # Every other field of a layer state is a fixed-size summary of the whole sequence so far. Code that copies
+    # slot states (views, prefix snapshots) goes by this split only, so a new layer type just declares it.
+    per_token: ClassVar[tuple[str, ...]] = ("keys", "values")
 
 
 @dataclass
@@ -37,20 +44,32 @@ class GDNLayerState:
     conv_k: torch.Tensor  # [slots, H*K, W-1]
     conv_v: torch.Tensor  # [slots, HV*V, W-1]
     recurrent: torch.Tensor  # [slots, HV, K, V] float32
+    per_token: ClassVar[tuple[str, ...]] = ()
 
 
-LayerState = AttnLayerState | GDNLayerState
+@dataclass
+class Mamba2LayerState:
+    conv: torch.Tensor  # [slots, conv_dim, W-1], the last pre-conv inputs of x, B and C (oldest first)
+    ssm: torch.Tensor  # [slots, H, P, N] float32
+    per_token: ClassVar[tuple[str, ...]] = ()
+
+
+LayerState = AttnLayerState | GDNLayerState | Mamba2LayerState
 
 
 def cache_bytes_per_sequence(config: ModelConfig, context: int, kv_bytes: int = 2) -> dict[str, int]:
-    """Cache bytes for one sequence of ``context`` tokens: KV and conv states at ``kv_bytes`` per element (2 =
-    bf16), the recurrent state in fp32. Exactly what :class:`HybridCache` allocates per slot."""
+    """Cache bytes for one sequence of ``context`` tokens: KV and conv states (GDN and Mamba2) at ``kv_bytes`` per
+    element (2 = bf16), the GDN and Mamba2 recurrent states in fp32. Exactly what :class:`HybridCache` allocates
+    per slot."""
     c = config.resolved()
     kv = c.n_attn_layers * 2 * c.n_kv_heads * c.head_dim * context * kv_bytes
     key, val = c.gdn_heads * c.gdn_head_k, c.gdn_v_heads * c.gdn_head_v
     state = c.n_gdn_layers * c.gdn_v_heads * c.gdn_head_k * c.gdn_head_v * 4
-    conv = c.n_gdn_layers * (2 * key + val) * (c.gdn_conv_size - 1) * kv_bytes
-    return {"kv_cache": kv, "gdn_state": state, "conv_state": conv, "total": kv + state + conv}
+    mamba = c.n_mamba_layers * c.mamba_heads * c.mamba_head_dim * c.mamba_state_size * 4
+    conv = (c.n_gdn_layers * (2 * key + val) * (c.gdn_conv_size - 1)
+            + c.n_mamba_layers * c.mamba_conv_dim * (c.mamba_conv_size - 1)) * kv_bytes
+    return {"kv_cache": kv, "gdn_state": state, "mamba_state": mamba, "conv_state": conv,
+            "total": kv + state + mamba + conv}
 
 
 class NoFreeSlotError(RuntimeError):
@@ -86,6 +105,11 @@ class HybridCache:
             if kind == ATTN:
                 shape = (num_slots, c.n_kv_heads, capacity, c.head_dim)
                 self.layers.append(AttnLayerState(torch.zeros(shape, **kw), torch.zeros(shape, **kw)))
+            elif kind == MAMBA:
+                self.layers.append(Mamba2LayerState(
+                    torch.zeros(num_slots, c.mamba_conv_dim, c.mamba_conv_size - 1, **kw),
+                    torch.zeros(num_slots, c.mamba_heads, c.mamba_head_dim, c.mamba_state_size, device=self.device,
+                                dtype=torch.float32)))
             else:
                 self.layers.append(GDNLayerState(
                     torch.zeros(num_slots, key, width, **kw), torch.zeros(num_slots, key, width, **kw),
@@ -97,7 +121,7 @@ class HybridCache:
 
     def nbytes(self) -> int:
         """Bytes of the per-layer state (the lengths are bookkeeping, not counted)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in vars(layer).values())
+        return sum(t.numel() * t.element_size() for layer in self.layers for _, t in layer_tensors(layer))
 
     # -- slots ----------------------------------------------------------------------------------------
     @property
@@ -117,6 +141,10 @@ class HybridCache:
             raise ValueError(f"slot {slot} is not an allocated slot of this cache")
         self.lengths[slot] = 0
         heapq.heappush(self._free, slot)
+
+    def release_all(self) -> None:
+        self.lengths.zero_()
+        self._free = list(range(self.num_slots))
 
     # -- addressing -----------------------------------------------------------------------------------
     def _check_rows(self, rows: slice) -> slice:
@@ -142,6 +170,9 @@ class HybridCache:
 
     def views(self, rows: slice) -> list[LayerState]:
         """Per-layer states restricted to ``rows`` (views: writes land in the cache)."""
-        return [AttnLayerState(s.keys[rows], s.values[rows]) if isinstance(s, AttnLayerState) else
-                GDNLayerState(s.conv_q[rows], s.conv_k[rows], s.conv_v[rows], s.recurrent[rows])
-                for s in self.layers]
+        return [type(s)(**{name: t[rows] for name, t in layer_tensors(s)}) for s in self.layers]
+
+
+def layer_tensors(state: LayerState) -> list[tuple[str, torch.Tensor]]:
+    """``(field name, tensor)`` of one layer's state, in declaration order."""
+    return [(f.name, getattr(state, f.name)) for f in dataclasses.fields(state)]

@@ -5,8 +5,10 @@ Three kinds of call fill it differently (the mixers pick their kernels from it):
 - prefill into cache rows (``start`` set): every row's new tokens begin at the host position ``start``;
   attention reads the cached prefix through ``attn_mask`` (a lower-right causal mask, or None at ``start == 0``);
 - decode (``positions`` set): one token per row at per-row device positions, attention over ``lengths`` keys
-  per row, and only rows where ``active`` is True (None: all) change their GDN state.
+  per row, and only rows where ``active`` is True (None: all) change their GDN and Mamba2 states.
 Everything here is decided on the host without reading device memory, so a decode call never synchronises.
+A caller may build the context itself (``HybridLM.forward(context=...)``): context parallelism passes RoPE for its
+slice of each sequence and the masks of the whole sequences, which only the op modules it swaps in read.
 """
 
 from __future__ import annotations
@@ -29,3 +31,10 @@ class ForwardContext:
     @property
     def decoding(self) -> bool:
         return self.positions is not None
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, T, T] SDPA mask for packed documents ``doc_ids`` [B, T]: causal, and inside one document."""
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, None, :] == doc_ids[:, :, None]) & causal)[:, None]

@@ -14,6 +14,8 @@ when it reaches EOS, a stop token or string, or ``max_new_tokens``; its slot is 
 request in the same step.
 The cache is allocated once, sized ``max_batch x max_context``; a request that cannot fit a slot is refused
 at ``submit`` and an engine whose cache does not fit the memory budget is refused at construction.
+With ``prefix_cache_bytes`` the engine also keeps snapshots of prompt prefixes (``model/prefix_cache.py``): a
+prompt that starts with a cached prefix restores it into its slot and prefills only the rest.
 
 Prefill and decode are ``HybridLM.forward`` calls on rows of the cache (``cache.for_prefill`` /
 ``cache.for_decode``). A decode step covers the rows ``[0, n)`` up to the highest running slot; rows of free
@@ -35,6 +37,7 @@ from olmo_hybrid.model.cache import HybridCache
 from olmo_hybrid.model.hybrid import HybridLM
 from olmo_hybrid.model.memory import (MemoryBudgetError, check_pool_fits, describe_sequence_bytes, element_size,
                                       format_bytes, sequence_bytes)
+from olmo_hybrid.model.prefix_cache import PrefixBlock, PrefixCache
 from olmo_hybrid.model.sampling import SamplingParams, sample
 
 
@@ -48,6 +51,21 @@ class RequestOutput:
     stop: str | int | None = None  # the stop string or stop token that matched
     first_token_s: float | None = None  # from submit to the first new token (None if aborted before it)
     total_s: float = 0.0  # from submit to the end
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of prefilled
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, if the request asked for them
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a generated token under the model (log-softmax of the raw logits, before
+    temperature, top-k or top-p), and the ``top`` most likely tokens at that position as (token, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass
@@ -58,12 +76,17 @@ class _Request:
     sampling: SamplingParams
     stop_strings: tuple[str, ...]
     stop_tokens: frozenset[int]
-    on_token: Callable[[int, int], None] | None
+    on_token: Callable[..., None] | None
     submitted: float
+    logprobs: int | None = None  # None: none; k >= 0: the token's logprob and the top k
     first_token: float | None = None
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of which restored from the prefix cache
+    prefix_node: PrefixBlock | None = None  # the stored block at the last boundary reached
+    storing: bool = True  # False once the chain of stored blocks broke (its parent evicted)
     generated: list[int] = dataclasses.field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -84,12 +107,17 @@ class Engine:
     tokenizer: an object with ``decode(list[int]) -> str``, needed for stop strings and ``RequestOutput.text``.
     eos_token_id: int or ints that end a request (default: the tokenizer's ``eos_token_id`` if any).
     prefill_chunk: prompt tokens per forward call during prefill. prefill_budget: prompt tokens prefilled per
-    step (None: all that fit). cuda_graphs: capture the decode step (CUDA only).
+    step (None: all that fit). cuda_graphs: capture the decode step (CUDA only). prefix_cache_bytes: device
+    memory for prefix snapshots (0: no prefix cache), in blocks of ``prefix_block`` tokens; with a prefix cache,
+    prefill pieces also end on block boundaries. compile_decode: a ``torch.compile`` backend for the decode step
+    ("inductor" fuses the per-layer elementwise glue that otherwise runs as hundreds of small kernels per step;
+    None: eager); compiled steps run on row buckets as the CUDA graphs do, one compilation per bucket.
     """
 
     def __init__(self, model: HybridLM, max_batch: int, max_context: int, device=None, dtype: torch.dtype | None = None,
                  *, memory_budget: int | None = None, tokenizer=None, eos_token_id: int | Iterable[int] | None = None,
-                 prefill_chunk: int = 4096, prefill_budget: int | None = None, cuda_graphs: bool = False):
+                 prefill_chunk: int = 4096, prefill_budget: int | None = None, cuda_graphs: bool = False,
+                 prefix_cache_bytes: int = 0, prefix_block: int = 256, compile_decode: str | None = None):
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
@@ -101,12 +129,14 @@ class Engine:
                 raise ValueError(f"Engine: {name} must be a positive integer, got {value!r}")
         if prefill_budget is not None and (not isinstance(prefill_budget, int) or prefill_budget < 1):
             raise ValueError(f"Engine: prefill_budget must be a positive integer or None, got {prefill_budget!r}")
+        if not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
+            raise ValueError(f"Engine: prefix_cache_bytes must be an integer >= 0, got {prefix_cache_bytes!r}")
         if cfg.n_attn_layers and max_context > cfg.max_seq_len:
             raise ValueError(f"Engine: max_context={max_context} exceeds the model's max_seq_len={cfg.max_seq_len}")
         weights = sum(p.numel() for p in model.parameters()) * element_size(self.dtype)
         moving = weights if param.device != self.device else 0  # weights that will land on the device
         self.per_sequence = check_pool_fits(cfg, max_batch, max_context, self.dtype, memory_budget, self.device,
-                                            prefill_chunk, reserved_bytes=moving)
+                                            prefill_chunk, reserved_bytes=moving + prefix_cache_bytes)
         self.weight_bytes = weights
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.config, self.max_batch, self.max_context = cfg, max_batch, max_context
@@ -116,6 +146,7 @@ class Engine:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
         self.cache = HybridCache(cfg, max_batch, max_context, self.device, self.dtype)
+        self.prefix_cache = PrefixCache(self.cache, prefix_block, prefix_cache_bytes) if prefix_cache_bytes else None
         # Per-slot device state of the decode batch (positions are the cache's lengths); free slots are inactive.
         z = dict(device=self.device)
         self._tokens = torch.zeros(max_batch, dtype=torch.long, **z)
@@ -131,28 +162,48 @@ class Engine:
         self._next_id = 0
         self.stats = EngineStats()
         self._graphs = None
+        self._decode_fn, self._buckets = self._decode, None
+        if compile_decode is not None:
+            from olmo_hybrid.model.cuda_graphs import row_buckets
+
+            self._decode_fn, self._buckets = _compiled(self._decode, compile_decode, row_buckets(max_batch))
         if cuda_graphs and self.device.type == "cuda":
             from olmo_hybrid.model.cuda_graphs import DecodeGraphs
 
-            self._graphs = DecodeGraphs(self._decode, max_batch, cfg.vocab_size, self.device)
+            self._graphs = DecodeGraphs(self._decode_fn, max_batch, cfg.vocab_size, self.device)
 
     # -- public API ----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
         """Cache bytes per sequence (at ``max_context``), for the whole pool, and the budget."""
         return {"per_sequence": dict(self.per_sequence), "slots": self.max_batch, "max_context": self.max_context,
                 "cache_bytes": self.cache.nbytes(), "budget_bytes": self.memory_budget,
-                "weight_bytes": self.weight_bytes}
+                "weight_bytes": self.weight_bytes,
+                "prefix_cache_bytes": self.prefix_cache.nbytes if self.prefix_cache is not None else 0}
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a free slot."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._running)
 
     def submit(self, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
                sampling: SamplingParams | None = None, stop: Sequence[str] | str | None = None,
                stop_token_ids: Iterable[int] = (), ignore_eos: bool = False,
-               on_token: Callable[[int, int], None] | None = None) -> int:
+               on_token: Callable[..., None] | None = None, logprobs: int | None = None) -> int:
         """Queue a request; returns its id. Raises before queuing if it cannot run (see :meth:`check_request`).
 
         ``on_token(request_id, token_id)`` is called for every new token as soon as it is known (streaming).
+        ``logprobs=k`` (0 <= k <= 20) records each token's :class:`TokenLogprob` with the k most likely tokens in
+        ``RequestOutput.logprobs``, and passes it to ``on_token`` as a third argument.
         """
         prompt = self._check_prompt(prompt_ids)
         self.check_request(len(prompt), max_new_tokens)
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -165,7 +216,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer: pass Engine(..., tokenizer=...)")
         stop_tokens = frozenset(int(t) for t in stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
         req = _Request(self._next_id, prompt, max_new_tokens, sampling, stops, stop_tokens, on_token,
-                       time.perf_counter())
+                       time.perf_counter(), logprobs)
         self._next_id += 1
         self._waiting.append(req)
         return req.id
@@ -235,6 +286,15 @@ class Engine:
                 return self._output(req, "aborted")
         return None
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Drop every waiting and running request and free every slot (also one that a step which raised half-way
+        left without its request)."""
+        outs = [self.abort(r.id) for r in [*self._waiting, *self._prefilling, *self._running.values()]]
+        self.cache.release_all()
+        self._active.zero_()
+        self._counter.zero_()
+        return outs
+
     # -- scheduling ----------------------------------------------------------------------------------
     def _check_prompt(self, prompt_ids) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
@@ -263,8 +323,7 @@ class Engine:
             left = len(req.prompt) - req.prefilled
             take = left if budget is None else min(budget, left)
             t0 = time.perf_counter()
-            ids = torch.tensor(req.prompt[req.prefilled:req.prefilled + take], dtype=torch.long, device=self.device)
-            logits = self._prefill(req.slot, ids, req.prefilled)
+            logits = self._prefill(req, take)
             req.prefilled += take
             budget = None if budget is None else budget - take
             if req.prefilled < len(req.prompt):
@@ -282,8 +341,13 @@ class Engine:
         s = req.sampling
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = s.temperature, s.top_k, s.top_p
         self._seed[slot], self._counter[slot] = s.seed or 0, 0
+        if self.prefix_cache is not None:
+            node = self.prefix_cache.lookup(req.prompt)
+            if node is not None:
+                req.prefilled = req.cached = self.prefix_cache.restore(slot, node)
+                req.prefix_node = node
         self._prefilling.append(req)
-        self.stats.prefill_tokens += len(req.prompt)
+        self.stats.prefill_tokens += len(req.prompt) - req.cached
 
     def _first_token(self, req: _Request, logits: torch.Tensor) -> RequestOutput | None:
         slot, rows = req.slot, slice(req.slot, req.slot + 1)
@@ -293,16 +357,31 @@ class Engine:
         self._active[slot], self._counter[slot] = True, 1
         self._running[slot] = req
         self.stats.max_running = max(self.stats.max_running, len(self._running))
-        return self._append(slot, int(token[0]))
+        if req.logprobs is None:
+            return self._append(slot, int(token[0]))
+        (entry,) = _read_logprobs(logits[None], token, req.logprobs)
+        return self._append(slot, entry.token, entry)
 
     @torch.no_grad()
-    def _prefill(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Append ``ids`` [T] to ``slot`` from position ``start``, ``prefill_chunk`` tokens per forward call (later
-        chunks attend to earlier ones through the cache); the last token's logits [V] in fp32."""
-        rows = slice(slot, slot + 1)
-        for s in range(0, ids.shape[0], self.prefill_chunk):
-            piece = ids[None, s:s + self.prefill_chunk]
-            logits = self.model(piece, cache=self.cache.for_prefill(rows, start + s), logits_to_keep=1)
+    def _prefill(self, req: _Request, take: int) -> torch.Tensor:
+        """Append prompt tokens ``[prefilled, prefilled + take)`` to the request's slot, ``prefill_chunk`` tokens per
+        forward call (later pieces attend to earlier ones through the cache); with a prefix cache, pieces also end
+        on its block boundaries, and each boundary is stored as a block. The last token's logits [V] in fp32."""
+        rows, start, end = slice(req.slot, req.slot + 1), req.prefilled, req.prefilled + take
+        ids = torch.tensor(req.prompt[start:end], dtype=torch.long, device=self.device)
+        block = self.prefix_cache.block_size if self.prefix_cache is not None else None
+        pos = start
+        while pos < end:
+            stop = min(end, pos + self.prefill_chunk)
+            if block is not None:
+                stop = min(stop, (pos // block + 1) * block)
+            logits = self.model(ids[None, pos - start:stop - start], cache=self.cache.for_prefill(rows, pos),
+                                logits_to_keep=1)
+            if block is not None and stop % block == 0 and req.storing:
+                req.prefix_node = self.prefix_cache.store(req.slot, req.prefix_node, req.prompt[stop - block:stop],
+                                                          stop)
+                req.storing = req.prefix_node is not None
+            pos = stop
         return logits[0, -1].float()
 
     @torch.no_grad()
@@ -315,31 +394,48 @@ class Engine:
     def _decode_step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         n = max(self._running) + 1
-        logits = self._graphs.decode(n) if self._graphs is not None else self._decode(n)
+        if self._graphs is not None:
+            logits = self._graphs.decode(n)
+        elif self._buckets is not None:  # rows past the running ones are inactive: their states do not change
+            logits = self._decode_fn(next(b for b in self._buckets if b >= n))[:n]
+        else:
+            logits = self._decode(n)
         greedy = all(r.sampling.greedy for r in self._running.values())
         tokens = sample(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._seed[:n],
                         self._counter[:n], all_greedy=greedy)
         self._tokens[:n] = tokens
         self._counter[:n] += self._active[:n]
-        host = tokens.tolist()  # the step's one read of device memory
+        top = max((r.logprobs for r in self._running.values() if r.logprobs is not None), default=None)
+        # The step's one read of device memory.
+        host = tokens.tolist() if top is None else _read_logprobs(logits, tokens, top)
         self.stats.decode_tokens += len(self._running)
         done = []
-        for slot in list(self._running):
-            out = self._append(slot, host[slot])
+        for slot, req in list(self._running.items()):
+            if top is None:
+                out = self._append(slot, host[slot])
+            else:
+                entry = host[slot]
+                out = self._append(slot, entry.token, dataclasses.replace(entry, top=entry.top[:req.logprobs])
+                                   if req.logprobs is not None else None)
             if out:
                 done.append(out)
         self.stats.decode_steps += 1
         self.stats.decode_seconds += time.perf_counter() - t0
         return done
 
-    def _append(self, slot: int, token: int) -> RequestOutput | None:
+    def _append(self, slot: int, token: int, logprob: TokenLogprob | None = None) -> RequestOutput | None:
         """Record a new token of the request in ``slot``; finish it (freeing the slot) if it is done."""
         req = self._running[slot]
         req.generated.append(token)
+        if logprob is not None:
+            req.token_logprobs.append(logprob)
         if req.first_token is None:
             req.first_token = time.perf_counter()
         if req.on_token is not None:
-            req.on_token(req.id, token)
+            if logprob is None:
+                req.on_token(req.id, token)
+            else:
+                req.on_token(req.id, token, logprob)
         reason, stop = None, None
         if token in req.stop_tokens:
             reason, stop = ("eos" if token in self.eos_token_ids else "stop"), token
@@ -373,4 +469,26 @@ class Engine:
                 text = text[:text.find(stop)] if stop in text else text
         first = None if req.first_token is None else req.first_token - req.submitted
         return RequestOutput(req.id, list(req.prompt), list(req.generated), reason, text, stop, first,
-                             time.perf_counter() - req.submitted)
+                             time.perf_counter() - req.submitted, req.cached,
+                             list(req.token_logprobs) if req.logprobs is not None else None)
+
+
+def _compiled(step: Callable[[int], torch.Tensor], backend: str, buckets: list[int]):
+    """``step`` compiled with ``backend`` (one graph per row bucket), and the buckets."""
+    import torch._dynamo
+
+    # One compilation per bucket: past dynamo's recompile limit it would silently run the step eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(buckets) + 2)
+    return torch.compile(step, backend=backend, dynamic=False), buckets
+
+
+def _read_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Per row of ``logits`` [B, V]: the logprob of ``tokens`` [B] and the ``top`` most likely tokens, read to the
+    host in one transfer."""
+    logp = logits.float().log_softmax(dim=-1)
+    parts = [tokens.double()[:, None], logp.gather(1, tokens[:, None]).double()]
+    if top:
+        best = logp.topk(top, dim=-1)
+        parts += [best.values.double(), best.indices.double()]
+    rows = torch.cat(parts, dim=1).tolist()
+    return [TokenLogprob(int(r[0]), r[1], tuple(zip(map(int, r[2 + top:]), r[2:2 + top]))) for r in rows]

@@ -4,7 +4,9 @@ Per head, with a fixed-size state S [K, V]:  S <- exp(g) S;  S <- S + k (beta (v
 q, k, v each go through their own short causal depthwise conv + SiLU; q and k are L2-normalised inside
 the op; beta = 2 sigmoid(b) when negative eigenvalues are allowed; the output is a per-head gated RMSNorm.
 With a cache, prefill runs the chunked ops from the cached state and stores the final state; decode runs the
-one-token step ops, which update the cached states in place, only in the active rows.
+one-token step ops, which update the cached states in place, only in the active rows. The whole-sequence op calls
+(no cache, and prefill) go through tensor-free modules, ``layers.ShortConvOp`` and :class:`DeltaRuleOp`, that a
+wrapper can replace from outside (context parallelism does).
 """
 
 from __future__ import annotations
@@ -16,31 +18,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from olmo_hybrid import ops
-from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.config import KernelSettings, ModelConfig
 from olmo_hybrid.model.cache import GDNLayerState
 from olmo_hybrid.model.context import ForwardContext
-from olmo_hybrid.model.layers import GatedRMSNorm
+from olmo_hybrid.model.layers import GatedRMSNorm, ShortConv
 
 
-class ShortConv(nn.Module):
-    """Depthwise causal conv weight stored as ``[C, 1, W]``, the checkpoint's layout."""
+class DeltaRuleOp(nn.Module):
+    """``ops.gated_delta_rule`` with the model's in-kernel q/k L2 norm and kernel settings over whole sequences:
+    ``(o, final_state)``. Holds no tensors, so replacing it (``olmo_hybrid.train.context_parallel``) leaves state
+    dicts unchanged."""
 
-    def __init__(self, channels: int, width: int):
+    def __init__(self, settings: KernelSettings):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+        self.settings = settings
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, C] -> silu(conv(x)); with a cache ``state`` [B, C, W-1], continues from it and updates it."""
-        w = self.weight[:, 0, :]
-        if state is None:
-            return ops.causal_conv1d(x, w, activation="silu", reset_mask=ctx.reset_mask)[0]
-        if ctx.decoding:
-            y, _ = ops.causal_conv1d_step(x[:, 0], state, w, activation="silu", inplace=True, active=ctx.active)
-            return y[:, None]
-        y, final = ops.causal_conv1d(x, w, activation="silu", initial_state=state if ctx.start else None,
-                                     output_final_state=True)
-        state.copy_(final)
-        return y
+    def forward(self, q, k, v, g, beta, reset_mask=None, initial_state=None, output_final_state=False):
+        return ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state,
+                                    output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+                                    reset_mask=reset_mask, settings=self.settings)
 
 
 class GatedDeltaNet(nn.Module):
@@ -64,6 +60,8 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = GatedRMSNorm(self.head_v, eps=1e-5)
         self.A_log = nn.Parameter(torch.empty(self.v_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.v_heads))
+        self.kernel_settings = c.kernels
+        self.delta_rule_op = DeltaRuleOp(c.kernels)
 
     @torch.no_grad()
     def reset_gate_parameters(self, generator: torch.Generator | None = None,
@@ -91,14 +89,15 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
 
         if state is None:
-            o, _ = ops.gated_delta_rule(q, k, v, g, beta, reset_mask=ctx.reset_mask, use_qk_l2norm_in_kernel=True)
+            o, _ = self.delta_rule_op(q, k, v, g, beta, reset_mask=ctx.reset_mask)
         elif ctx.decoding:
             o, _ = ops.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent,
-                                             use_qk_l2norm_in_kernel=True, inplace=True, active=ctx.active)
+                                             use_qk_l2norm_in_kernel=True, inplace=True, active=ctx.active,
+                                             settings=self.kernel_settings)
             o = o[:, None]
         else:
-            o, final = ops.gated_delta_rule(q, k, v, g, beta, initial_state=state.recurrent if ctx.start else None,
-                                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+            o, final = self.delta_rule_op(q, k, v, g, beta, initial_state=state.recurrent if ctx.start else None,
+                                          output_final_state=True)
             state.recurrent.copy_(final)
         gate = self.g_proj(x).view(b, t, self.v_heads, self.head_v)
         o = self.o_norm(o, gate).reshape(b, t, self.v_heads * self.head_v)

@@ -1,10 +1,14 @@
-"""HybridLM: token embedding -> GDN and attention blocks in any pattern -> final norm -> untied LM head.
+"""HybridLM: token embedding -> GDN, attention and Mamba2 blocks in any pattern -> final norm -> untied LM head.
 
-The two block types place their norms differently, exactly as the released OLMo Hybrid does:
+The block types place their norms differently, exactly as the released OLMo Hybrid does for the first two:
   GDN block (pre-norm):        h = x + GDN(norm(x));        y = h + MLP(norm(h))
   attention block (post-norm): h = x + norm(Attn(x));       y = h + norm(MLP(h))
-Module names follow the Hugging Face checkpoint (``model.layers.N.linear_attn.q_proj``), so loading a
-checkpoint is a state-dict copy plus a small rename table for older name variants (``model/hf_io.py``).
+  Mamba2 block (pre-norm):     h = x + Mamba2(norm(x));     y = h + MLP(norm(h))
+The Mamba2 block is the paper's baseline: OLMo-core's Mamba ladders put Mamba2 where the GDN mixer sits, in the
+same pre-norm recurrent block with its MLP ("Added FFNs to Mamba2"; mamba_ssm's own block is pre-norm too).
+Module names follow the Hugging Face checkpoint (``model.layers.N.linear_attn.q_proj``; Mamba2 layers
+``model.layers.N.mixer.in_proj`` as transformers names the mixer), so loading a checkpoint is a state-dict copy
+plus a small rename table for older name variants (``model/hf_io.py``).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import torch
 from torch import nn
 
 from olmo_hybrid import ops
-from olmo_hybrid.config import ATTN, ModelConfig
+from olmo_hybrid.config import ATTN, GDN, MAMBA, ModelConfig
 from olmo_hybrid.model.attention import Attention
-from olmo_hybrid.model.cache import AttnLayerState, CacheSlice, GDNLayerState, HybridCache
-from olmo_hybrid.model.context import ForwardContext
+from olmo_hybrid.model.cache import AttnLayerState, CacheSlice, GDNLayerState, HybridCache, Mamba2LayerState
+from olmo_hybrid.model.context import ForwardContext, document_mask
 from olmo_hybrid.model.gated_deltanet import GatedDeltaNet
 from olmo_hybrid.model.layers import MLP, GatedRMSNorm, RMSNorm
+from olmo_hybrid.model.mamba2 import GroupGatedRMSNorm, Mamba2Mixer
 from olmo_hybrid.model.rope import RotaryEmbedding
 
 
@@ -34,6 +39,19 @@ class GDNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, state: GDNLayerState | None = None) -> torch.Tensor:
         h = x + self.linear_attn(self.input_layernorm(x), ctx, state)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = Mamba2Mixer.from_config(config)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)  # the pre-MLP norm
+        self.mlp = MLP(config.d_model, config.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, state: Mamba2LayerState | None = None) -> torch.Tensor:
+        h = x + self.mixer(self.input_layernorm(x), ctx, state)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -54,18 +72,18 @@ class HybridModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(AttnBlock(config) if kind == ATTN else GDNBlock(config)
-                                    for kind in config.layer_types)
+        blocks = {GDN: GDNBlock, ATTN: AttnBlock, MAMBA: Mamba2Block}
+        self.layers = nn.ModuleList(blocks[kind](config) for kind in config.layer_types)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
 
 class HybridLM(nn.Module):
-    """A hybrid Gated DeltaNet / attention causal language model.
+    """A hybrid Gated DeltaNet / attention (/ Mamba2) causal language model.
 
     ``model(input_ids)`` returns logits ``[B, T, vocab]``. ``doc_ids`` ([B, T], optional) packs several
-    documents in a row: attention stays inside a document and GDN state and convolutions restart where
-    the id changes.
+    documents in a row: attention stays inside a document and GDN / Mamba2 states and convolutions restart
+    where the id changes.
     """
 
     def __init__(self, config: ModelConfig, init: bool = True):
@@ -81,8 +99,9 @@ class HybridLM(nn.Module):
     # -- initialisation ------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Truncated normal (std ``init_std``, +-3 std) for embeddings and projections; ones for norms;
-        PyTorch's conv default for the short convolutions; fla's A/dt init for the GDN gates."""
+        """Truncated normal (std ``init_std``, +-3 std) for embeddings and projections, zero projection biases;
+        ones for norms; PyTorch's conv default for the short convolutions; fla's A/dt init for the GDN gates and
+        mamba_ssm's for the Mamba2 ones."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.init_std
 
@@ -93,8 +112,12 @@ class HybridLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 normal_(module.weight)
-            elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (RMSNorm, GatedRMSNorm, GroupGatedRMSNorm)):
                 module.weight.fill_(1.0)
+            elif isinstance(module, Mamba2Mixer):
+                module.reset_ssm_parameters(gen)
             elif isinstance(module, GatedDeltaNet):
                 module.reset_gate_parameters(gen)
                 for conv in (module.q_conv1d, module.k_conv1d, module.v_conv1d):
@@ -109,6 +132,7 @@ class HybridLM(nn.Module):
         cache: CacheSlice | None = None,
         logits_to_keep: int = 0,
         lm_head_fn=None,
+        context: ForwardContext | None = None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` [B, T]; with ``logits_to_keep=n`` only for the last n positions.
 
@@ -116,17 +140,22 @@ class HybridLM(nn.Module):
         ``doc_ids`` [B, T] packs several documents in a row (no cache). ``cache`` continues sequences in rows of
         a :class:`HybridCache`: ``cache.for_prefill(rows, start)`` appends T tokens to every row from host
         position ``start``; ``cache.for_decode(rows, active)`` appends one token per row (T = 1) at that row's
-        length, on the device, without a host sync. Keys, values, GDN states and the rows' lengths are updated.
+        length, on the device, without a host sync. Keys, values, GDN / Mamba2 states and the rows' lengths are
+        updated.
         ``lm_head_fn(hidden, lm_head)`` replaces ``lm_head(hidden)`` (hidden: the final-norm output [B, T, d])
         and its result is returned: training uses it to compute the loss in chunks without materialising
         [B, T, vocab] logits. It runs inside ``forward`` so that wrappers that gather parameters around
-        ``forward`` (FSDP) have ``lm_head`` gathered. Token ids are not range-checked here (that would need a
-        host sync): the engine, ``generate`` and the data loader check them.
+        ``forward`` (FSDP) have ``lm_head`` gathered. ``context`` replaces the :class:`ForwardContext` built from
+        ``input_ids`` and ``doc_ids`` for a call without a cache (context parallelism passes one for its slice of
+        each sequence). Token ids are not range-checked here (that would need a host sync): the engine,
+        ``generate`` and the data loader check them.
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer [batch, seq_len] tensor, got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        ctx = self._context(input_ids, doc_ids, cache)
+        if context is not None and (doc_ids is not None or cache is not None):
+            raise ValueError("a ForwardContext given as context= replaces doc_ids and takes no cache")
+        ctx = context if context is not None else self._context(input_ids, doc_ids, cache)
         states = cache.cache.views(cache.rows) if cache is not None else [None] * len(self.model.layers)
         h = self.model.embed_tokens(input_ids)
         for layer, state in zip(self.model.layers, states):
@@ -157,9 +186,7 @@ class HybridLM(nn.Module):
                 return ForwardContext(rope)
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-            mask = ((doc_ids[:, None, :] == doc_ids[:, :, None]) & causal)[:, None]
-            return ForwardContext(rope, mask, ops.reset_mask_from_doc_ids(doc_ids))
+            return ForwardContext(rope, document_mask(doc_ids), ops.reset_mask_from_doc_ids(doc_ids))
         if doc_ids is not None:
             raise ValueError("doc_ids cannot be combined with a cache: give each sequence its own cache row")
         if cache.num_rows != b:
@@ -179,6 +206,14 @@ class HybridLM(nn.Module):
         return ForwardContext(rope, _lower_right_causal(t, end) if start else None, start=start)
 
     # -- conveniences --------------------------------------------------------------------------------
+    def widen_window(self, max_seq_len: int) -> None:
+        """Accept sequences of up to ``max_seq_len`` tokens, past the window the model was configured for, to measure
+        how it extrapolates (the "no extension" rows of a long-context comparison). Positions are computed as
+        always; nothing is rescaled. Only this model's own config changes (caches and engines built afterwards see
+        it); a checkpoint saved from it records the wider window."""
+        if max_seq_len > self.config.max_seq_len:
+            self.config.max_seq_len = max_seq_len
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.model.embed_tokens.weight.numel()

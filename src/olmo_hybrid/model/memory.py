@@ -36,16 +36,20 @@ def sequence_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> dic
 
 
 def describe_sequence_bytes(mem: dict[str, int]) -> str:
+    mamba = f" + Mamba2 state {format_bytes(mem['mamba_state'])}" if mem["mamba_state"] else ""
     return (f"{format_bytes(mem['total'])} (KV {format_bytes(mem['kv_cache'])} + GDN state "
-            f"{format_bytes(mem['gdn_state'])} + conv {format_bytes(mem['conv_state'])})")
+            f"{format_bytes(mem['gdn_state'])}{mamba} + conv {format_bytes(mem['conv_state'])})")
 
 
 def workspace_bytes(config: ModelConfig, prefill_chunk: int, max_batch: int, dtype: torch.dtype) -> int:
     """Rough upper estimate of transient activation memory of the engine (not counted in the cache)."""
     c, item = config.resolved(), element_size(dtype)
     gdn_width = 2 * c.gdn_heads * c.gdn_head_k + 3 * c.gdn_v_heads * c.gdn_head_v
-    per_token = (6 * c.d_model + 3 * c.mlp_hidden + 2 * gdn_width) * item
-    per_token += 4 * (gdn_width + c.gdn_v_heads * 4)  # fp32 copies inside the GDN ops
+    # A Mamba2 mixer's widest activations: in_proj's [z | xBC | dt], then y and the gated norm.
+    mamba_width = 2 * c.mamba_expand * c.d_model + c.mamba_conv_dim + c.mamba_heads if c.n_mamba_layers else 0
+    mixer_width = max(gdn_width, mamba_width)
+    per_token = (6 * c.d_model + 3 * c.mlp_hidden + 2 * mixer_width) * item
+    per_token += 4 * (mixer_width + c.gdn_v_heads * 4)  # fp32 copies inside the GDN / SSD ops
     prefill = prefill_chunk * per_token + 2 * c.vocab_size * 4
     # Logits, scaled, sorted and probs in fp32 (decode steps update the GDN states in place).
     decode = max_batch * (per_token + 4 * c.vocab_size * 4)

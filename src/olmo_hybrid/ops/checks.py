@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 
 
 def check_float(op: str, **tensors: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ Backends:
 - ``"torch"``:  the PyTorch references (``<op>/reference.py``): any device, any float dtype.
 - ``"triton"``: the Triton kernels behind ``torch.library`` custom ops (``<op>/custom_ops.py``).
 - ``"fla"``:    flash-linear-attention's kernels, for cross-checks (``fla_backend.py``; gated delta rule only).
+  The SSD (Mamba2) ops have torch and triton implementations; their token loop is torch only.
 - ``"auto"``:   ``"triton"`` for CUDA tensors when it is installed and accepts the arguments, else ``"torch"``;
   falling back to ``"torch"`` on CUDA logs a warning once per (op, reason).
 
@@ -42,6 +43,9 @@ OPS = (
     "causal_conv1d",
     "causal_conv1d_step",
     "decode_attention",
+    "ssd",
+    "recurrent_ssd",
+    "ssd_step",
 )
 
 Check = Callable[..., "str | None"]
@@ -98,6 +102,21 @@ def implementation(op: str, backend: str) -> tuple[Callable, Check | None]:
         case "decode_attention", "triton":
             from .decode_attention.kernel import decode_attention_triton, triton_decode_attention_refusal
             return decode_attention_triton, triton_decode_attention_refusal
+        case "ssd", "torch":
+            from .ssd.reference import ssd_torch
+            return ssd_torch, None
+        case "ssd", "triton":
+            from .ssd.custom_ops import ssd_triton, triton_ssd_refusal
+            return ssd_triton, triton_ssd_refusal
+        case "recurrent_ssd", "torch":
+            from .ssd.reference import recurrent_ssd_torch
+            return recurrent_ssd_torch, None
+        case "ssd_step", "torch":
+            from .ssd.reference import ssd_step_torch
+            return ssd_step_torch, None
+        case "ssd_step", "triton":
+            from .ssd.custom_ops import ssd_step_triton, triton_ssd_step_refusal
+            return ssd_step_triton, triton_ssd_step_refusal
     raise LookupError(f"backend {backend!r} has no implementation of {op}")
 
 

@@ -16,7 +16,9 @@ Public API::
 
 Speed and scale (``torchrun --nproc-per-node=N -m olmo_hybrid.train ...``)::
 
-    parallelize(model, env, ac=, ac_every=, compile=, dp_replicate=, dp_shard=, param_dtype=)  AC -> compile -> FSDP2
+    parallelize(model, env, ac=, ac_every=, compile=, dp_replicate=, dp_shard=, cp_degree=, cp_mode=, param_dtype=)
+                                                                CP -> AC -> compile -> FSDP2 (``parallel.py``)
+    context parallelism: ``context_parallel.py`` (Ulysses, conv halos), ``state_passing.py``, ``cp_comm.py``
     chunked_lm_loss(hidden, weight, labels, z_coef, scale, chunk_tokens)
 """
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 from olmo_hybrid.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset, read_json_object
 from olmo_hybrid.data import DataConfig
+from olmo_hybrid.train.context_parallel import check_context_parallel
 from olmo_hybrid.train.optim import DECAY_RULES, SCHEDULES
 
 AC_MODES = ("none", "selective", "full")
@@ -76,18 +77,26 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    """Data parallelism over the processes ``torchrun`` starts (ignored by a single process).
+    """Data and context parallelism over the processes ``torchrun`` starts (ignored by a single process).
 
     FSDP2 shards every block and then the root over a ``dp_replicate x dp_shard`` device mesh:
     ``dp_replicate=1`` is plain FSDP, more is hybrid sharding (HSDP: shard within a group of
     ``dp_shard`` ranks, typically a node, replicate across groups). ``dp_shard=-1`` takes the rest of
     the world size. Precision follows ``trainer.dtype``: on accelerators bf16 parameters with fp32
     gradient reduction, fp32 on CPU.
+
+    ``cp_degree`` > 1 splits every sequence over that many neighbouring ranks (context parallelism,
+    ``train/context_parallel.py``; the mesh is ``dp_replicate x dp_shard x cp_degree`` and FSDP2 shards over
+    ``dp_shard x cp_degree``): ``cp_mode=ulysses`` all-to-alls attention and GDN between sequence and head
+    sharding (the degree must divide every head count), ``state_passing`` passes GDN states between the
+    ranks (attention keeps Ulysses; no limit from the GDN heads).
     """
 
     dp_replicate: int = 1
     dp_shard: int = -1
     reshard_after_forward: bool = True  # False keeps gathered weights from forward to backward (more memory, less comm)
+    cp_degree: int = 1
+    cp_mode: str = "ulysses"  # ulysses | state_passing
 
 
 @dataclass
@@ -148,6 +157,7 @@ class TrainConfig:
             raise ConfigError(f"parallel.dp_replicate must be >= 1, got {par.dp_replicate}")
         if par.dp_shard != -1 and par.dp_shard < 1:
             raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world size, got {par.dp_shard}")
+        check_context_parallel(m, self.data.seq_len, par.cp_degree, par.cp_mode)
 
 
 def _check_finite(cfg, path: str = "") -> None:
@@ -167,7 +177,7 @@ def _check_finite(cfg, path: str = "") -> None:
 
 
 def _tiny() -> dict:
-    """The main job: the tiny hybrid on the bundled Shakespeare corpus in ~5 minutes on 2 CPU cores.
+    """The main job: the tiny hybrid on the bundled Shakespeare corpus on 2 CPU cores (time: README, "Training").
 
     460 steps of 8 x 256 tokens (0.94M tokens, about two thirds of an epoch): the step count fills the budget
     at the CPU step time (it was 400 before the CPU path got ~1.18x faster). Small batches and a high peak

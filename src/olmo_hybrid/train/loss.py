@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from olmo_hybrid.data.loader import IGNORE_LABEL as IGNORE_INDEX
 
 
 def loss_terms(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,22 +89,26 @@ class StepOutput:
     step: int
     lr: float
     tokens: int
-    loss: torch.Tensor  # mean cross-entropy per scored token (0-d, on the device)
+    loss: torch.Tensor  # the step's mean loss: cross-entropy per scored token (0-d, on the device)
     z_loss: torch.Tensor
     grad_norm: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # more 0-d metrics on the device (DPO's rewards)
 
 
 def read_back(outputs: list[StepOutput]) -> list[dict]:
-    """The per-step records of ``outputs`` (step, loss, z_loss, lr, grad_norm, tokens; ``skipped`` with the
-    reason when the update was skipped), read from the device in one transfer."""
+    """The per-step records of ``outputs`` (step, loss, z_loss, lr, grad_norm, tokens, the ``extra`` metrics;
+    ``skipped`` with the reason when the update was skipped), read from the device in one transfer."""
     if not outputs:
         return []
-    values = torch.stack([torch.stack([o.loss.float(), o.z_loss.float(), o.grad_norm.float()])
-                          for o in outputs]).tolist()
-    records = []
-    for o, (loss, z_loss, grad_norm) in zip(outputs, values):
+    # float64: the fp32 metrics read back as they are, a float64 extra (DPO's sums) keeps its precision
+    values = torch.cat([torch.stack([o.loss.double(), o.z_loss.double(), o.grad_norm.double(),
+                                     *(v.double() for v in o.extra.values())]) for o in outputs]).tolist()
+    records, at = [], 0
+    for o in outputs:
+        (loss, z_loss, grad_norm), extra = values[at:at + 3], values[at + 3:at + 3 + len(o.extra)]
+        at += 3 + len(o.extra)
         record = {"step": o.step, "loss": loss, "z_loss": z_loss, "lr": o.lr, "grad_norm": grad_norm,
-                  "tokens": o.tokens}
+                  "tokens": o.tokens, **dict(zip(o.extra, extra))}
         if not math.isfinite(loss):
             record["skipped"] = f"non-finite loss ({loss})"
         elif not math.isfinite(grad_norm):

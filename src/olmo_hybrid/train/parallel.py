@@ -1,9 +1,17 @@
 """Make the plain ``HybridLM`` fast and distributed from the outside (torchtitan's order):
-activation checkpointing -> per-block ``torch.compile`` -> FSDP2 on every block, then the root.
+context parallelism -> activation checkpointing -> per-block ``torch.compile`` -> FSDP2 on every block, then
+the root.
 
-The model code knows nothing of this: each step replaces or wraps ``model.model.layers[i]`` in place,
-and parameter names stay those of the plain model for every state dict (the checkpoint wrapper strips
-its prefix, ``Module.compile`` adds none), so checkpoints move freely between settings.
+The model code knows nothing of this: each step replaces or wraps ``model.model.layers[i]`` or a mixer's
+tensor-free op module in place, and parameter names stay those of the plain model for every state dict (the
+checkpoint wrapper strips its prefix, ``Module.compile`` adds none), so checkpoints move freely between
+settings, context-parallel degrees included.
+
+One device mesh covers the world: ``(dp_replicate, dp_shard, cp)``, context parallelism innermost, so the
+``cp_degree`` ranks sharing a batch are neighbours (ranks r * cp ... r * cp + cp - 1; on one node with NVLink).
+FSDP2 shards parameters over ``dp_shard x cp`` flattened (torchtitan's ``dp_shard_cp``) and replicates over
+``dp_replicate``: ranks of a CP group hold different slices of the same sequences, so their gradients add up
+like data-parallel ones, and the sharding covers their memory too.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from torch import nn
 
 from olmo_hybrid.config import ConfigError
 from olmo_hybrid.distributed import DistEnv
+from olmo_hybrid.train.context_parallel import apply_context_parallel
+from olmo_hybrid.train.cp_comm import CPGroup
 
 
 def checkpointed_layers(n_layers: int, mode: str, every: int) -> list[int]:
@@ -56,21 +66,54 @@ def apply_compile(model: nn.Module, fullgraph: bool = True, backend: str = "indu
         block.compile(fullgraph=fullgraph, backend=backend, dynamic=False)
 
 
-def build_mesh(env: DistEnv, dp_replicate: int, dp_shard: int):
-    """The data-parallel device mesh: 1-D ``(dp_shard,)``, or 2-D ``(dp_replicate, dp_shard)`` for HSDP."""
+def mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, cp_degree: int = 1) -> tuple[int, int, int]:
+    """``(dp_replicate, dp_shard, cp_degree)`` with ``dp_shard=-1`` resolved to the rest of the world size; the
+    product must equal it (errors name the settings and the numbers)."""
+    _check_cp_divides(world_size, cp_degree)
+    if dp_shard == -1:
+        if world_size % (dp_replicate * cp_degree):
+            raise ConfigError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world_size}"
+                              + (f" / parallel.cp_degree={cp_degree}" if cp_degree > 1 else ""))
+        dp_shard = world_size // (dp_replicate * cp_degree)
+    if dp_replicate * dp_shard * cp_degree != world_size:
+        names, sizes = ["parallel.dp_replicate", "parallel.dp_shard"], [dp_replicate, dp_shard]
+        if cp_degree > 1:
+            names, sizes = [*names, "parallel.cp_degree"], [*sizes, cp_degree]
+        raise ConfigError(f"{' x '.join(names)} = {' x '.join(map(str, sizes))} = {dp_replicate * dp_shard * cp_degree}"
+                          f", but torchrun started {world_size} processes: the product must equal the world size")
+    return dp_replicate, dp_shard, cp_degree
+
+
+def _check_cp_divides(world_size: int, cp_degree: int) -> None:
+    if world_size % cp_degree:
+        raise ConfigError(f"parallel.cp_degree={cp_degree} does not divide the world size {world_size} (the "
+                          "processes torchrun started): each group of cp_degree ranks shares one batch")
+
+
+def data_parallel_layout(env: DistEnv, cp_degree: int) -> tuple[int, int, int]:
+    """``(dp_rank, dp_size, cp_rank)`` of this process in the mesh (CP innermost): the loader hands data-parallel
+    rank ``dp_rank`` of ``dp_size`` its batch, and CP rank ``cp_rank`` takes its slice of every row."""
+    _check_cp_divides(env.world_size, cp_degree)
+    dp_rank, cp_rank = divmod(env.rank, cp_degree)
+    return dp_rank, env.world_size // cp_degree, cp_rank
+
+
+def build_mesh(env: DistEnv, dp_replicate: int, dp_shard: int, cp_degree: int = 1):
+    """``(fsdp_mesh, cp)``: the mesh FSDP2 shards over, 1-D ``(dp_shard,)`` or 2-D ``(dp_replicate, dp_shard)``
+    (HSDP), with ``dp_shard`` becoming ``dp_shard_cp`` under context parallelism; and the :class:`CPGroup` of this
+    rank (None without context parallelism)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if dp_shard == -1:
-        if env.world_size % dp_replicate:
-            raise ConfigError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {env.world_size}")
-        dp_shard = env.world_size // dp_replicate
-    if dp_replicate * dp_shard != env.world_size:
-        raise ConfigError(f"parallel.dp_replicate x parallel.dp_shard = {dp_replicate} x {dp_shard} = "
-                          f"{dp_replicate * dp_shard}, but torchrun started {env.world_size} processes: "
-                          "the product must equal the world size")
-    if dp_replicate == 1:
-        return init_device_mesh(env.device.type, (dp_shard,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(env.device.type, (dp_replicate, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    dp_replicate, dp_shard, cp_degree = mesh_shape(env.world_size, dp_replicate, dp_shard, cp_degree)
+    shard = "dp_shard" if cp_degree == 1 else "dp_shard_cp"
+    shape, names = (dp_shard * cp_degree,), (shard,)
+    if dp_replicate > 1:
+        shape, names = (dp_replicate, *shape), ("dp_replicate", *names)
+    fsdp = init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+    if cp_degree == 1:
+        return fsdp, None
+    cp_mesh = fsdp._unflatten(shard, (dp_shard, cp_degree), ("dp_shard", "cp"))["cp"]
+    return fsdp, CPGroup(cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_degree)
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None, reshard_after_forward: bool = True) -> None:
@@ -88,15 +131,22 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None, reshard_
 
 
 def parallelize(model: nn.Module, env: DistEnv, *, ac: str = "none", ac_every: int = 2, compile: bool = False,
-                dp_replicate: int = 1, dp_shard: int = -1, param_dtype: torch.dtype | None = None,
-                reshard_after_forward: bool = True, compile_backend: str = "inductor") -> dict:
-    """Apply AC, compile and (with more than one process) FSDP2 to ``model`` in place; returns what was
-    done, for the log: ``{"ac_layers", "compiled", "mesh"}``."""
-    done = {"ac_layers": apply_activation_checkpointing(model, ac, ac_every), "compiled": compile, "mesh": None}
+                dp_replicate: int = 1, dp_shard: int = -1, cp_degree: int = 1, cp_mode: str = "ulysses",
+                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+                compile_backend: str = "inductor") -> dict:
+    """Apply context parallelism, AC, compile and (with more than one process) FSDP2 to ``model`` in place;
+    returns what was done, for the log: ``{"ac_layers", "compiled", "mesh", "cp"}``."""
+    mesh = cp = None
+    if env.distributed:
+        mesh, cp = build_mesh(env, dp_replicate, dp_shard, cp_degree)
+    elif cp_degree > 1:
+        mesh_shape(env.world_size, dp_replicate, dp_shard, cp_degree)  # raises: one process cannot share a sequence
+    if cp is not None:
+        apply_context_parallel(model, cp, cp_mode)
+    done = {"ac_layers": apply_activation_checkpointing(model, ac, ac_every), "compiled": compile, "mesh": mesh,
+            "cp": cp}
     if compile:
         apply_compile(model, backend=compile_backend)
-    if env.distributed:
-        mesh = build_mesh(env, dp_replicate, dp_shard)
+    if mesh is not None:
         apply_fsdp(model, mesh, param_dtype, reshard_after_forward)
-        done["mesh"] = mesh
     return done

@@ -3,7 +3,10 @@ periodic validation, checkpoints with exact resume, and the end-of-run export an
 
 One process, or N under ``torchrun`` (FSDP2 over a device mesh, see ``parallel.py``): every rank runs
 this same loop on its shard of each global batch; the loss is normalised by the global number of
-scored tokens, so N ranks x B sequences give the gradients of one process with N x B sequences.
+scored tokens, so N ranks x B sequences give the gradients of one process with N x B sequences. With
+context parallelism (``parallel.cp_degree`` = n) a shard is a slice of every sequence of a data-parallel
+rank's batch; the same normalisation makes N ranks give the gradients of one process with N / n x B
+whole sequences.
 
 A step does not wait for the device: scored tokens are counted on the host before the copy, a
 non-finite step is skipped by the fused AdamW kernel itself (``found_inf``; on the CPU, where reading a
@@ -38,11 +41,11 @@ from olmo_hybrid.errors import CheckpointError, ConfigError, DataError, Divergen
 from olmo_hybrid.fsio import atomic_write_text
 from olmo_hybrid.model import HybridLM
 from olmo_hybrid.train.config import TrainConfig
-from olmo_hybrid.train.loss import ValResult, chunked_lm_loss, evaluate, loss_terms
+from olmo_hybrid.train.loss import IGNORE_INDEX, ValResult, chunked_lm_loss, evaluate, loss_terms
 from olmo_hybrid.train.metrics import (MetricsLogger, NullLogger, StepOutput, format_duration, peak_flops,
                                        peak_memory_gib, read_back)
 from olmo_hybrid.train.optim import build_optimizer, lr_at, set_lr
-from olmo_hybrid.train.parallel import parallelize
+from olmo_hybrid.train.parallel import data_parallel_layout, parallelize
 
 __all__ = ["Trainer", "TrainResult", "autocast_context", "resolve_device", "seed_everything", "train"]
 
@@ -99,7 +102,9 @@ class Trainer:
             ckpt.check_model_config(newest.path, to_dict(cfg.model))
         t = cfg.trainer
         self.env = init_distributed(t.device)
-        self.log = log = rank_zero(log, self.env)
+        self.log = rank_zero(log, self.env)
+        par = cfg.parallel
+        self.dp_rank, self.dp_size, self.cp_rank = data_parallel_layout(self.env, par.cp_degree)
         self.device = self.env.device
         self.fsdp = self.env.distributed
         self.bf16 = bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type != "cpu")
@@ -108,28 +113,15 @@ class Trainer:
         self.autocast = contextlib.nullcontext if self.fsdp else autocast_context(t.dtype, self.device)
         self._t_start = time.perf_counter()
         seed_everything(t.seed)
-        if cfg.data.path is None:
-            log("data: the bundled Shakespeare corpus (tokenized and cached on first use, ~10 s)")
-        if not self.env.is_main:
-            barrier(self.env)  # rank 0 prepares (and caches) the data first
-        self.train_set, self.val_set = open_datasets(cfg.data)
-        if self.env.is_main:
-            barrier(self.env)
-        if self.val_set is None:
-            raise DataError(f"{self.train_set.path} has no validation split: prepare it with val_fraction > 0")
-        self.tokenizer = self.train_set.tokenizer()
-        if self.train_set.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
-                              f"{self.train_set.path} ({self.train_set.vocab_size} ids)")
+        self._open_data()
         self._check_sample_prompt()
-        self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.env.rank, self.env.world_size)
         torch.manual_seed(t.seed)  # weight init depends only on the seed (the same on every rank)
         # On CUDA the weights are drawn on the GPU (seconds for a 1B model; the CPU takes minutes).
         with torch.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             self.model = HybridLM(cfg.model).to(self.device)
-        par = cfg.parallel
         self.plan = parallelize(self.model, self.env, ac=t.activation_checkpointing, ac_every=t.ac_every,
                                 compile=t.compile, dp_replicate=par.dp_replicate, dp_shard=par.dp_shard,
+                                cp_degree=par.cp_degree, cp_mode=par.cp_mode,
                                 param_dtype=torch.bfloat16 if bf16 else None,
                                 reshard_after_forward=par.reshard_after_forward)
         self.plain = not (self.fsdp or t.compile or self.plan["ac_layers"])
@@ -145,13 +137,70 @@ class Trainer:
         t, m = self.cfg.trainer, self.cfg.model
         if t.sample_tokens == 0:
             return
-        n = len(self.tokenizer.encode(t.sample_prompt))
+        n = len(self._sample_prompt(t.sample_prompt)[0])
         if n == 0:
             raise ConfigError(f"trainer.sample_prompt={t.sample_prompt!r} encodes to zero tokens: give a prompt, "
                               "or set trainer.sample_tokens=0")
         if m.n_attn_layers and n + t.sample_tokens > m.max_seq_len:
             raise ConfigError(f"trainer.sample_prompt ({n} tokens) + trainer.sample_tokens={t.sample_tokens} "
                               f"exceeds model.max_seq_len={m.max_seq_len}")
+
+    # -- what the data decides (post-training overrides these) ------------------------------------
+    def _open_data(self) -> None:
+        """Set ``train_set``, ``val_set``, ``tokenizer``, ``data_name`` (what errors about the data name) and
+        ``loader`` (``next_batch``, ``state_dict``, ``load_state_dict``): the prepared token stream and its windows."""
+        cfg, par = self.cfg, self.cfg.parallel
+        if cfg.data.path is None:
+            self.log("data: the bundled Shakespeare corpus (tokenized and cached on first use, ~10 s)")
+        if not self.env.is_main:
+            barrier(self.env)  # rank 0 prepares (and caches) the data first
+        self.train_set, self.val_set = open_datasets(cfg.data)
+        if self.env.is_main:
+            barrier(self.env)
+        self.data_name = str(self.train_set.path)
+        if self.val_set is None:
+            raise DataError(f"{self.train_set.path} has no validation split: prepare it with val_fraction > 0")
+        self.tokenizer = self.train_set.tokenizer()
+        if self.train_set.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of "
+                              f"{self.train_set.path} ({self.train_set.vocab_size} ids)")
+        self.loader = TrainLoader.from_config(cfg.data, self.train_set, self.dp_rank, self.dp_size,
+                                              cp_rank=self.cp_rank, cp_degree=par.cp_degree)
+
+    def _describe_data(self, tokens_per_step: int) -> float | None:
+        """Log what the run trains on; return the baseline the final validation loss is compared with."""
+        t = self.cfg.trainer
+        self.log(f"data: {self.train_set.path} ({self.train_set.n_tokens:,} train / {self.val_set.n_tokens:,} val "
+                 f"tokens, {self.tokenizer.name}); {tokens_per_step:,} tokens/step x {t.steps} steps = "
+                 f"{tokens_per_step * t.steps / 1e6:.2f}M tokens ({tokens_per_step * t.steps / self.train_set.n_tokens:.2f} epochs)")
+        unigram = unigram_loss(self.train_set, self.val_set)
+        self.log(f"unigram baseline on the validation split (same tokenizer): {unigram:.4f} nats/token")
+        return unigram
+
+    def _val_batches(self, max_batches: int | None) -> list[dict]:
+        """This rank's validation batches (the first ``max_batches``; None: all). Under FSDP every forward is
+        collective, so every rank returns the same number (ranks with fewer get filler that scores nothing).
+
+        Data-parallel rank r scores windows r, r + N, ... (``val_batches``), so N ranks with B sequences each
+        score the same tokens as one process with N x B (context-parallel ranks each score their slice)."""
+        d = self.cfg.data
+        cp = dict(cp_rank=self.cp_rank, cp_degree=self.cfg.parallel.cp_degree)
+        batches = list(val_batches(self.val_set, d.seq_len, d.batch_size, d.doc_masking, self.dp_rank, self.dp_size,
+                                   max_batches=max_batches, **cp))
+        n_max = int(all_reduce(torch.tensor([len(batches)], device=self.device), self.env, "max").item())
+        pad = n_max - len(batches)
+        if pad:
+            filler = next(val_batches(self.val_set, d.seq_len, 1, d.doc_masking, max_batches=1, **cp))
+            batches += [dict(filler, labels=torch.full_like(filler["labels"], IGNORE_INDEX))] * pad  # scores nothing
+        return batches
+
+    def _val_record(self, val: ValResult) -> dict:
+        """The metrics a validation pass adds to its step's record (``val_loss`` and ``val_bpb`` at least)."""
+        return {"val_loss": val.loss, "val_bpb": bits_per_byte(val.loss, self.val_set)}
+
+    def _sample_prompt(self, prompt: str) -> tuple[list[int], int | None]:
+        """The token ids the end-of-run sample starts from, and the id that ends it (None: it runs to its length)."""
+        return self.tokenizer.encode(prompt), None
 
     # -- pieces ------------------------------------------------------------------------------------
     def _logits(self, batch: dict, model=None, **kwargs) -> torch.Tensor:
@@ -219,8 +268,9 @@ class Trainer:
         current = json.loads(json.dumps(to_dict(self.cfg)))  # tuples as the saved JSON lists
         other = [f"{section}.{k}" for section in ("data", "optim", "schedule", "trainer")
                  for k, v in saved.get(section, {}).items() if current[section].get(k) != v]
-        saved_world = ckpt.read_checkpoint_world_size(info.path)
-        if saved["data"]["batch_size"] * saved_world == self.cfg.data.batch_size * self.env.world_size:
+        # data-parallel ranks: the processes of the checkpoint's run over its context-parallel degree
+        saved_dp = ckpt.read_checkpoint_world_size(info.path) // saved.get("parallel", {}).get("cp_degree", 1)
+        if saved["data"]["batch_size"] * saved_dp == self.cfg.data.batch_size * self.dp_size:
             other = [k for k in other if k != "data.batch_size"]  # the same global batch on another world size
         if other:
             self.log(f"note: config differs from the checkpoint's in {', '.join(other)} "
@@ -248,29 +298,17 @@ class Trainer:
             if self.env.distributed else fit
 
     def validate(self, max_batches: int | None = None) -> ValResult:
-        """Loss on the first ``max_batches`` validation batches of each rank (None: the whole split).
-
-        Rank r scores windows r, r + N, ... (``val_batches``), so N ranks with B sequences each score the
-        same tokens as one process with N x B. Under FSDP every forward is collective: ranks with fewer
-        batches run padding forwards whose scores are dropped.
-        """
-        d, env = self.cfg.data, self.env
-        batches = list(val_batches(self.val_set, d.seq_len, d.batch_size, d.doc_masking, env.rank, env.world_size,
-                                   max_batches=max_batches))
-        n_max = int(all_reduce(torch.tensor([len(batches)], device=self.device), env, "max").item())
-        pad = n_max - len(batches)
-        if pad:
-            filler = next(val_batches(self.val_set, d.seq_len, 1, d.doc_masking, max_batches=1))
-            batches += [dict(filler, labels=torch.full_like(filler["labels"], -100))] * pad  # scores nothing
+        """Loss on the first ``max_batches`` validation batches of each rank (None: the whole split)."""
+        batches = self._val_batches(max_batches)
 
         def score(batch):
             ce, _, _ = self._loss(batch, 1.0, self.model)
-            return ce, (batch["labels"] != -100).sum()
+            return ce, (batch["labels"] != IGNORE_INDEX).sum()
 
         self.model.eval()
         try:
             with torch.no_grad():
-                return evaluate(score, map(self._to_device, batches), reduce=lambda t: all_reduce(t, env))
+                return evaluate(score, map(self._to_device, batches), reduce=lambda t: all_reduce(t, self.env))
         finally:
             self.model.train()
 
@@ -281,7 +319,7 @@ class Trainer:
             ids = batch["input_ids"].numpy()
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= vocab:
-                raise DataError(f"{self.train_set.path}: token id {lo if lo < 0 else hi} at step {self.step + 1} is "
+                raise DataError(f"{self.data_name}: token id {lo if lo < 0 else hi} at step {self.step + 1} is "
                                 f"outside the model's vocabulary [0, {vocab}) (damaged token file?)")
 
     def train_step(self) -> StepOutput:
@@ -294,7 +332,7 @@ class Trainer:
         z_sum = torch.zeros((), device=self.device)
         micro = [self.loader.next_batch() for _ in range(t.grad_accum)]
         self._check_ids(micro)
-        n_tokens = sum(int((b["labels"].numpy() != -100).sum()) for b in micro)  # on the host: no sync
+        n_tokens = sum(int((b["labels"].numpy() != IGNORE_INDEX).sum()) for b in micro)  # on the host: no sync
         step_tokens = sum(b["input_ids"].numel() for b in micro) * self.env.world_size
         micro = [self._to_device(b) for b in micro]
         if self.fsdp:  # the global count stays on the device: the division below needs no sync
@@ -352,7 +390,7 @@ class Trainer:
         t, d = self.cfg.trainer, self.cfg.data
         self._prepare_run_dir()
         n_params = sum(p.numel() for p in self.model.parameters())
-        tokens_per_step = t.grad_accum * d.batch_size * d.seq_len * self.env.world_size
+        tokens_per_step = t.grad_accum * d.batch_size * d.seq_len * self.dp_size
         if self.fsdp:
             dtype = "bf16 params, fp32 reduction" if self.bf16 else "fp32"
         else:
@@ -360,11 +398,7 @@ class Trainer:
         self.log(f"model: {n_params / 1e6:.2f}M parameters ({self.model.num_params(embeddings=False) / 1e6:.2f}M "
                  f"without the embedding), layers {''.join(self.cfg.model.layer_types)}, {self.device}, {dtype}")
         self._log_plan()
-        self.log(f"data: {self.train_set.path} ({self.train_set.n_tokens:,} train / {self.val_set.n_tokens:,} val "
-                 f"tokens, {self.tokenizer.name}); {tokens_per_step:,} tokens/step x {t.steps} steps = "
-                 f"{tokens_per_step * t.steps / 1e6:.2f}M tokens ({tokens_per_step * t.steps / self.train_set.n_tokens:.2f} epochs)")
-        unigram = unigram_loss(self.train_set, self.val_set)
-        self.log(f"unigram baseline on the validation split (same tokenizer): {unigram:.4f} nats/token")
+        unigram = self._describe_data(tokens_per_step)
         logger = MetricsLogger(self.run_dir, t.steps, t.log_interval, resume_step=self.step,
                                tensorboard=t.tensorboard, wandb_project=t.wandb_project or None,
                                config=to_dict(self.cfg), log=self.log) if self.env.is_main else NullLogger()
@@ -376,8 +410,8 @@ class Trainer:
             logger.close()
         result.steps = self.step
         if result.final_val_loss is None:  # --resume of a run that had already finished
-            val = self.validate()
-            result.final_val_loss, result.final_val_bpb = val.loss, bits_per_byte(val.loss, self.val_set)
+            final = self._val_record(self.validate())
+            result.final_val_loss, result.final_val_bpb = final["val_loss"], final["val_bpb"]
         if t.export_hf or t.sample_tokens > 0:
             plain = self.plain_model()  # collective under FSDP; None on ranks other than 0
             if plain is not None and t.export_hf:
@@ -421,9 +455,9 @@ class Trainer:
                 # Periodic passes may use a prefix of the split; the final one scores all of it,
                 # on the same tokens as the unigram baseline.
                 val = self.validate(None if last or t.eval_batches == 0 else t.eval_batches)
-                records[-1].update(val_loss=val.loss, val_bpb=bits_per_byte(val.loss, self.val_set))
+                records[-1].update(self._val_record(val))
                 if last:
-                    result.final_val_loss, result.final_val_bpb = val.loss, records[-1]["val_bpb"]
+                    result.final_val_loss, result.final_val_bpb = records[-1]["val_loss"], records[-1]["val_bpb"]
             for r in records:
                 logger.log(r)
                 result.losses.append(r["loss"])
@@ -464,9 +498,11 @@ class Trainer:
     def _log_plan(self) -> None:
         t, plan = self.cfg.trainer, self.plan
         if self.env.distributed:
-            mesh = plan["mesh"]
+            mesh, par = plan["mesh"], self.cfg.parallel
+            cp = (f", context parallel {par.cp_degree} ({par.cp_mode}: each sequence split in {par.cp_degree} "
+                  f"slices of {self.cfg.data.seq_len // par.cp_degree} tokens)" if plan["cp"] is not None else "")
             self.log(f"parallel: {self.env.world_size} processes, FSDP2 over mesh "
-                     f"{dict(zip(mesh.mesh_dim_names, mesh.shape))} (torchrun; rank 0 logs)")
+                     f"{dict(zip(mesh.mesh_dim_names, mesh.shape))}{cp} (torchrun; rank 0 logs)")
         if plan["ac_layers"]:
             self.log(f"activation checkpointing ({t.activation_checkpointing}): blocks {plan['ac_layers']}")
         if t.compile:
@@ -495,10 +531,11 @@ class Trainer:
     def sample(self, prompt: str, max_new_tokens: int, temperature: float, model: HybridLM | None = None) -> str:
         model = model or self.model
         model.eval()
-        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
+        prompt_ids, end_id = self._sample_prompt(prompt)
+        ids = torch.tensor([prompt_ids], device=self.device)
         # The engine's seeded sampler: `olmo-hybrid generate RUN --seed S --top-p 1.0 ...` gives the same tokens.
         out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=self.cfg.trainer.sample_top_k, seed=self.cfg.trainer.seed)
+                             top_k=self.cfg.trainer.sample_top_k, seed=self.cfg.trainer.seed, eos_token_id=end_id)
         return self.tokenizer.decode(out[0].tolist())
 
     def _summary(self, r: TrainResult) -> None:

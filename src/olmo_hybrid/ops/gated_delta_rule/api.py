@@ -28,7 +28,7 @@ from ..checks import (
     resolve_settings,
 )
 from ..dispatch import select
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 
 
 def _check_sequence_args(op, q, k, v, g, beta, scale, initial_state, cu_seqlens, reset_mask) -> float:

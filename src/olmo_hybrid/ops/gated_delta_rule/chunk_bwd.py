@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 from ..triton_runtime import tl, triton
 from .chunk_common import (
     CHUNK,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 from ..triton_runtime import interpreting, tl, triton
 
 CHUNK = 64
@@ -185,7 +185,7 @@ def load_chunk_matrix(t0_ptr, c, hv, HV: tl.constexpr, BT: tl.constexpr):
 def dot_precision(dtype: torch.dtype, dot: str) -> str:
     """The kernels' dot precision for inputs of ``dtype``: exact fp32 ("ieee") for fp32 inputs; for 16-bit inputs
     ``dot`` (``KernelSettings.dot`` or ``dot_backward``: "bf16" operands with fp32 accumulation, fla's choice and
-    1.6x the speed of tf32 on an H100; "tf32", two thirds of the error; "tf32r"; docs/benchmarks.md). In the
+    1.6x the speed of tf32 on an H100; "tf32", two thirds of the error; "tf32r"; docs/benchmarks_history.md). In the
     interpreter the "emu" variants round operands explicitly (it ignores input_precision)."""
     if dtype in (torch.float32, torch.float64):
         return "ieee"
@@ -208,7 +208,7 @@ def operand_dtype(prec: str) -> torch.dtype:
 
 def kernel_config(K: int, V: int, prec: str, settings: KernelSettings) -> dict:
     """Block sizes and launch settings for dot precision ``prec``: ``settings`` where it sets them, else the
-    defaults chosen from ptxas shared-memory/spill reports and H100 runs (docs/benchmarks.md)."""
+    defaults chosen from ptxas shared-memory/spill reports and H100 runs (docs/benchmarks_history.md)."""
     # K tiles of at least 64 (zero columns loaded for smaller heads, never stored): the tile shapes the GPU tests
     # passed with (2026-11-22); K tiles of 16/32 have not been run on a GPU with the 4-warp backward below.
     BK = max(64, triton.next_power_of_2(K))

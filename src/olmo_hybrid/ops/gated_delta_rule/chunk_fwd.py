@@ -25,7 +25,7 @@ Forward kernels (one launch each; the backward ones are in ``chunk_bwd.py``, the
                    the backward reads instead of recomputing them. W and U are never stored.
 Exponents are always differences gamma_i - gamma_j with i >= j (<= 0), so nothing overflows for g <= 0.
 
-Dot precision: see ``chunk_common.py``; ``KernelSettings`` (``olmo_hybrid/ops/settings.py``) chooses it and the
+Dot precision: see ``chunk_common.py``; ``KernelSettings`` (``olmo_hybrid/config.py``) chooses it and the
 tiles and warps.
 """
 
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 from ..triton_runtime import tl, triton
 from .chunk_common import (
     CHUNK,

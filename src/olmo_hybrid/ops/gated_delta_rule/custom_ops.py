@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..settings import KernelSettings
+from olmo_hybrid.config import KernelSettings
 from ..triton_runtime import device_refusal, dtype_refusal, rows_contiguous
 from .chunk_bwd import chunk_gdr_bwd
 from .chunk_common import CHUNK, dot_precision, operand_dtype

@@ -1,0 +1,143 @@
+"""YaRN against transformers (rope_parameters -> frequencies -> logits, both directions), and its refusals."""
+
+import json
+
+import pytest
+import torch
+from test_hf_interop import VOCAB, randomize, rel_err
+
+from olmo_hybrid.config import ConfigError, ModelConfig, model_preset
+from olmo_hybrid.model import HybridLM
+from olmo_hybrid.model.hf_io import config_from_hf, read_config
+from olmo_hybrid.model.rope import rope_parameters
+
+transformers = pytest.importorskip("transformers")
+from transformers import OlmoHybridConfig, OlmoHybridForCausalLM  # noqa: E402
+from transformers.modeling_rope_utils import _compute_yarn_parameters  # noqa: E402
+
+ORIGINAL = 64  # sequences of 300 tokens run 4.7x past it
+# The paper's settings (factor 8, beta 32/1), then explicit attention factor without truncation, then DeepSeek-style
+# mscale / mscale_all_dim with other betas and a fractional factor.
+YARN_SETS = {
+    "paper": {"factor": 8.0, "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": ORIGINAL},
+    "attention_factor": {"factor": 4.0, "attention_factor": 1.3, "truncate": False,
+                         "original_max_position_embeddings": ORIGINAL},
+    "mscale": {"factor": 2.5, "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2,
+               "original_max_position_embeddings": 2 * ORIGINAL},
+}
+
+
+def hf_dict(theta=10_000.0, max_pos=512, **top) -> dict:
+    return {"model_type": "olmo_hybrid", "vocab_size": VOCAB, "hidden_size": 96, "intermediate_size": 160,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "linear_num_key_heads": 4, "linear_key_head_dim": 16,
+            "linear_value_head_dim": 32, "max_position_embeddings": max_pos, "pad_token_id": 0, "eos_token_id": 1,
+            "rope_theta": theta, **top}
+
+
+def tf_model(tmp_path, config: dict, seed=1):
+    """transformers' model from a config.json exactly as written (so its own legacy handling applies)."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    ref = OlmoHybridForCausalLM(OlmoHybridConfig.from_pretrained(tmp_path)).eval()
+    randomize(ref, seed)
+    ref.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # keep the original spelling for our loader
+    return ref
+
+
+@pytest.mark.parametrize("name", list(YARN_SETS))
+def test_yarn_frequencies_and_scaling_equal_transformers_bit_for_bit(name):
+    params = {"rope_theta": 500_000.0, "rope_type": "yarn", **YARN_SETS[name]}
+    tf = OlmoHybridConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=8 * ORIGINAL,
+                          rope_parameters=dict(params))
+    ref_freq, ref_scale = _compute_yarn_parameters(tf)
+    ours = config_from_hf({**hf_dict(), "hidden_size": 256, "num_attention_heads": 2, "rope_parameters": params})
+    freq, scale = rope_parameters(ours)
+    assert torch.equal(freq, ref_freq) and scale == ref_scale
+    assert not torch.equal(freq, rope_parameters(ModelConfig(**{**vars(ours), **_no_yarn()}))[0])
+
+
+def _no_yarn() -> dict:
+    return {"rope_type": "default", **{f: None for f in ("rope_factor", "rope_original_max_seq_len", "rope_beta_fast",
+                                                         "rope_beta_slow", "rope_attention_factor", "rope_mscale",
+                                                         "rope_mscale_all_dim", "rope_truncate")}}
+
+
+@pytest.mark.parametrize("name", ["paper", "mscale"])
+def test_import_yarn_checkpoint_equals_transformers(tmp_path, name):
+    ref = tf_model(tmp_path, hf_dict(rope_parameters={"rope_theta": 10_000.0, "rope_type": "yarn", **YARN_SETS[name]}))
+    ours = HybridLM.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_type == "yarn" and ours.config.rope_original_max_seq_len == \
+        YARN_SETS[name]["original_max_position_embeddings"]
+    x = torch.randint(0, VOCAB, (2, 300))
+    with torch.no_grad():
+        want = ref(x).logits
+        assert rel_err(ours(x), want) < 1e-4
+        # the same weights with plain RoPE are a different model: the comparison above can fail
+        plain = HybridLM(ModelConfig(**{**vars(ours.config), **_no_yarn()}), init=False)
+        plain.load_state_dict(ours.state_dict())
+        assert rel_err(plain(x), want) > 1e-2
+
+
+def test_legacy_rope_scaling_and_top_level_original_length_read_as_transformers_reads_them(tmp_path):
+    # rope_scaling replaces rope_parameters; the top-level rope_theta fills in, the top-level original length wins
+    # over the dict's.
+    config = hf_dict(theta=20_000.0, max_pos=300, original_max_position_embeddings=50,
+                     rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+                     rope_scaling={"type": "yarn", "factor": 6, "original_max_position_embeddings": 100,
+                                   "beta_fast": 8})
+    ref = tf_model(tmp_path, config)
+    assert ref.config.rope_parameters["rope_type"] == "yarn"  # transformers took rope_scaling too
+    ours = HybridLM.from_pretrained(tmp_path).eval()
+    c = ours.config
+    assert (c.rope_theta, c.rope_type, c.rope_original_max_seq_len, c.rope_factor, c.rope_beta_fast) == \
+        (20_000.0, "yarn", 50, 6.0, 8.0)
+    x = torch.randint(0, VOCAB, (2, 300))
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x).logits) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["paper", "attention_factor"])
+def test_export_yarn_to_transformers_and_round_trip(tmp_path, name):
+    s = YARN_SETS[name]
+    cfg = model_preset("tiny", vocab_size=VOCAB, d_model=96, n_layers=4, n_heads=4, gdn_heads=4, gdn_head_k=16,
+                       gdn_head_v=32, mlp_hidden=160, max_seq_len=512, rope_type="yarn",
+                       rope_factor=s["factor"], rope_original_max_seq_len=ORIGINAL,
+                       rope_beta_fast=s.get("beta_fast"), rope_beta_slow=s.get("beta_slow"),
+                       rope_attention_factor=s.get("attention_factor"), rope_truncate=s.get("truncate"))
+    ours = HybridLM(cfg).eval()
+    randomize(ours, 2)
+    ours.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    assert written == {"rope_theta": 10_000.0, "rope_type": "yarn", **s}
+    ref = OlmoHybridForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, VOCAB, (2, 300))
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x).logits) < 1e-4
+    assert read_config(tmp_path) == ours.config.resolved()  # every field survives the round trip
+
+
+def test_rope_settings_we_do_not_implement_are_refused_by_name(tmp_path):
+    yarn = {"rope_theta": 10_000.0, "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
+    cases = [({**yarn, "low_freq_factor": 1.0}, "'low_freq_factor', which rope_type 'yarn' does not take"),
+             ({**yarn, "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
+             ({"full_attention": yarn}, "per layer type is not supported"),
+             ({**yarn, "factor": "eight"}, r"rope_parameters.factor: expected a number"),
+             ({"rope_theta": 1e4, "rope_type": "yarn"}, "with rope_type 'yarn' needs 'factor'")]
+    for params, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            config_from_hf(hf_dict(rope_parameters=params))
+    # NoPE makes every other rope setting moot, in transformers as here
+    assert config_from_hf(hf_dict(rope_parameters={**yarn, "rope_theta": None})).rope_type == "default"
+    base = dict(vocab_size=61, d_model=48, n_layers=4, n_heads=4, gdn_heads=2, gdn_head_k=12, gdn_head_v=24,
+                mlp_hidden=96, rope_theta=10_000.0)
+    for extra, message in [({"rope_factor": 4.0}, "model.rope_factor: is a YaRN setting"),
+                           ({"rope_type": "yarn", "rope_original_max_seq_len": 64}, "model.rope_factor: is required"),
+                           ({"rope_type": "yarn", "rope_factor": 4.0, "rope_original_max_seq_len": 64,
+                             "rope_theta": None}, "rope_theta is null"),
+                           ({"rope_type": "yarn", "rope_factor": -1.0, "rope_original_max_seq_len": 64},
+                            "model.rope_factor: must be positive"),
+                           ({"rope_type": "yarn", "rope_factor": 2.0, "rope_original_max_seq_len": 64,
+                             "rope_beta_fast": 1.0, "rope_beta_slow": 4.0}, "at least rope_beta_slow")]:
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig(**{**base, **extra})
