@@ -130,20 +130,24 @@ def read_config(path: Path) -> ModelConfig:
     return config_from_hf(read_json_object(f, what="checkpoint config"), source=str(f))
 
 
+def weight_files(path: Path) -> tuple[list[str], dict | None]:
+    """The safetensors files transformers would read in ``path``, and the index's weight map (None for one file):
+    ``model.safetensors`` when present (transformers prefers it to an index beside it), else the index's shards."""
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    weight_map = read_json_object(index, what="checkpoint index", error=ValueError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
+    return sorted(set(weight_map.values())), weight_map
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    weight_map = None
-    if index.is_file():
-        weight_map = read_json_object(index, what="checkpoint index", error=ValueError).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    files, weight_map = weight_files(path)
     tensors = {}
     for name in files:
         if not (path / name).is_file():
@@ -152,7 +156,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         if weight_map is not None:
             absent = sorted(t for t, f in weight_map.items() if f == name and t not in shard)
             if absent:
-                raise ValueError(f"{path}: shard {name} lacks tensor '{absent[0]}' that {index.name} places there")
+                raise ValueError(f"{path}: shard {name} lacks tensor '{absent[0]}' that model.safetensors.index.json "
+                                 "places there")
         tensors.update(shard)
     # transformers drops multi-token-prediction heads on load (_keys_to_ignore_on_load_unexpected): so do we
     return {n: t for n, t in tensors.items() if not n.startswith("mtp")}
