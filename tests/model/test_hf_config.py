@@ -111,7 +111,8 @@ def test_all_gdn_pattern_transformers_refuses_computes_its_layers(tmp_path):
 
 def test_missing_fields_take_transformers_defaults(tmp_path, caplog):
     """A config.json with only the model type: the released shape (vocab 100352, hidden 3840, 30 heads ...), pad
-    100277, eos 100257, and RoPE at theta 10000 (with a warning: the released checkpoints are NoPE)."""
+    100277, eos 100257, as transformers; but no RoPE (the released weights' training), where transformers puts
+    theta 10000, with a warning that says so."""
     from transformers import OlmoHybridConfig
 
     with caplog.at_level(logging.WARNING):
@@ -129,13 +130,15 @@ def test_missing_fields_take_transformers_defaults(tmp_path, caplog):
     assert [{"G": G, "A": A}[t] for t in cfg.layer_types] == tf.layer_types
     assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (tf.pad_token_id, tf.bos_token_id,
                                                                       tf.eos_token_id)
-    assert (cfg.rope_theta, cfg.rope_type) == (tf.rope_parameters["rope_theta"], tf.rope_parameters["rope_type"])
+    assert tf.rope_parameters["rope_theta"] == 10000.0 and cfg.rope_theta is None
+    assert "transformers would apply RoPE with theta 10000" in caplog.text
 
 
 def test_small_config_without_optional_fields_equals_transformers(tmp_path):
-    # no pad/eos (transformers' 100277 / 100257 need the full vocabulary), no rope (theta 10000), no head counts
+    # no pad/eos (transformers' 100277 / 100257 need the full vocabulary), no head counts; the theta is the one
+    # key given (a config without it is NoPE here, RoPE at 10000 in transformers: test above)
     config = {"model_type": "olmo_hybrid", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
-              "num_attention_heads": 2}
+              "num_attention_heads": 2, "rope_theta": 10000.0}
     ref = tf_model(tmp_path, config)
     ours = HybridLM.from_pretrained(tmp_path).eval()
     assert ours.config.rope_theta == 10_000.0 and ours.config.pad_token_id == 100277

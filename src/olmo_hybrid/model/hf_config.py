@@ -3,7 +3,8 @@ OlmoHybridForCausalLM read it (transformers 5.25).
 
 Every key falls in one of three sets (the table is docs/architecture.md, "config.json fields"):
 - read: the model's shape and numerics. A missing key takes transformers' default (hidden_size 3840, pad_token_id
-  100277, RoPE theta 10000, ...), so we build what transformers builds from the same file;
+  100277, ...), so we build what transformers builds from the same file; the one exception is a config without
+  any rope_theta, read as NoPE (the released weights) where transformers would use theta 10000;
 - refused unless at the one value we implement (hidden_act silu, attention_bias false, attention_dropout 0,
   head_dim = hidden_size / num_attention_heads, no quantization_config, rope types other than default and yarn):
   the error names the key and its value;
@@ -68,7 +69,6 @@ _ROPE_KEYS_TOP = {"rope_parameters", "rope_scaling", "rope_theta", "partial_rota
 _OTHER_KEYS = {"layer_types", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
                "linear_key_head_dim", "linear_value_head_dim", "hidden_act", "attention_bias", "attention_dropout",
                "head_dim", "quantization_config"}
-DEFAULT_ROPE_THETA = 10_000.0  # transformers' when a config.json names no theta at all
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
@@ -160,8 +160,8 @@ def rope_from_hf(d: dict, source: str = "config.json") -> dict:
     """ModelConfig's rope fields from a config.json, read as transformers reads them: the legacy ``rope_scaling``
     dict, when present, replaces ``rope_parameters``; a top-level ``rope_theta`` or
     ``original_max_position_embeddings`` fills in (the latter takes precedence over the dict's; without either the
-    original length is max_position_embeddings); no theta anywhere means transformers' default, 10000 (with a
-    warning: the released checkpoints are NoPE and say so with an explicit null). A null theta is NoPE, and then
+    original length is max_position_embeddings); no theta anywhere is read as NoPE, as the released weights were
+    trained, where transformers would use theta 10000 (with a warning saying so). A null theta is NoPE, and then
     every other rope setting is moot, as in transformers. A rope type we do not implement, or a setting of one we
     do (an unknown key, a partial rotary factor), is refused by name.
     """
@@ -176,9 +176,12 @@ def rope_from_hf(d: dict, source: str = "config.json") -> dict:
     elif "rope_theta" in d:
         theta = d["rope_theta"]
     else:
-        log.warning("%s: no rope_theta: RoPE with transformers' default theta %g, as transformers does (a NoPE "
-                    "checkpoint, like the released ones, must say rope_theta: null)", source, DEFAULT_ROPE_THETA)
-        theta = DEFAULT_ROPE_THETA
+        # The one key where we do not follow transformers: the released weights were trained without RoPE after
+        # their long-context stage, and configs of them that lacked the key are known; transformers would put
+        # RoPE at theta 10000 on them, a model that was never trained.
+        log.warning("%s: no rope_theta: read as no RoPE, as the released OLMo Hybrid weights were trained "
+                    "(transformers would apply RoPE with theta 10000 here); write rope_theta to choose", source)
+        theta = None
     rope_type = params.get("rope_type", params.get("type", "default"))
     if theta is None:
         return {"rope_theta": None, "rope_type": "default"}
