@@ -155,7 +155,9 @@ REFUSED = [
     ("chat", dict(response_format={"type": "json_object"}), "response_format"),
     ("chat", dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
     ("chat", dict(tool_choice="auto"), "tool_choice"),
-    ("chat", dict(n=2), "n"),
+    ("chat", dict(n=0), "n"),
+    ("chat", dict(n=9), "n"),  # more choices than the server holds at once (4 slots + 4 queued)
+    ("chat", dict(messages=[{"role": "user", "content": "Hi", "name": "Bob"}]), "messages[0].name"),
     ("chat", dict(top_logprobs=2), "top_logprobs"),  # without logprobs=true
     ("chat", dict(top_logprobs=21, logprobs=True), "top_logprobs"),
     ("chat", dict(extra_body={"reasoning_effort": "low"}), "reasoning_effort"),
@@ -170,14 +172,16 @@ REFUSED = [
 def test_unsupported_fields_are_refused_by_name_and_their_neutral_values_accepted(server):
     url, _ = server
     client = openai_client(url)
-    create = {"chat": lambda **kw: client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, **kw),
+    create = {"chat": lambda **kw: client.chat.completions.create(**{"model": MODEL_NAME, "messages": QUESTION, **kw}),
               "completions": lambda **kw: client.completions.create(model=MODEL_NAME, prompt=PROMPT, **kw)}
     for endpoint, kw, param in REFUSED:
         with pytest.raises(openai.BadRequestError) as e:
             create[endpoint](max_tokens=2, **kw)
         assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error", kw
     neutral = dict(max_tokens=2, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, n=1, temperature=0)
-    create["chat"](response_format={"type": "text"}, tool_choice="none", **neutral)
+    echoed = [*QUESTION, {"role": "assistant", "content": "On the mat.", "refusal": None, "tool_calls": []},
+              {"role": "user", "content": "Why?", "name": ""}]
+    create["chat"](response_format={"type": "text"}, tool_choice="none", messages=echoed, **neutral)
     create["completions"](echo=False, best_of=1, **neutral)
 
 
@@ -201,8 +205,31 @@ def test_a_batch_of_prompts_gets_one_choice_per_prompt(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL_NAME, prompt=[PROMPT, [1, 10**6]], max_tokens=2)
     assert e.value.body["param"] == "prompt[1]"
-    with pytest.raises(openai.BadRequestError, match="exceeds what this server holds"):
+    with pytest.raises(openai.BadRequestError, match="9 prompt.* exceed the 8 requests") as e:
         client.completions.create(model=MODEL_NAME, prompt=[PROMPT] * 9, max_tokens=2)
+    assert e.value.body["param"] == "prompt"
+
+
+def test_n_choices_sample_with_seed_plus_their_index(server):
+    url, srv = server
+    client = openai_client(url)
+    kw = dict(model=MODEL_NAME, messages=QUESTION, max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(n=3, seed=5, **kw)
+    texts = [c.message.content for c in out.choices]
+    assert [c.index for c in out.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert texts == [client.chat.completions.create(seed=5 + j, **kw).choices[0].message.content for j in range(3)]
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (3 * len(srv.served.render_chat(QUESTION)), 24)
+    chunks = list(client.chat.completions.create(n=3, seed=5, stream=True, **kw))
+    assert [c.choices[0].index for c in chunks[:3]] == [0, 1, 2] and {c.choices[0].delta.role for c in chunks[:3]} \
+        == {"assistant"}
+    assert ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == j)
+            for j in range(3)] == texts
+    # A batch of two prompts with n=2: prompt after prompt, each prompt's choices together.
+    batch = client.completions.create(model=MODEL_NAME, prompt=[PROMPT, "the dog"], n=2, max_tokens=4, seed=1,
+                                      temperature=1.0)
+    alone = [client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=4, seed=s, temperature=1.0)
+             for p in (PROMPT, "the dog") for s in (1, 2)]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
 
 
 def test_model_health_and_error_routes(server):

@@ -122,7 +122,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert e.value.body["code"] == "model_not_found"
     cases = [
         (dict(prompt=PROMPT, max_tokens=-1), "max_tokens"),
-        (dict(prompt=PROMPT, max_tokens=3, n=2), "n"),
+        (dict(prompt=PROMPT, max_tokens=3, n=0), "n"),
         (dict(prompt="the cat " * 200, max_tokens=3), "prompt"),
         (dict(prompt=PROMPT, max_tokens=158), "max_tokens"),
         (dict(prompt=PROMPT, max_tokens=3, top_p=0), "top_p"),

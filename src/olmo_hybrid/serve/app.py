@@ -1,9 +1,10 @@
 """The HTTP server: an OpenAI-compatible Starlette app over an :class:`EngineLoop`.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events with
-``stream=true``), ``GET /v1/models``, ``GET /v1/models/{name}``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every error is an
-OpenAI error object (``{"error": {"message", "type", "param", "code"}}``): 400 for a request we cannot run,
-404 for an unknown model or route, 429 when the queue is full, 503 while shutting down, 500 for a bug (which
+``stream=true``; a request's choices, n per prompt, run as separate engine requests), ``GET /v1/models``,
+``GET /v1/models/{name}``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every error is an OpenAI error
+object (``{"error": {"message", "type", "param", "code"}}``): 400 for a request we cannot run, 404 for an unknown
+model or route, 405 for a wrong method, 429 when the queue is full, 503 while shutting down, 500 for a bug (which
 fails that request only).
 
 A request's slot is freed as soon as its client goes away: every response watches the connection for
@@ -148,10 +149,6 @@ class Server:
 
     async def _submit(self, parsed: ParsedRequest) -> list[RequestHandle]:
         """Hand every choice of ``parsed`` to the engine, all or none (a refused one releases the others)."""
-        capacity = self.engine.max_batch + self.loop.max_queue
-        if len(parsed.generations) > capacity:
-            raise APIError(400, f"a batch of {len(parsed.generations)} prompts exceeds what this server holds at "
-                           f"once ({capacity} requests): send smaller batches", "prompt")
         handles, accepted = [], False
         try:
             for gen in parsed.generations:
@@ -210,8 +207,8 @@ class Server:
                       arrived: float) -> AsyncIterator[bytes]:
         chat, name, usage = parsed.chat, self.served.name, parsed.include_usage
         created = int(time.time())
-        if chat:
-            yield _sse(protocol.chunk(rid, name, chat, created, role=True, include_usage=usage))
+        for index in range(len(handles) if chat else 0):
+            yield _sse(protocol.chunk(rid, name, chat, created, role=True, include_usage=usage, index=index))
         ends = []
         choices = [self._choice_chunks(h, i, parsed, rid, created, arrived) for i, h in enumerate(handles)]
         async for item in _merged(choices):

@@ -1,13 +1,15 @@
-"""The OpenAI HTTP protocol: request validation into a :class:`GenerationRequest`, responses, stream chunks, errors.
+"""The OpenAI HTTP protocol: request validation into :class:`GenerationRequest` s, responses, stream chunks, errors.
 
 Every field a request may carry is named here. Fields that would change the computation in a way this server
-does not implement (``n > 1``, penalties, ``logit_bias``, ``echo``, tools, ...) are refused with a 400 that
-names them, never ignored; unknown fields are refused too. Extensions beyond OpenAI's API: ``top_k`` (0 or -1:
-no limit) and ``ignore_eos`` (generate exactly ``max_tokens``), as in vLLM.
+does not implement (penalties, ``logit_bias``, ``echo``, ``best_of``, tools, a message's ``name``, ...) are
+refused with a 400 that names them, never ignored; unknown fields are refused too. A request has ``n`` choices
+per prompt (completions take a batch of prompts), each its own engine request. Extensions beyond OpenAI's API:
+``top_k`` (0 or -1: no limit) and ``ignore_eos`` (generate exactly ``max_tokens``), as in vLLM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -56,11 +58,12 @@ class ServedModel:
     max_context: int
     tokenizer: object  # encode(text) -> ids, decode(ids) -> text
     render_chat: object  # list of {"role", "content"} messages -> prompt token ids
+    max_choices: int = 1  # choices (prompts x n) one request may have: the requests the server holds at once
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    generations: tuple[GenerationRequest, ...]  # one per choice: chat has one, a batch of prompts one per prompt
+    generations: tuple[GenerationRequest, ...]  # one per choice: n per prompt, prompt after prompt
     stream: bool
     include_usage: bool
     chat: bool
@@ -105,10 +108,6 @@ def _refuse_unsupported(body: dict, allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad(f"n={n!r} is not supported: this server returns one choice per request (n=1); send {n!r} "
-                  "requests instead", "n", "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise bad(f"{name} is not supported (only 0)", name, "unsupported_parameter")
@@ -157,6 +156,18 @@ def _sampling(body: dict) -> SamplingParams:
     top_k = _integer(body, "top_k", 0, -1)
     seed = _integer(body, "seed", None, 0, 2**63 - 1)
     return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
+
+
+def _choices(body: dict, sampling: SamplingParams, prompts: int, served: ServedModel) -> list[SamplingParams]:
+    """The sampling of each of the ``n`` choices of a prompt: with a seed, choice j samples with seed + j (so the
+    choices differ, and a request repeats); without, each gets its own random seed."""
+    n = _integer(body, "n", 1, 1)
+    if prompts * n > served.max_choices:
+        raise bad(f"{prompts} prompt(s) x n={n} choices exceed the {served.max_choices} requests this server holds "
+                  "at once: send fewer prompts or a smaller n", "n" if n > 1 else "prompt")
+    if n == 1 or sampling.seed is None:
+        return [sampling] * n
+    return [dataclasses.replace(sampling, seed=(sampling.seed + j) % 2**63) for j in range(n)]
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
@@ -222,6 +233,10 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             raise bad(f"messages[{i}] must be an object with a role in {', '.join(CHAT_ROLES)}, got {m!r}",
                       f"messages[{i}].role")
+        for key, value in m.items():  # a client may echo a reply back with empty fields; others change the prompt
+            if key not in ("role", "content") and value not in (None, [], ""):
+                raise bad(f"messages[{i}].{key} is not supported (the chat template renders a message's role and "
+                          "content only)", f"messages[{i}].{key}", "unsupported_parameter")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -241,9 +256,13 @@ def parse_completion(body: dict, served: ServedModel) -> ParsedRequest:
     check_model(body.get("model"), served)
     sampling, stream, stop = _sampling(body), _stream(body), _stop(body)
     logprobs, ignore_eos = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS), _boolean(body, "ignore_eos")
-    gens = tuple(GenerationRequest(ids, _max_tokens(body, served, len(ids), 16, "max_tokens", param), sampling,
-                                   stop, ignore_eos, logprobs) for param, ids in _prompts(body, served))
-    return ParsedRequest(gens, stream[0], stream[1], chat=False)
+    prompts = _prompts(body, served)
+    choices = _choices(body, sampling, len(prompts), served)
+    gens = []
+    for param, ids in prompts:
+        max_tokens = _max_tokens(body, served, len(ids), 16, "max_tokens", param)
+        gens += [GenerationRequest(ids, max_tokens, s, stop, ignore_eos, logprobs) for s in choices]
+    return ParsedRequest(tuple(gens), stream[0], stream[1], chat=False)
 
 
 def parse_chat(body: dict, served: ServedModel) -> ParsedRequest:
@@ -265,8 +284,10 @@ def parse_chat(body: dict, served: ServedModel) -> ParsedRequest:
     if top is not None and not body.get("logprobs"):
         raise bad("top_logprobs needs logprobs=true", "top_logprobs")
     logprobs = (top or 0) if _boolean(body, "logprobs") else None
-    gen = GenerationRequest(ids, max_tokens, sampling, _stop(body), _boolean(body, "ignore_eos"), logprobs)
-    return ParsedRequest((gen,), stream[0], stream[1], chat=True)
+    stop, ignore_eos = _stop(body), _boolean(body, "ignore_eos")
+    gens = tuple(GenerationRequest(ids, max_tokens, s, stop, ignore_eos, logprobs)
+                 for s in _choices(body, sampling, 1, served))
+    return ParsedRequest(gens, stream[0], stream[1], chat=True)
 
 
 # -- responses -----------------------------------------------------------------------------------------
