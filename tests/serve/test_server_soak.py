@@ -36,6 +36,8 @@ def random_request(rng: random.Random) -> tuple[str, dict, str]:
         body["stop"] = rng.choice([" ", "at", ["o", "e"]])
     if rng.random() < 0.1:
         body["logprobs"] = True if chat else rng.randint(0, 3)
+    if rng.random() < 0.1:
+        body["n"] = 2
     if body["stream"] and rng.random() < 0.3:
         body["stream_options"] = {"include_usage": True}
     text = rng.choice(STEMS) + rng.choice(["", "the cat", "a dog", "on the log", "mat"])
@@ -45,7 +47,7 @@ def random_request(rng: random.Random) -> tuple[str, dict, str]:
         body["prompt"] = text
     what = "disconnect" if rng.random() < 0.15 else "read"
     if rng.random() < 0.05:
-        field, values = rng.choice([("max_tokens", [-1, 0]), ("n", [2, 5]), ("temperature", [-1, float("inf")])])
+        field, values = rng.choice([("max_tokens", [-1, 0]), ("n", [0, 100]), ("temperature", [-1, float("inf")])])
         body[field] = rng.choice(values)
         what = "bad"
     return ("/v1/chat/completions" if chat else "/v1/completions"), body, what
