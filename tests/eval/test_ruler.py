@@ -125,6 +125,15 @@ def test_samples_are_deterministic_and_vary_by_index(tok, hay):
     assert a == b and a.outputs != c.outputs
 
 
+@pytest.mark.parametrize("task", ["niah_single_2", "niah_multikey_2", "fwe"])
+def test_a_sample_depends_only_on_seed_task_length_and_index(tok, hay, task):
+    # the fitted haystack size of earlier samples seeds later searches; it must not change their result
+    in_order = RulerGenerator(tok, hay, seed=7).samples(task, 1024, 3)
+    other = RulerGenerator(tok, hay, seed=7)
+    other.samples(task, 1500, 1)
+    assert other.sample(task, 1024, 2) == RulerGenerator(tok, hay, seed=7).sample(task, 1024, 2) == in_order[2]
+
+
 def test_too_short_length_and_unknown_task_errors(gen):
     with pytest.raises(ValueError, match="too short"):
         gen.sample("niah_multivalue", 150, 0)
