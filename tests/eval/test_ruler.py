@@ -200,3 +200,23 @@ def test_run_ruler_pipeline_scores_and_files(tok, hay, tmp_path):
     text = paths["json"].read_text()
     assert '"ruler_average"' in text and "Shakespeare" in text
     assert "| RULER average | 100.0 | 100.0 |" in paths["markdown"].read_text()
+
+
+def test_a_haystack_of_whole_lines_gives_the_largest_sample_that_fits(gen, tok, monkeypatch):
+    # niah_multikey_3's haystack is uuid key-value lines (~25 dolma2 tokens each): at 900 tokens no whole number of
+    # lines lands within 1%. As in RULER, the sample is the largest that fits, not an error.
+    fitted = []
+    fit = RulerGenerator._fit
+
+    def recording_fit(self, render, prefix, budget, n_min, n_max, key):
+        n = fit(self, render, prefix, budget, n_min, n_max, key)
+        fitted.append((render, prefix, budget, n))
+        return n
+
+    monkeypatch.setattr(RulerGenerator, "_fit", recording_fit)
+    samples = gen.samples("niah_multikey_3", 900, 3)
+    assert any(s.length < 0.99 * 900 for s in samples)  # the case this test is about
+    for s, (render, prefix, budget, n) in zip(samples, fitted):
+        assert s.length <= 900
+        inp, answer_prefix, _ = render(n + 1)
+        assert len(tok.encode(prefix + inp + answer_prefix)) > budget  # one more line would not fit

