@@ -181,6 +181,10 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
         raise CheckpointError("--resume and --overwrite contradict each other: continue the run or start it over")
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"--out {run_dir} is a file, not a directory")
+    for parent in run_dir.absolute().parents:
+        if is_run_dir(parent):  # that run's --overwrite or checkpoint rotation would delete this one
+            raise CheckpointError(f"--out {run_dir} is inside the run directory {parent}: choose a directory "
+                                  "outside it")
     if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
         return
     if not is_run_dir(run_dir):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, coerce_field, read_json_object
+from olmo_hybrid.fsio import default_permissions
 from olmo_hybrid.model.hybrid import HybridLM
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ _LAYER_TYPE = {"linear_attention": GDN, "full_attention": ATTN, "mamba2": MAMBA}
 MAMBA2_NOTE = ("Written by olmo-hybrid for a layer pattern with Mamba2 layers ('mamba2' in layer_types), which "
                "transformers' olmo_hybrid model does not implement: this is olmo-hybrid's own format. Load it with "
                "olmo_hybrid.model.HybridLM.from_pretrained; transformers' AutoModel refuses the model type.")
+# config.json settings with one implemented value (None: the key may be absent or null); any other is refused by name.
+_FIXED_SETTINGS = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None),
+                   "sliding_window": (None,), "use_sliding_window": (False, None)}
 # config.json key -> ModelConfig field, for the Mamba2 layers (transformers' Mamba2Config names, prefixed).
 _MAMBA2_FIELDS = {"mamba_expand": "mamba_expand", "mamba_head_dim": "mamba_head_dim",
                   "mamba_state_size": "mamba_state_size", "mamba_n_groups": "mamba_n_groups",
@@ -55,6 +59,15 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
         return d[key]
 
     n_layers, d_model, n_heads = need("num_hidden_layers"), need("hidden_size"), need("num_attention_heads")
+    for key, allowed in _FIXED_SETTINGS.items():
+        if d.get(key) not in allowed:
+            implemented = [repr(a) for a in allowed if a is not None]
+            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported (olmo_hybrid implements "
+                              f"{' or '.join(implemented) if implemented else 'none: leave it null or absent'})")
+    head_dim = d.get("head_dim")
+    if head_dim is not None and isinstance(n_heads, int) and n_heads > 0 and head_dim * n_heads != d_model:
+        raise ConfigError(f"{source}: head_dim={head_dim!r} is not supported: olmo_hybrid's attention heads are "
+                          f"hidden_size / num_attention_heads = {d_model} / {n_heads} wide")
     layer_types = d.get("layer_types") or [
         "full_attention" if i % 4 == 3 else "linear_attention" for i in range(n_layers)]
     unknown = sorted(set(layer_types) - set(_LAYER_TYPE))
@@ -287,10 +300,14 @@ def _kind(cfg: ModelConfig, i: int, name: str) -> str:
 def read_config(path: Path) -> ModelConfig:
     f = path / "config.json"
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {path} " + ("is a file" if path.exists() else "does not exist"))
     if not f.is_file():
         raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face olmo_hybrid checkpoint)")
-    return config_from_hf(read_json_object(f, what="checkpoint config"), source=str(f))
+    d = read_json_object(f, what="checkpoint config")
+    if "model_type" not in d and {"model", "trainer"} <= set(d):
+        raise ConfigError(f"{f} is a training run's config, not a Hugging Face checkpoint's: load the run with "
+                          "olmo_hybrid.checkpoint.load_model_and_tokenizer (or use its hf/ export)")
+    return config_from_hf(d, source=str(f))
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -318,12 +335,17 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
     cfg = read_config(path)
     tensors = canonical_state_dict(_read_tensors(path), cfg)
     dtype = dtype or torch.float32
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     with torch.device("meta"):
         model = HybridLM(cfg, init=False)
     expected = model.state_dict()
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
+        head, embed = tensors.pop("lm_head.weight", None), tensors.get("model.embed_tokens.weight")
+        if head is not None and embed is not None and not torch.equal(head, embed):
+            raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from "
+                             "model.embed_tokens.weight (loading would drop the trained LM head)")
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -336,7 +358,16 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
         if tuple(tensors[name].shape) != tuple(ref.shape):
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
                              f"the config implies {tuple(ref.shape)}")
+    for name in expected:
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: tensor '{name}' is stored as {t.dtype}, expected a floating-point dtype")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor '{name}' holds non-finite values (NaN or inf): the checkpoint is "
+                             "damaged or from a diverged run")
     state = {n: tensors[n].to(device=device or "cpu", dtype=dtype) for n in expected}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -384,6 +415,7 @@ def save_pretrained(model: HybridLM, path, dtype: torch.dtype | None = None, tok
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            default_permissions(tmp / fname)
             names.append(fname)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
