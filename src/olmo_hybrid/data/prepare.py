@@ -35,7 +35,7 @@ import numpy as np
 
 from olmo_hybrid.data.corpus import SHAKESPEARE_ASSET, DataError, Document, FileDocuments, HFDocuments, \
     ListDocuments, bundled_corpus
-from olmo_hybrid.data.tokenizer import DOLMA2, Tokenizer, load_tokenizer, train_bpe
+from olmo_hybrid.data.tokenizer import DOLMA2, Tokenizer, check_bpe_vocab, load_tokenizer, train_bpe
 from olmo_hybrid.errors import WriteError
 from olmo_hybrid.fsio import failure_reason, install_dir, staging_dir
 
@@ -306,6 +306,8 @@ def prepare(inputs: Sequence[str | Path] | None, out_dir: str | Path, *, tokeniz
         raise DataError("give exactly one of: input files, a Hugging Face dataset, or a list of documents")
     if workers is not None and workers < 1:
         raise DataError(f"workers must be at least 1 (or None for the default), got {workers}")
+    if bpe_vocab is not None:
+        check_bpe_vocab(bpe_vocab)
     if workers is not None and workers > 4 * (os.cpu_count() or 1):
         raise DataError(f"workers={workers} is far more processes than this machine's {os.cpu_count()} cores")
     if hf_dataset is not None:
