@@ -21,6 +21,15 @@ def test_info_reports_config_figures(capsys):
     assert rows["model"]["params_non_embedding"] == cfg.num_params(embeddings=False)
 
 
+def test_info_prints_small_states_in_units_that_show_them():
+    from olmo_hybrid.cli.info import human_bytes
+
+    assert human_bytes(4096) == "4.00 KiB"  # a tiny model's GDN state: was "0.00 MiB"
+    assert human_bytes(3 * 2**20) == "3.00 MiB"
+    assert human_bytes(7.5 * 2**30) == "7.500 GiB"
+    assert human_bytes(0) == "0.00 KiB"
+
+
 def test_convert_normalizes_and_verifies(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=4, n_heads=2, gdn_heads=2, gdn_head_k=8, gdn_head_v=16,

@@ -348,6 +348,11 @@ class ModelConfig:
     max_seq_len: int = 65536
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Token ids of a Hugging Face config.json, written back on export. pad_token_id is also the embedding row that
+    # never receives a gradient (transformers builds its embedding with padding_idx=pad_token_id); None for none.
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
     # The Triton kernels' numerics and tiles (``model.kernels.dot=tf32``); not part of the HF config: a checkpoint
     # loads with the defaults, a run directory with the settings it trained with.
     kernels: KernelSettings = dataclasses.field(default_factory=KernelSettings)
@@ -434,6 +439,9 @@ class ModelConfig:
                 bad("mamba_n_groups", f"{self.mamba_n_groups} does not divide the {self.mamba_heads} Mamba2 heads")
         if not self.norm_eps > 0:
             bad("norm_eps", f"must be positive, got {self.norm_eps}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            bad("pad_token_id", f"{self.pad_token_id} is not a token id (vocab_size={self.vocab_size}); it names the "
+                "embedding row that gets no gradient")
 
     def _validate_yarn(self, bad) -> None:
         set_fields = [f for f in YARN_FIELDS if getattr(self, f) is not None]

@@ -29,6 +29,29 @@ def randomize(model, seed):
         p.copy_(1.0 + 0.2 * noise if p.dim() == 1 else 0.25 * noise)
 
 
+def tf_model(path, config: dict, seed=1, **tf_overrides):
+    """transformers' model from a config.json exactly as written (so its own defaults and legacy handling apply),
+    with random weights saved in ``path``; the config.json stays as written, for our loader. ``tf_overrides`` are
+    set on transformers' config after its validation (a layer pattern it refuses): its save_pretrained would
+    refuse that config, so the state dict is written as it is in memory (fused conv)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    tf_cfg = OlmoHybridConfig.from_pretrained(path)
+    for key, value in tf_overrides.items():
+        setattr(tf_cfg, key, value)
+    torch.manual_seed(0)
+    ref = OlmoHybridForCausalLM(tf_cfg).eval()
+    randomize(ref, seed)
+    if tf_overrides:
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous() for n, t in ref.state_dict().items()}, str(path / "model.safetensors"))
+    else:
+        ref.save_pretrained(path)
+        (path / "config.json").write_text(json.dumps(config))
+    return ref
+
+
 def tf_config(theta):
     return OlmoHybridConfig(
         vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_hf_interop import VOCAB, randomize, rel_err
+from test_hf_interop import VOCAB, randomize, rel_err, tf_model
 
 from olmo_hybrid.config import ConfigError, ModelConfig, model_preset
 from olmo_hybrid.model import HybridLM
@@ -34,24 +34,14 @@ def hf_dict(theta=10_000.0, max_pos=512, **top) -> dict:
             "rope_theta": theta, **top}
 
 
-def tf_model(tmp_path, config: dict, seed=1):
-    """transformers' model from a config.json exactly as written (so its own legacy handling applies)."""
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    ref = OlmoHybridForCausalLM(OlmoHybridConfig.from_pretrained(tmp_path)).eval()
-    randomize(ref, seed)
-    ref.save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(config))  # keep the original spelling for our loader
-    return ref
-
-
 @pytest.mark.parametrize("name", list(YARN_SETS))
 def test_yarn_frequencies_and_scaling_equal_transformers_bit_for_bit(name):
     params = {"rope_theta": 500_000.0, "rope_type": "yarn", **YARN_SETS[name]}
     tf = OlmoHybridConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=8 * ORIGINAL,
                           rope_parameters=dict(params))
     ref_freq, ref_scale = _compute_yarn_parameters(tf)
-    ours = config_from_hf({**hf_dict(), "hidden_size": 256, "num_attention_heads": 2, "rope_parameters": params})
+    ours = config_from_hf({**hf_dict(), "hidden_size": 256, "num_attention_heads": 2, "linear_num_value_heads": 4,
+                           "rope_parameters": params})
     freq, scale = rope_parameters(ours)
     assert torch.equal(freq, ref_freq) and scale == ref_scale
     assert not torch.equal(freq, rope_parameters(ModelConfig(**{**vars(ours), **_no_yarn()}))[0])

@@ -49,12 +49,17 @@ def read_model_config(path: str | Path):
 
 def stored_dtype(hf_dir: str | Path) -> torch.dtype:
     """The floating-point dtype most tensors of a HF checkpoint are stored in (from the safetensors headers)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from olmo_hybrid.model.hf_io import weight_files
 
     counts: Counter = Counter()
-    for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            counts.update(st.get_slice(k).get_dtype() for k in st.keys())
+    try:
+        for name in weight_files(Path(hf_dir))[0]:
+            with safe_open(str(Path(hf_dir) / name), framework="pt") as st:
+                counts.update(st.get_slice(k).get_dtype() for k in st.keys())
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"{hf_dir}: {e}") from e
     floating = [(n, d) for d, n in counts.items() if d in _SAFETENSORS_DTYPES]
     return _SAFETENSORS_DTYPES[max(floating)[1]] if floating else torch.float32
 

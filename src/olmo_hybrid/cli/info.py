@@ -24,8 +24,10 @@ def resolve_config(name_or_dir: str) -> ModelConfig:
     return read_model_config(name_or_dir)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:,.3f} GiB" if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size or unit == "KiB":
+            return f"{n / size:,.3f} {unit}" if unit == "GiB" else f"{n / size:,.2f} {unit}"
 
 
 def summarize(cfg: ModelConfig, seq_len: int, context: int, kv_bytes: int) -> dict:
@@ -70,5 +72,5 @@ def main(argv: list[str]) -> int:
                       f"{b['train_flops_per_token']:.4g}"))
     print(f"inference memory per sequence @ {args.context} tokens:")
     for key in ("kv_cache", "gdn_state", "mamba_state", "conv_state", "total"):
-        print(line.format(f"  {key}", _gib(ma[key]), _gib(mb[key])))
+        print(line.format(f"  {key}", human_bytes(ma[key]), human_bytes(mb[key])))
     return 0

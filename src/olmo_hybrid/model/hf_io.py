@@ -1,4 +1,4 @@
-"""Hugging Face ``olmo_hybrid`` checkpoints: config.json <-> ModelConfig, and safetensors weights.
+"""Hugging Face ``olmo_hybrid`` checkpoints: safetensors weights (config.json: ``model/hf_config.py``).
 
 Our module names are the checkpoint's names, so loading is a copy after a rename table that accepts the
 variants found in the wild (listed in docs/architecture.md): older HF norm names, OLMo-core's exporter names
@@ -13,6 +13,7 @@ building something else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,188 +24,12 @@ from pathlib import Path
 
 import torch
 
-from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, coerce_field, read_json_object
+from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, read_json_object
 from olmo_hybrid.fsio import default_permissions
+from olmo_hybrid.model.hf_config import MAMBA2_MODEL_TYPE, config_from_hf, config_to_hf
 from olmo_hybrid.model.hybrid import HybridLM
 
 log = logging.getLogger(__name__)
-
-MAMBA2_MODEL_TYPE = "olmo_hybrid_mamba2"  # our own format: patterns with Mamba2 layers
-MODEL_TYPES = ("olmo_hybrid", "olmo3_5_hybrid", "olmo3_2_hybrid", MAMBA2_MODEL_TYPE)
-_LAYER_TYPE = {"linear_attention": GDN, "full_attention": ATTN, "mamba2": MAMBA}
-MAMBA2_NOTE = ("Written by olmo-hybrid for a layer pattern with Mamba2 layers ('mamba2' in layer_types), which "
-               "transformers' olmo_hybrid model does not implement: this is olmo-hybrid's own format. Load it with "
-               "olmo_hybrid.model.HybridLM.from_pretrained; transformers' AutoModel refuses the model type.")
-# config.json settings with one implemented value (None: the key may be absent or null); any other is refused by name.
-_FIXED_SETTINGS = {"hidden_act": ("silu", None), "attention_bias": (False, None), "mlp_bias": (False, None),
-                   "sliding_window": (None,), "use_sliding_window": (False, None)}
-# config.json key -> ModelConfig field, for the Mamba2 layers (transformers' Mamba2Config names, prefixed).
-_MAMBA2_FIELDS = {"mamba_expand": "mamba_expand", "mamba_head_dim": "mamba_head_dim",
-                  "mamba_state_size": "mamba_state_size", "mamba_n_groups": "mamba_n_groups",
-                  "mamba_conv_kernel": "mamba_conv_size", "mamba_chunk_size": "mamba_chunk_size",
-                  "mamba_use_bias": "mamba_proj_bias", "mamba_use_conv_bias": "mamba_conv_bias"}
-
-
-# --------------------------------------------------------------------------------------------------
-# config.json
-
-
-def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
-    if d.get("model_type") not in MODEL_TYPES:
-        raise ConfigError(f"{source}: model_type must be one of {MODEL_TYPES}, got {d.get('model_type')!r}")
-
-    def need(key):
-        if key not in d or d[key] is None:
-            raise ConfigError(f"{source}: missing required field '{key}'")
-        return d[key]
-
-    n_layers, d_model, n_heads = need("num_hidden_layers"), need("hidden_size"), need("num_attention_heads")
-    for key, allowed in _FIXED_SETTINGS.items():
-        if d.get(key) not in allowed:
-            implemented = [repr(a) for a in allowed if a is not None]
-            raise ConfigError(f"{source}: {key}={d[key]!r} is not supported (olmo_hybrid implements "
-                              f"{' or '.join(implemented) if implemented else 'none: leave it null or absent'})")
-    head_dim = d.get("head_dim")
-    if head_dim is not None and isinstance(n_heads, int) and n_heads > 0 and head_dim * n_heads != d_model:
-        raise ConfigError(f"{source}: head_dim={head_dim!r} is not supported: olmo_hybrid's attention heads are "
-                          f"hidden_size / num_attention_heads = {d_model} / {n_heads} wide")
-    layer_types = d.get("layer_types") or [
-        "full_attention" if i % 4 == 3 else "linear_attention" for i in range(n_layers)]
-    unknown = sorted(set(layer_types) - set(_LAYER_TYPE))
-    if unknown:
-        raise ConfigError(f"{source}: layer_types has unsupported entries {unknown} (expected {list(_LAYER_TYPE)})")
-    if ("mamba2" in layer_types) != (d["model_type"] == MAMBA2_MODEL_TYPE):
-        raise ConfigError(f"{source}: layer type 'mamba2' goes with model_type '{MAMBA2_MODEL_TYPE}' (this project's "
-                          f"format) and only with it; got model_type {d['model_type']!r} with layer types "
-                          f"{sorted(set(layer_types))}")
-    if len(layer_types) != n_layers:
-        raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries, num_hidden_layers={n_layers}")
-    gdn_heads = d.get("linear_num_key_heads") or n_heads
-    head_k = d.get("linear_key_head_dim") or int(0.75 * d_model / gdn_heads)
-    mamba = {field: d[key] for key, field in _MAMBA2_FIELDS.items() if d.get(key) is not None}
-    cfg = ModelConfig(
-        vocab_size=need("vocab_size"), d_model=d_model, n_layers=n_layers,
-        layer_pattern="".join(_LAYER_TYPE[t] for t in layer_types),
-        n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads"), **rope_from_hf(d, source),
-        gdn_heads=gdn_heads, gdn_v_heads=d.get("linear_num_value_heads"), gdn_head_k=head_k,
-        gdn_head_v=d.get("linear_value_head_dim") or 2 * head_k,
-        gdn_conv_size=d.get("linear_conv_kernel_dim", 4),
-        gdn_allow_neg_eigval=d.get("linear_allow_neg_eigval", True),
-        mlp_hidden=need("intermediate_size"), norm_eps=d.get("rms_norm_eps", 1e-6),
-        max_seq_len=d.get("max_position_embeddings", 65536),
-        tie_embeddings=d.get("tie_word_embeddings", False), init_std=d.get("initializer_range", 0.02), **mamba,
-    )
-    heads = d.get("mamba_num_heads")
-    if heads is not None and heads != cfg.mamba_heads:
-        raise ConfigError(f"{source}: mamba_num_heads={heads} disagrees with mamba_expand * hidden_size / "
-                          f"mamba_head_dim = {cfg.mamba_heads}")
-    return cfg
-
-
-# rope_parameters keys (transformers) <-> ModelConfig fields, for the rope types we implement.
-_YARN_KEYS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_seq_len",
-              "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "attention_factor": "rope_attention_factor",
-              "mscale": "rope_mscale", "mscale_all_dim": "rope_mscale_all_dim", "truncate": "rope_truncate"}
-_ROPE_KEYS = {"default": {"rope_theta", "rope_type", "type", "partial_rotary_factor"}}
-_ROPE_KEYS["yarn"] = _ROPE_KEYS["default"] | set(_YARN_KEYS)
-
-
-def rope_from_hf(d: dict, source: str = "config.json") -> dict:
-    """ModelConfig's rope fields from a config.json, read as transformers reads them: the legacy ``rope_scaling``
-    dict, when present, replaces ``rope_parameters``; a top-level ``rope_theta`` or
-    ``original_max_position_embeddings`` fills in (the latter takes precedence over the dict's; without either the
-    original length is max_position_embeddings).
-
-    One deliberate difference: a missing or null rope_theta means NoPE, not transformers' silent default of 10000
-    (the released checkpoints were trained without RoPE at the end; docs/architecture.md), and with NoPE every
-    other rope setting is moot, as in transformers. A rope type we do not implement passes through to be refused by
-    the model by name; a setting of an implemented type we do not implement (an unknown key, a partial rotary
-    factor) is refused here.
-    """
-    params = d.get("rope_scaling") or d.get("rope_parameters") or {}
-    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
-    if not isinstance(params, dict):
-        raise ConfigError(f"{source}: {key} must be a JSON object, got {params!r}")
-    if "rope_type" not in params and "type" not in params and {"full_attention", "linear_attention"} & set(params):
-        raise ConfigError(f"{source}: {key} given per layer type is not supported (olmo_hybrid takes one dict)")
-    theta = params.get("rope_theta", d.get("rope_theta"))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if theta is None:
-        return {"rope_theta": None, "rope_type": "default"}
-    if rope_type not in _ROPE_KEYS:
-        return {"rope_theta": theta, "rope_type": rope_type}
-    unknown = sorted(set(params) - _ROPE_KEYS[rope_type])
-    if unknown:
-        raise ConfigError(f"{source}: {key} has {', '.join(map(repr, unknown))}, which rope_type {rope_type!r} does "
-                          f"not take here (known: {', '.join(sorted(_ROPE_KEYS[rope_type]))})")
-    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ConfigError(f"{source}: partial_rotary_factor={partial} is not supported (olmo_hybrid rotates the "
-                          "whole attention head)")
-    out = {"rope_theta": coerce_field(ModelConfig, "rope_theta", theta, f"{source}: rope_theta"), "rope_type": rope_type}
-    if rope_type == "yarn":
-        for k, field in _YARN_KEYS.items():
-            if params.get(k) is not None:
-                out[field] = coerce_field(ModelConfig, field, params[k], f"{source}: {key}.{k}")
-        if d.get("original_max_position_embeddings") is not None:
-            out["rope_original_max_seq_len"] = coerce_field(ModelConfig, "rope_original_max_seq_len",
-                                                            d["original_max_position_embeddings"],
-                                                            f"{source}: original_max_position_embeddings")
-        out.setdefault("rope_original_max_seq_len", d.get("max_position_embeddings", 65536))
-        if "rope_factor" not in out:  # transformers refuses it too
-            raise ConfigError(f"{source}: {key} with rope_type 'yarn' needs 'factor'")
-        if "truncate" in params and params["truncate"] is None:
-            out["rope_truncate"] = False  # transformers reads a null truncate as false
-    return out
-
-
-def rope_to_hf(cfg: ModelConfig) -> dict:
-    """``rope_parameters`` for config.json: theta (null for NoPE), type, and every YaRN setting that is set."""
-    out = {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type}
-    out.update({k: getattr(cfg, field) for k, field in _YARN_KEYS.items() if getattr(cfg, field) is not None})
-    return out
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eos_token_id=None, pad_token_id=None,
-                 bos_token_id=None) -> dict:
-    cfg = cfg.resolved()
-    inv = {v: k for k, v in _LAYER_TYPE.items()}
-    mamba = MAMBA in cfg.layer_types
-    extra = {}
-    if mamba:
-        extra = {"olmo_hybrid_note": MAMBA2_NOTE, "mamba_num_heads": cfg.mamba_heads,
-                 **{key: getattr(cfg, field) for key, field in _MAMBA2_FIELDS.items()}}
-    return {
-        "architectures": ["OlmoHybridMamba2ForCausalLM" if mamba else "OlmoHybridForCausalLM"],
-        "model_type": MAMBA2_MODEL_TYPE if mamba else "olmo_hybrid",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.mlp_hidden,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        # Written explicitly, null for NoPE, so transformers does not fall back to theta=10000.
-        "rope_parameters": rope_to_hf(cfg),
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "layer_types": [inv[t] for t in cfg.layer_types],
-        "linear_num_key_heads": cfg.gdn_heads,
-        "linear_num_value_heads": cfg.gdn_v_heads,
-        "linear_key_head_dim": cfg.gdn_head_k,
-        "linear_value_head_dim": cfg.gdn_head_v,
-        "linear_conv_kernel_dim": cfg.gdn_conv_size,
-        "linear_allow_neg_eigval": cfg.gdn_allow_neg_eigval,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "bos_token_id": bos_token_id,
-        "dtype": str(dtype).removeprefix("torch."),
-        **extra,
-    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,23 +135,37 @@ def read_config(path: Path) -> ModelConfig:
     return config_from_hf(d, source=str(f))
 
 
+def weight_files(path: Path) -> tuple[list[str], dict | None]:
+    """The safetensors files transformers would read in ``path``, and the index's weight map (None for one file):
+    ``model.safetensors`` when present (transformers prefers it to an index beside it), else the index's shards."""
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    weight_map = read_json_object(index, what="checkpoint index", error=ValueError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
+    return sorted(set(weight_map.values())), weight_map
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    files, weight_map = weight_files(path)
     tensors = {}
     for name in files:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: shard {name} named in the index is missing")
-        tensors.update(load_file(str(path / name)))
-    return tensors
+        shard = load_file(str(path / name))
+        if weight_map is not None:
+            absent = sorted(t for t, f in weight_map.items() if f == name and t not in shard)
+            if absent:
+                raise ValueError(f"{path}: shard {name} lacks tensor '{absent[0]}' that model.safetensors.index.json "
+                                 "places there")
+        tensors.update(shard)
+    # transformers drops multi-token-prediction heads on load (_keys_to_ignore_on_load_unexpected): so do we
+    return {n: t for n, t in tensors.items() if not n.startswith("mtp")}
 
 
 def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict: bool = True) -> HybridLM:
@@ -342,10 +181,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
     expected = model.state_dict()
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
-        head, embed = tensors.pop("lm_head.weight", None), tensors.get("model.embed_tokens.weight")
-        if head is not None and embed is not None and not torch.equal(head, embed):
-            raise ValueError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from "
-                             "model.embed_tokens.weight (loading would drop the trained LM head)")
+        tensors.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing:
@@ -397,9 +233,12 @@ def save_pretrained(model: HybridLM, path, dtype: torch.dtype | None = None, tok
     if cfg.tie_embeddings:
         state.pop("lm_head.weight")
     out_dtype = dtype or next(iter(state.values())).dtype
-    if tokenizer is not None:
-        eos_token_id = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
+    # Token ids: given here, else the model's (a loaded checkpoint's), else the tokenizer's.
+    ids = {}
+    for name, given in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        value = next((v for v in (given, getattr(cfg, name), getattr(tokenizer, name, None)) if v is not None), None)
+        if value is not None:
+            ids[name] = value
     shards, current, size = [], {}, 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
@@ -421,7 +260,7 @@ def save_pretrained(model: HybridLM, path, dtype: torch.dtype | None = None, tok
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": {n: names[i] for i, s in enumerate(shards) for n in s}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf = config_to_hf(cfg, out_dtype, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        hf = config_to_hf(dataclasses.replace(cfg, **ids), out_dtype)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         if tokenizer is not None:
             tokenizer.save(tmp)

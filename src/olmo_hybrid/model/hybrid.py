@@ -71,7 +71,8 @@ class AttnBlock(nn.Module):
 class HybridModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        # padding_idx: that row gets no gradient, as in transformers (forward unchanged)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         blocks = {GDN: GDNBlock, ATTN: AttnBlock, MAMBA: Mamba2Block}
         self.layers = nn.ModuleList(blocks[kind](config) for kind in config.layer_types)
         self.norm = RMSNorm(config.d_model, config.norm_eps)

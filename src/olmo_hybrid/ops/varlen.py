@@ -40,6 +40,19 @@ def unpad_varlen(y: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     return y[doc, pos].unsqueeze(0)
 
 
+def scan_documents(scan, op: str, rows: tuple, state, reset_mask, cu_seqlens):
+    """``scan(*rows, state, reset_mask) -> (o, final_state)`` over rows [B, T, H, *]; with ``cu_seqlens`` the
+    packed documents of the one row become rows of their own first (each its own state) and ``o`` is packed back."""
+    if cu_seqlens is None:
+        return scan(*rows, state, reset_mask)
+    offsets = cu_seqlens_offsets(cu_seqlens, rows[0].shape[1], op)
+    rows = tuple(pad_varlen(x, offsets) for x in rows)
+    if reset_mask is not None:
+        reset_mask = pad_varlen(reset_mask, offsets)
+    o, s = scan(*rows, state, reset_mask)
+    return unpad_varlen(o, offsets), s
+
+
 def reset_mask_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """bool [B, T]: True where ``doc_ids`` differs from the previous token's (never at t = 0, so a row's first
     document continues from the initial state)."""

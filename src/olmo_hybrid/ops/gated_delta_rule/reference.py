@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ..varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
+from ..chunked_decay import chunk_decays, compute_dtype, from_chunks, loop_scan, to_chunks
+from ..varlen import scan_documents
 
 # 32, not the Triton kernels' 64: on the CPU the smaller chunk does about a quarter fewer flops (the intra-chunk
 # matrices shrink, the state pass stays) and trains the tiny model ~5% faster, with the same accuracy.
@@ -36,10 +37,6 @@ L2NORM_EPS = 1e-6
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(sum(x^2) + 1e-6) over the last dim (fla's in-kernel q/k normalisation)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
-
-
-def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(q.dtype, torch.float32)
 
 
 def _prepare_qk(q, k, num_v_heads: int, scale: float, use_qk_l2norm: bool, dtype: torch.dtype):
@@ -59,32 +56,11 @@ def _chunk_scan(q, k, v, g, beta, state, reset):
     """Chunked gated delta rule over rows [B, T, HV, *] (q already scaled); returns (o, final state)."""
     B, T, HV, K = k.shape
     V = v.shape[-1]
-    C = CHUNK_SIZE
-    n_chunks = -(-T // C)
-    pad = n_chunks * C - T
-
-    def chunked(x):  # [B, T, HV, *] -> [B, HV, n_chunks, C, *], zero padded (beta = 0, g = 0 keep S unchanged)
-        x = x.transpose(1, 2)
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else torch.nn.functional.pad(x, (0, pad))
-        return x.reshape(B, HV, n_chunks, C, *x.shape[3:])
-
     s = torch.zeros(B, HV, K, V, dtype=q.dtype, device=q.device) if state is None else state.to(q.dtype)
     if T == 0:
         return v.new_zeros(B, 0, HV, V), s
-    q, k, v, g, beta = chunked(q), chunked(k), chunked(v), chunked(g), chunked(beta)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # Gate sums over (j, i] as sums of those terms only, not differences of cumsums: with strongly negative gates
-    # the chunk cumsum reaches ~1e3 and its float32 differences would lose ~1e-4 absolute.
-    gate_sums = g[..., :, None].expand(*g.shape, C).tril(-1).cumsum(-2)  # [i, j] = sum of g over (j, i]
-    decay_in = g.cumsum(-1).exp()
-    if reset is None:
-        connected = causal
-    else:
-        seg = torch.nn.functional.pad(reset, (0, pad)).reshape(B, 1, n_chunks, C).cumsum(-1)
-        connected = causal & (seg[..., :, None] == seg[..., None, :])
-        decay_in = decay_in * (seg == 0)
-    # Masked entries become -inf before exp, so exp never sees a positive exponent (no inf, no NaN gradients).
-    decay = gate_sums.masked_fill(~connected, float("-inf")).exp()
+    q, k, v, g, beta = (to_chunks(x, CHUNK_SIZE) for x in (q, k, v, g, beta))
+    decay, decay_in = chunk_decays(g, reset)
 
     beta_ = beta[..., None]
     a = ((beta_ * k) @ k.transpose(-1, -2) * decay).tril(-1)
@@ -107,22 +83,12 @@ def _chunk_scan(q, k, v, g, beta, state, reset):
     states = torch.stack(states, dim=2)  # [B, HV, n_chunks, K, V], state entering each chunk
     deltas = torch.stack(deltas, dim=2)
     o = (q * decay_in[..., None]) @ states + (q @ k.transpose(-1, -2) * decay) @ deltas
-    o = o.reshape(B, HV, n_chunks * C, V)[:, :, :T].transpose(1, 2)
-    return o, s
+    return from_chunks(o, T), s
 
 
 def _loop_scan(q, k, v, g, beta, state, reset):
     """Token-by-token gated delta rule over rows [B, T, HV, *] (q already scaled)."""
-    B, T, HV, K = k.shape
-    s = torch.zeros(B, HV, K, v.shape[-1], dtype=q.dtype, device=q.device) if state is None else state.to(q.dtype)
-    outs = []
-    for t in range(T):
-        if reset is not None:
-            s = torch.where(reset[:, t, None, None, None], 0.0, s)
-        o, s = _step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
-        outs.append(o)
-    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, HV, v.shape[-1])
-    return o, s
+    return loop_scan(_step, q, k, v, g, None if state is None else state.to(q.dtype), reset, beta)
 
 
 def _step(q, k, v, g, beta, s):
@@ -135,17 +101,10 @@ def _step(q, k, v, g, beta, s):
 
 def _run(scan, op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
          use_qk_l2norm_in_kernel, reset_mask):
-    out_dtype, dtype = q.dtype, _compute_dtype(q)
+    out_dtype, dtype = q.dtype, compute_dtype(q)
     q, k = _prepare_qk(q, k, v.shape[2], scale, use_qk_l2norm_in_kernel, dtype)
     v, g, beta = v.to(dtype), g.to(dtype), beta.to(dtype)
-    if cu_seqlens is not None:
-        offsets = cu_seqlens_offsets(cu_seqlens, q.shape[1], op)
-        q, k, v, g, beta = (pad_varlen(x, offsets) for x in (q, k, v, g, beta))
-        if reset_mask is not None:
-            reset_mask = pad_varlen(reset_mask, offsets)
-    o, s = scan(q, k, v, g, beta, initial_state, reset_mask)
-    if cu_seqlens is not None:
-        o = unpad_varlen(o, offsets)
+    o, s = scan_documents(scan, op, (q, k, v, g, beta), initial_state, reset_mask, cu_seqlens)
     return o.to(out_dtype), (s if output_final_state else None)
 
 
@@ -168,7 +127,7 @@ def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale, use_qk_l2norm_in
                                 active=None):
     """One decode step; arguments as ``olmo_hybrid.ops.gated_delta_rule_step`` (the specification of
     ``inplace`` and ``active``)."""
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     qs, ks = _prepare_qk(q, k, v.shape[1], scale, use_qk_l2norm_in_kernel, dtype)
     o, s = _step(qs, ks, v.to(dtype), g.to(dtype), beta.to(dtype), state.to(dtype))
     o = o.to(q.dtype)

@@ -22,15 +22,11 @@ token t clears the state before t is processed; resets enter only through Gamma 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
+from ..chunked_decay import chunk_decays, compute_dtype, from_chunks, loop_scan, to_chunks
+from ..varlen import scan_documents
 
 CHUNK_SIZE = 64
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -43,31 +39,11 @@ def _chunk_scan(q, k, v, g, state, reset):
     """Chunked scan over rows [B, T, H, *]; state [B, H, N, P] (N = q/k dim, P = v dim). Returns (o, state)."""
     B, T, H, N = k.shape
     P = v.shape[-1]
-    C = CHUNK_SIZE
-    n_chunks = -(-T // C)
-    pad = n_chunks * C - T
     s = torch.zeros(B, H, N, P, dtype=q.dtype, device=q.device) if state is None else state
     if T == 0:
         return v.new_zeros(B, 0, H, P), s
-
-    def chunked(x):  # [B, T, H, *] -> [B, H, n_chunks, C, *], zero padded (g = 0, v = 0 keep S unchanged)
-        x = x.transpose(1, 2)
-        x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
-        return x.reshape(B, H, n_chunks, C, *x.shape[3:])
-
-    q, k, v, g = chunked(q), chunked(k), chunked(v), chunked(g)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # Gate sums over (j, i] summed directly rather than as differences of cumsums, which lose precision once
-    # the cumsum is large (fast decay).
-    gate_sums = g[..., :, None].expand(*g.shape, C).tril(-1).cumsum(-2)  # [i, j] = sum of g over (j, i]
-    decay_in = g.cumsum(-1).exp()
-    if reset is None:
-        connected = causal
-    else:
-        seg = F.pad(reset, (0, pad)).reshape(B, 1, n_chunks, C).cumsum(-1)
-        connected = causal & (seg[..., :, None] == seg[..., None, :])
-        decay_in = decay_in * (seg == 0)
-    decay = gate_sums.masked_fill(~connected, float("-inf")).exp()  # exp never sees a positive exponent
+    q, k, v, g = (to_chunks(x, CHUNK_SIZE) for x in (q, k, v, g))
+    decay, decay_in = chunk_decays(g, reset)
 
     k_out = (k * decay[..., -1, :, None]).transpose(-1, -2)  # keys decayed to the end of their chunk, [N, C]
     kv = k_out @ v  # [B, H, n_chunks, N, P], each chunk's own contribution to the state leaving it
@@ -80,39 +56,28 @@ def _chunk_scan(q, k, v, g, state, reset):
         s = decay_n * s + kv_n
     states = torch.stack(states, dim=2)  # [B, H, n_chunks, N, P], the state entering each chunk
     o = (q * decay_in[..., None]) @ states + (q @ k.transpose(-1, -2) * decay) @ v
-    o = o.reshape(B, H, n_chunks * C, P)[:, :, :T].transpose(1, 2)
-    return o, s
+    return from_chunks(o, T), s
+
+
+def _step(q, k, v, g, s):
+    """One token: q, k [B, H, N], v [B, H, P], g [B, H], s [B, H, N, P]."""
+    s = s * g.exp()[..., None, None] + k[..., :, None] * v[..., None, :]
+    return torch.einsum("bhnp,bhn->bhp", s, q), s
 
 
 def _loop_scan(q, k, v, g, state, reset):
     """Token-by-token scan over rows [B, T, H, *]; state [B, H, N, P]."""
-    B, T, H, N = k.shape
-    s = torch.zeros(B, H, N, v.shape[-1], dtype=q.dtype, device=q.device) if state is None else state
-    outs = []
-    for t in range(T):
-        if reset is not None:
-            s = torch.where(reset[:, t, None, None, None], 0.0, s)
-        s = s * g[:, t].exp()[..., None, None] + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append(torch.einsum("bhnp,bhn->bhp", s, q[:, t]))
-    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1])
-    return o, s
+    return loop_scan(_step, q, k, v, g, state, reset)
 
 
 def _run(scan, op, x, dt, A, B, C, D, initial_state, output_final_state, cu_seqlens, reset_mask):
-    out_dtype, dtype = x.dtype, _compute_dtype(x)
+    out_dtype, dtype = x.dtype, compute_dtype(x)
     H = x.shape[2]
     x, dt = x.to(dtype), dt.to(dtype)
     q, k = _expand_groups(C.to(dtype), H), _expand_groups(B.to(dtype), H)
     v, g = x * dt[..., None], dt * A.to(dtype)
     state = None if initial_state is None else initial_state.to(dtype).transpose(-1, -2)  # [P, N] -> [N, P]
-    if cu_seqlens is not None:
-        offsets = cu_seqlens_offsets(cu_seqlens, x.shape[1], op)
-        q, k, v, g = (pad_varlen(t, offsets) for t in (q, k, v, g))
-        if reset_mask is not None:
-            reset_mask = pad_varlen(reset_mask, offsets)
-    o, s = scan(q, k, v, g, state, reset_mask)
-    if cu_seqlens is not None:
-        o = unpad_varlen(o, offsets)
+    o, s = scan_documents(scan, op, (q, k, v, g), state, reset_mask, cu_seqlens)
     if D is not None:
         o = o + D.to(dtype)[:, None] * x
     return o.to(out_dtype), (s.transpose(-1, -2) if output_final_state else None)
@@ -135,7 +100,7 @@ def recurrent_ssd_torch(x, dt, A, B, C, D=None, initial_state=None, output_final
 def ssd_step_torch(x, dt, A, B, C, state, D=None, inplace=False, active=None):
     """One decode token; arguments as ``olmo_hybrid.ops.ssd_step`` (the specification of ``inplace`` and
     ``active``)."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     H = x.shape[1]
     xs, dts = x.to(dtype), dt.to(dtype)
     b, c = _expand_groups(B.to(dtype), H), _expand_groups(C.to(dtype), H)
