@@ -23,8 +23,8 @@ from olmo_hybrid.cli import COMMANDS, main
 # RUN (a run directory), TEXT (a text file), EMPTY (an empty directory), STRANGER (a directory of other files),
 # MISSING (a path that does not exist), OUT (a new output directory), CHAT / BADCHAT (conversations, the second
 # without an assistant turn), PAIRS / SAMEPAIR (preference pairs, the second with chosen == rejected), LATIN /
-# LATINCHAT (a text file / conversations whose line 2 is Latin-1, not UTF-8), GELU / SLIDING (HF checkpoints whose
-# config.json asks for a setting we do not implement), NANHF (a HF checkpoint with a NaN weight).
+# LATINCHAT (a text file / conversations whose line 2 is Latin-1, not UTF-8), GELU (a HF checkpoint whose config.json
+# asks for a setting we do not implement), NANHF (a HF checkpoint with a NaN weight).
 BAD_INPUTS = {
     "train": [(["--bogus"], "unrecognized arguments: --bogus"),
               (["optim.lr=inf", "--dry-run"], "optim.lr: expected a finite number"),
@@ -80,12 +80,10 @@ BAD_INPUTS = {
                 (["HF", "STRANGER"], "is not empty and is not a Hugging Face checkpoint"),
                 (["HF", "OUT", "--max-shard-size", "lots"], "--max-shard-size"),
                 (["HF", "OUT", "--dtype", "fp8"], "invalid choice: 'fp8'"),
-                (["HF", "HF/copy"], "is inside the checkpoint being converted"),
-                (["SLIDING", "OUT"], "sliding_window=128 is not supported")],
+                (["HF", "HF/copy"], "is inside the checkpoint being converted")],
     "info": [(["MISSING"], "neither a preset"),
              (["EMPTY"], "neither a Hugging Face checkpoint"),
-             (["tiny", "--seq-len", "0"], "--seq-len must be >= 1"),
-             (["SLIDING"], "sliding_window=128 is not supported")],
+             (["tiny", "--seq-len", "0"], "--seq-len must be >= 1")],
     "eval": [(["MISSING"], "does not exist"),
              (["HF", "--suite", "speed"], "unknown suite(s) speed"),
              (["HF", "--suite", ""], "--suite is empty"),
@@ -158,7 +156,7 @@ def places(tiny_checkpoints, tmp_path_factory):
     (root / "latin1.txt").write_bytes("ok\nna\u00efve\n".encode("latin-1"))
     (root / "latinchat.jsonl").write_bytes((json.dumps({"messages": turn}) + "\n").encode() +
                                           json.dumps({"messages": turn}).replace("sat", "s\u00e4t").encode("latin-1"))
-    variants = {"gelu": {"hidden_act": "gelu"}, "sliding": {"sliding_window": 128}, "nanhf": {}}
+    variants = {"gelu": {"hidden_act": "gelu"}, "nanhf": {}}
     for name, settings in variants.items():
         shutil.copytree(hf, root / name)
         (root / name / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
@@ -167,7 +165,7 @@ def places(tiny_checkpoints, tmp_path_factory):
     weights["lm_head.weight"][0, 0] = float("nan")
     save_file(weights, root / "nanhf" / "model.safetensors")
     return {"HF": str(hf), "RUN": str(run), "LATIN": str(root / "latin1.txt"),
-            "LATINCHAT": str(root / "latinchat.jsonl"), "GELU": str(root / "gelu"), "SLIDING": str(root / "sliding"),
+            "LATINCHAT": str(root / "latinchat.jsonl"), "GELU": str(root / "gelu"),
             "NANHF": str(root / "nanhf"), "TEXT": str(root / "text.txt"), "EMPTY": str(root / "empty"),
             "STRANGER": str(root / "stranger"), "MISSING": str(root / "missing"), "OUT": str(root / "out"),
             "CHAT": str(root / "chat.jsonl"), "BADCHAT": str(root / "badchat.jsonl"),
