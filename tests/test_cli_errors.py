@@ -36,7 +36,7 @@ BAD_INPUTS = {
               (["--out", "STRANGER"], "is not empty and holds no training run"),
               (["--out", "RUN"], "already holds checkpoints"),
               (["--out", "RUN", "--resume", "--overwrite"], "contradict each other"),
-              (["--out", "RUN/checkpoints/new"], "is inside the run directory"),
+              (["--out", "RUN/checkpoints/new"], "which the run in"),
               (["model.n_kv_heads=0", "--dry-run"], "model.n_kv_heads: must be a positive integer or null"),
               (["model.rope_type=linear", "--dry-run"], "model.rope_type: 'linear' is not implemented"),
               (["model.init_std=-1", "--dry-run"], "model.init_std: must be >= 0"),
