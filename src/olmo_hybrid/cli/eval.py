@@ -132,7 +132,7 @@ def _mc(args, model, tok, runner, out: Path) -> dict:
         scores[name] = score_questions(runner, tok, qs, desc=f"mc {name}")
     write_json_atomic(out / "mc.json", {"suite": "mc", "scores": scores})
     rows = [{"task": n, **s} for n, s in scores.items()]
-    return scores, markdown_table(rows, ["task", "acc", "acc_norm", "num_questions"])
+    return scores, markdown_table(rows, ["task", "acc", "acc_norm", "acc_per_char", "num_questions"])
 
 
 def _bpb_texts(args) -> tuple[list[str], str]:

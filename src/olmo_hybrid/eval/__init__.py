@@ -14,7 +14,7 @@ RULER (``ruler_tasks.py``, ``ruler.py``, ``haystack.py``)
 Probes (``probe_tasks.py``, ``probes.py``; ``python -m olmo_hybrid.eval.probes``)
     PROBE_TASKS (parity, modular, s5, mqar); ProbeConfig; run_probe(cfg, variants); probe_checkpoint(model, cfg)
 Multiple choice and bits per byte (``mc.py``, ``packaged_data.py``)
-    load_questions("arc_easy:rc_5shot" | "mmlu:mc_5shot" | ...); score_questions(runner, tok, qs) -> acc, acc_norm
+    load_questions("arc_easy:rc_5shot" | "mmlu:mc_5shot" | ...); score_questions(runner, tok, qs) -> acc, acc_norm (lm-eval), acc_per_char (OLMES)
     bits_per_byte_of_texts(runner, tok, texts)
 lm-evaluation-harness (``lm_eval_adapter.py``, needs ``pip install lm-eval``; not imported here)
     OlmoHybridLM(model=, tokenizer=) or OlmoHybridLM(pretrained=DIR); registered as "olmo-hybrid"

@@ -10,6 +10,14 @@ or from the harness command line, after importing this module once (it registers
 
 All scoring goes through ``EvalRunner`` (the same code as ``olmo-hybrid eval``), so the harness and our
 own multiple-choice scorer agree by construction; a test runs both on the same local task.
+
+Conventions are lm-eval's ``HFLM`` (tests compare the two on the same weights through transformers):
+context/continuation split by ``TemplateLM`` (trailing context spaces move to the continuation; an empty
+context conditions on the end-of-document id), inputs longer than ``max_length`` lose tokens on the left,
+rolling log-likelihoods use lm-eval's disjoint windows, and ``generate_until`` reads its arguments with
+lm-eval's own ``normalize_gen_kwargs`` (``max_gen_toks`` and its aliases, default 256; ``until`` plus the
+end-of-document text), keeps the last ``max_length - max_gen_toks`` prompt tokens, decodes greedily, drops
+special tokens from the text and cuts it at the first stop string. Sampling is refused.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from olmo_hybrid.eval.runner import EvalRunner
 @register_model("olmo-hybrid")
 class OlmoHybridLM(TemplateLM):
     def __init__(self, model=None, tokenizer=None, pretrained: str | None = None, batch_size: int | str = 8,
-                 max_length: int | None = None, device: str = "cpu", **kwargs):
+                 max_length: int | None = None, device: str = "cpu", max_gen_toks: int = 256, **kwargs):
         super().__init__()
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ValueError(f"OlmoHybridLM: batch_size must be a positive integer, got {batch_size!r}")
         if model is None:
             if pretrained is None:
                 raise ValueError("OlmoHybridLM needs model=/tokenizer= objects or pretrained=<checkpoint dir>")
@@ -36,7 +46,7 @@ class OlmoHybridLM(TemplateLM):
             raise ValueError("OlmoHybridLM needs the checkpoint's tokenizer")
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise ValueError("OlmoHybridLM: the tokenizer has no end-of-document id to condition on")
-        self.model, self.tokenizer_ = model.eval(), tokenizer
+        self.model, self.tokenizer_, self.max_gen_toks = model.eval(), tokenizer, int(max_gen_toks)
         length = int(max_length or model.config.max_seq_len)
         self.runner = EvalRunner(model, batch_size=int(batch_size), max_length=length,
                                   prefix_id=tokenizer.eos_token_id, progress=False)
@@ -56,8 +66,8 @@ class OlmoHybridLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return encode_ids(self.tokenizer_, string)
 
-    def tok_decode(self, tokens, **kwargs) -> str:
-        return self.tokenizer_.decode(tokens)
+    def tok_decode(self, tokens, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer_.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         return self.runner.loglikelihood([(ctx, cont) for _, ctx, cont in requests], desc="lm-eval loglikelihood")
@@ -67,22 +77,27 @@ class OlmoHybridLM(TemplateLM):
         return [-self.runner.rolling_nll(self.tok_encode(req.args[0])) for req in requests]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in requests:
+        from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+        eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        prompts, stops, by_budget = [], [], {}
+        for i, req in enumerate(requests):
             context, gen_kwargs = req.args
-            gen_kwargs = dict(gen_kwargs or {})
-            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0.0) or 0.0) > 0:
-                raise ValueError("OlmoHybridLM.generate_until supports greedy decoding only (do_sample=False)")
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            if max_new >= self.max_length:
-                raise ValueError(f"max_gen_toks={max_new} leaves no room for a prompt in max_length={self.max_length}")
-            ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
-            new = self.runner.generate_greedy([ids], max_new, eos_token_id=self.eot_token_id)[0]
-            text = self.tok_decode(new)
-            for stop in until:
-                if stop and stop in text:
-                    text = text[:text.index(stop)]
-            out.append(text)
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), self.max_gen_toks)
+            if kwargs["do_sample"]:
+                raise ValueError("OlmoHybridLM.generate_until supports greedy decoding only (do_sample=False, "
+                                 f"temperature=0); request {i} asks to sample")
+            max_new = kwargs["max_gen_toks"]
+            if not 0 < max_new < self.max_length:
+                raise ValueError(f"max_gen_toks={max_new} must be in [1, max_length={self.max_length}) to leave "
+                                 "room for a prompt")
+            prompts.append(self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id])
+            stops.append(handle_stop_sequences(kwargs["until"], eos=eos))
+            by_budget.setdefault(max_new, []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        for max_new, idx in by_budget.items():
+            new = self.runner.generate_greedy([prompts[i] for i in idx], max_new, eos_token_id=self.eot_token_id,
+                                              desc="lm-eval generate_until")
+            for i, toks in zip(idx, new):
+                out[i] = postprocess_generated_text(self.tok_decode(toks), stops[i], None)
         return out

@@ -1,8 +1,16 @@
 """Multiple-choice scoring by log-likelihood (OLMES style) and bits per byte.
 
 A question is a list of (context, continuation) options and a gold index. ``acc`` picks the option with
-the highest summed log-probability of its continuation; ``acc_norm`` divides by the continuation's
-length in characters first (OLMES "acc_per_char", lm-eval's ``acc_norm``). Context/continuation are
+the highest summed log-probability of its continuation. Two length normalisations divide that sum by a
+number of characters first; they differ by the leading space, which can change the pick:
+
+- ``acc_norm`` is lm-eval's: characters of the answer choice. lm-eval scores ``target_delimiter + choice``
+  (the delimiter is one space by default) but divides by ``len(choice)``, so one leading space of the
+  continuation is not counted.
+- ``acc_per_char`` is OLMES's (``olmo_eval`` "len_norm"): characters of the whole continuation, leading space
+  included.
+
+Ties go to the first option (``numpy.argmax``, as both harnesses). Context/continuation are
 tokenised the way lm-eval does (trailing context spaces move to the continuation, the pair is encoded
 jointly and split), so scores agree with the harness for the same prompts.
 
@@ -108,15 +116,21 @@ def score_questions(runner, tokenizer, questions: list[MCQuestion], desc: str = 
             flat.append(encode_pair(tokenizer, ctx, cont))
             owners.append(qi)
     lls = runner.loglikelihood(flat, desc=desc)
-    per_q: list[list[tuple[float, int]]] = [[] for _ in questions]
+    per_q: list[list[tuple[float, str]]] = [[] for _ in questions]
     for qi, (ll, _), opt in zip(owners, lls, (o for q in questions for o in q.options)):
-        per_q[qi].append((ll, len(opt[1])))
-    acc = acc_norm = 0
+        per_q[qi].append((ll, opt[1]))
+    correct = {"acc": 0, "acc_norm": 0, "acc_per_char": 0}
     for q, scores in zip(questions, per_q):
-        acc += _argmax([ll for ll, _ in scores]) == q.label
-        acc_norm += _argmax([ll / max(n, 1) for ll, n in scores]) == q.label
+        correct["acc"] += _argmax([ll for ll, _ in scores]) == q.label
+        correct["acc_norm"] += _argmax([ll / max(len(_choice(c)), 1) for ll, c in scores]) == q.label
+        correct["acc_per_char"] += _argmax([ll / max(len(c), 1) for ll, c in scores]) == q.label
     n = len(questions)
-    return {"acc": 100.0 * acc / n, "acc_norm": 100.0 * acc_norm / n, "num_questions": n}
+    return {**{k: 100.0 * v / n for k, v in correct.items()}, "num_questions": n}
+
+
+def _choice(continuation: str) -> str:
+    """The answer choice lm-eval normalises by: the continuation less its target delimiter (one leading space)."""
+    return continuation[1:] if continuation.startswith(" ") else continuation
 
 
 def _argmax(xs: list[float]) -> int:

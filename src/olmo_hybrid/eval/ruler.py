@@ -3,9 +3,9 @@
 Scoring follows NVIDIA/RULER ``scripts/eval``: predictions are stripped, control characters become
 newlines, and a reference counts when it occurs case-insensitively as a substring.
 ``string_match_all`` averages the fraction of references found (NIAH, VT, CWE, FWE);
-``string_match_part`` gives 1 when any reference is found (QA). Scores are percentages; the RULER
-average is the mean over the tasks scored at each length (a task that cannot be built at a length is skipped there,
-with its reason).
+``string_match_part`` gives 1 when any reference is found (QA). Scores are percentages rounded to two
+decimals, as RULER's metric functions return them; the RULER average is the (unrounded) mean of those task
+scores at each length (a task that cannot be built at a length is skipped there, with its reason).
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ def match_part(prediction: str, references: list[str]) -> float:
 
 def string_match_all(predictions: list[str], references: list[list[str]]) -> float:
     _check(predictions, references)
-    return 100.0 * sum(map(match_all, predictions, references)) / len(predictions)
+    return round(100.0 * sum(map(match_all, predictions, references)) / len(predictions), 2)  # RULER rounds
 
 
 def string_match_part(predictions: list[str], references: list[list[str]]) -> float:
     _check(predictions, references)
-    return 100.0 * sum(map(match_part, predictions, references)) / len(predictions)
+    return round(100.0 * sum(map(match_part, predictions, references)) / len(predictions), 2)
 
 
 def _check(predictions, references):

@@ -292,8 +292,9 @@ class RulerGenerator:
             name = "".join(rng.choices(string.ascii_uppercase, k=name_len))
             if name not in names:
                 names.append(name)
-        value = str(rng.randint(10000, 99999))
-        chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]}" for j in range(num_hops)]
+        value = str(rng.randrange(10000, 99999))  # numpy randint(10000, 99999), as RULER
+        # RULER's statements, the trailing space of its hop lines included
+        chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
         fractions = sorted(rng.random() for _ in chain)
         answer_prefix = VT_ANSWER_PREFIX.format(num_v=num_hops + 1, query=value)
 
@@ -306,11 +307,12 @@ class RulerGenerator:
         return render
 
     def _vt(self, spec: RulerTask, rng: random.Random, max_length: int):
-        # One in-context example, sized like RULER's (generated at 500 tokens, 3-letter names).
+        # One in-context example as RULER builds it: 3-letter names, at most 500 tokens (no answer budget), its
+        # answer appended after a space, then a blank line before the real question.
         icl = self._vt_render(rng, name_len=3)
-        n_icl = self._fit(icl, "", 500 - spec.tokens_to_generate, 1, 10_000, key=("vt-icl", 500))
+        n_icl = self._fit(icl, "", 500, 1, 10_000, key=("vt-icl", 500))
         icl_in, icl_prefix, icl_out = icl(n_icl)
-        example = icl_in + icl_prefix + " ".join(icl_out) + "\n\n"
+        example = icl_in + icl_prefix + " " + " ".join(icl_out) + "\n\n"
         return self._vt_render(rng, name_len=5), 1, 100 * max_length, example
 
     # -- common words extraction -------------------------------------------------------------------
@@ -341,7 +343,7 @@ class RulerGenerator:
     # -- frequent words extraction -----------------------------------------------------------------
     def _fwe(self, spec: RulerTask, rng: random.Random, max_length: int):
         alpha, zeta = 2.0, math.pi ** 2 / 6  # Zipf exponent and zeta(2), as RULER
-        vocab_size = max(16, max_length // 50)
+        vocab_size = max(16, (max_length - spec.tokens_to_generate) // 50)  # RULER's default vocab_size
         vocab: set[str] = set()
         while len(vocab) < vocab_size:
             vocab.add("".join(rng.choices(string.ascii_lowercase, k=6)))

@@ -63,7 +63,11 @@ class EvalRunner:
                                  f"max_length={self.max_length}")
             if not ctx and self.prefix_id is None:
                 raise ValueError(f"loglikelihood request {i}: empty context and no prefix_id to condition on")
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+        # lm-eval's order (longest first, ties by the tokens themselves): which requests share a batch, and so the
+        # padded width and the rows' float rounding, depends only on the set of requests, never on their order.
+        order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])),
+                                                            tuple(requests[i][0]) + tuple(requests[i][1]),
+                                                            len(requests[i][0])))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = Progress(len(requests), desc, self.progress)
         for start in range(0, len(order), self.batch_size):

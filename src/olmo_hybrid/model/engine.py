@@ -451,9 +451,11 @@ class Engine:
     def _find_stop(self, req: _Request) -> str | None:
         # A stop string completed by this token lies within the last len(stop) characters, hence within the
         # last len(stop) tokens (a few more for tokens that decode to partial characters).
+        # Of several stop strings this token completed, the text ends before the one that starts first.
         window = max(len(s) for s in req.stop_strings) + 8
         text = self.tokenizer.decode(req.generated[-window:])
-        return next((s for s in req.stop_strings if s in text), None)
+        found = [(text.find(s), i) for i, s in enumerate(req.stop_strings) if s in text]
+        return req.stop_strings[min(found)[1]] if found else None
 
     def _free(self, slot: int) -> None:
         del self._running[slot]

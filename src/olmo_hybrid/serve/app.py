@@ -1,9 +1,10 @@
 """The HTTP server: an OpenAI-compatible Starlette app over an :class:`EngineLoop`.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events with
-``stream=true``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every error is an
-OpenAI error object (``{"error": {"message", "type", "param", "code"}}``): 400 for a request we cannot run,
-404 for an unknown model or route, 429 when the queue is full, 503 while shutting down, 500 for a bug (which
+``stream=true``; a request's choices, n per prompt, run as separate engine requests), ``GET /v1/models``,
+``GET /v1/models/{name}``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every error is an OpenAI error
+object (``{"error": {"message", "type", "param", "code"}}``): 400 for a request we cannot run, 404 for an unknown
+model or route, 405 for a wrong method, 429 when the queue is full, 503 while shutting down, 500 for a bug (which
 fails that request only).
 
 A request's slot is freed as soon as its client goes away: every response watches the connection for
@@ -101,9 +102,15 @@ class Server:
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.served.name, "object": "model", "created": self.created, "owned_by": "olmo-hybrid",
-            "max_model_len": self.served.max_context}]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        protocol.check_model(request.path_params["name"], self.served)
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {"id": self.served.name, "object": "model", "created": self.created, "owned_by": "olmo-hybrid",
+                "max_model_len": self.served.max_context}
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -119,38 +126,47 @@ class Server:
         arrived = time.perf_counter()
         body = await _json_body(request)
         parsed = parse(body, self.served)
-        try:
-            handle = self.loop.submit(parsed.generation)
-        except QueueFullError as e:
-            raise APIError(429, str(e), code="queue_full", type="rate_limit_error") from None
-        except ShuttingDownError as e:
-            raise APIError(503, str(e), code="shutting_down") from None
-        try:
-            await handle.accepted
-        except (ValueError, TypeError, MemoryError) as e:  # refused by the engine (it names the problem)
-            self.loop.release(handle)
-            raise APIError(400, str(e)) from None
-        except BaseException:
-            self.loop.release(handle)
-            raise
+        handles = await self._submit(parsed)
         rid = protocol.new_id(parsed.chat)
+        release = lambda: [self.loop.release(h) for h in handles]  # noqa: E731
         if parsed.stream:
-            return EventStream(self._stream(handle, parsed, rid, arrived), lambda: self.loop.release(handle))
+            return EventStream(self._stream(handles, parsed, rid, arrived), release)
         try:
-            waiter = asyncio.ensure_future(self._collect(handle, arrived))
+            waiter = asyncio.ensure_future(self._collect_all(handles, arrived))
             gone = asyncio.ensure_future(_disconnected(request.receive))
             await asyncio.wait([waiter, gone], return_when=asyncio.FIRST_COMPLETED)
             gone.cancel()
             if not waiter.done():  # the client went away: nobody to answer
                 waiter.cancel()
                 return Response(status_code=499)
-            out = waiter.result()
+            outs = waiter.result()
         finally:
-            self.loop.release(handle)
-        top = parsed.generation.logprobs
-        logprobs = None if top is None else protocol.logprobs_payload(out.logprobs, self.served.tokenizer,
-                                                                      parsed.chat, top)
-        return JSONResponse(protocol.response(rid, self.served.name, parsed.chat, out, out.text, logprobs))
+            release()
+        logprobs = [None if gen.logprobs is None else
+                    protocol.logprobs_payload(out.logprobs, self.served.tokenizer, parsed.chat, gen.logprobs)
+                    for gen, out in zip(parsed.generations, outs)]
+        return JSONResponse(protocol.response(rid, self.served.name, parsed.chat, outs, logprobs))
+
+    async def _submit(self, parsed: ParsedRequest) -> list[RequestHandle]:
+        """Hand every choice of ``parsed`` to the engine, all or none (a refused one releases the others)."""
+        handles, accepted = [], False
+        try:
+            for gen in parsed.generations:
+                handles.append(self.loop.submit(gen))
+            for handle in handles:
+                await handle.accepted
+            accepted = True
+        except QueueFullError as e:
+            raise APIError(429, str(e), code="queue_full", type="rate_limit_error") from None
+        except ShuttingDownError as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        except (ValueError, TypeError, MemoryError) as e:  # refused by the engine (it names the problem)
+            raise APIError(400, str(e)) from None
+        finally:
+            if not accepted:
+                for handle in handles:
+                    self.loop.release(handle)
+        return handles
 
     async def _events(self, handle: RequestHandle, arrived: float):
         """Batches of events as they arrive (all that are queued), observing the latency histograms."""
@@ -175,6 +191,9 @@ class Server:
             if events[-1][0] != "token":
                 return
 
+    async def _collect_all(self, handles: list[RequestHandle], arrived: float) -> list[RequestOutput]:
+        return list(await asyncio.gather(*(self._collect(h, arrived) for h in handles)))
+
     async def _collect(self, handle: RequestHandle, arrived: float) -> RequestOutput:
         async for events in self._events(handle, arrived):
             end = events[-1]
@@ -184,14 +203,33 @@ class Server:
                 raise APIError(500, f"the engine failed while running this request: {end[1]!r}")
         raise AssertionError("event stream ended without an end event")
 
-    async def _stream(self, handle: RequestHandle, parsed: ParsedRequest, rid: str,
+    async def _stream(self, handles: list[RequestHandle], parsed: ParsedRequest, rid: str,
                       arrived: float) -> AsyncIterator[bytes]:
-        gen, chat, name = parsed.generation, parsed.chat, self.served.name
-        created, usage = int(time.time()), parsed.include_usage
+        chat, name, usage = parsed.chat, self.served.name, parsed.include_usage
+        created = int(time.time())
+        for index in range(len(handles) if chat else 0):
+            yield _sse(protocol.chunk(rid, name, chat, created, role=True, include_usage=usage, index=index))
+        ends = []
+        choices = [self._choice_chunks(h, i, parsed, rid, created, arrived) for i, h in enumerate(handles)]
+        async for item in _merged(choices):
+            if isinstance(item, RequestOutput):
+                ends.append(item)
+                continue
+            yield _sse(item)
+            if "error" in item:
+                yield _sse("[DONE]")
+                return
+        if usage:
+            yield _sse(protocol.usage_chunk(rid, name, chat, created, ends))
+        yield _sse("[DONE]")
+
+    async def _choice_chunks(self, handle: RequestHandle, index: int, parsed: ParsedRequest, rid: str, created: int,
+                             arrived: float) -> AsyncIterator[dict | RequestOutput]:
+        """The chunks of one choice, then its ``RequestOutput`` (or an error body, which ends the stream)."""
+        gen, chat, name = handle.request, parsed.chat, self.served.name
+        usage = parsed.include_usage
         text = TextStream(self.served.tokenizer, holdback=max((len(s) for s in gen.stop), default=1) - 1)
         eos = self.engine.eos_token_ids if not gen.ignore_eos else frozenset()
-        if chat:
-            yield _sse(protocol.chunk(rid, name, chat, created, role=True, include_usage=usage))
         async for events in self._events(handle, arrived):
             entries, end = [], None
             for event in events:
@@ -203,9 +241,7 @@ class Server:
                 elif event[0] == "done":
                     end = event[1]
                 else:
-                    error = APIError(500, f"the engine failed while running this request: {event[1]!r}")
-                    yield _sse(error.body())
-                    yield _sse("[DONE]")
+                    yield APIError(500, f"the engine failed while running this request: {event[1]!r}").body()
                     return
             # A request's last token and its end arrive together, so text is released only when it cannot
             # belong to a stop string that ended the request.
@@ -213,13 +249,46 @@ class Server:
             if piece or entries:
                 logprobs = None if gen.logprobs is None else protocol.logprobs_payload(
                     entries, self.served.tokenizer, chat, gen.logprobs, text.shown - len(piece))
-                yield _sse(protocol.chunk(rid, name, chat, created, piece, logprobs=logprobs, include_usage=usage))
+                yield protocol.chunk(rid, name, chat, created, piece, logprobs=logprobs, include_usage=usage,
+                                     index=index)
             if end is not None:
                 reason = protocol.FINISH_REASONS[end.finish_reason]
-                yield _sse(protocol.chunk(rid, name, chat, created, finish_reason=reason, include_usage=usage))
-                if usage:
-                    yield _sse(protocol.usage_chunk(rid, name, chat, created, end))
-                yield _sse("[DONE]")
+                yield protocol.chunk(rid, name, chat, created, finish_reason=reason, include_usage=usage, index=index)
+                yield end
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:
+    """The items of ``streams`` as they come (each stream's in order)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    items: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await items.put(item)
+        except Exception as e:  # raised where the items are read
+            await items.put(e)
+        await items.put(finished)
+
+    tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await items.get()
+            if item is finished:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _json_body(request: Request) -> dict:
@@ -265,6 +334,7 @@ def create_app(engine: Engine, served: ServedModel, max_queue: int = 256, shutdo
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_route, methods=["GET"]),
         Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{name:path}", server.model, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
     ]

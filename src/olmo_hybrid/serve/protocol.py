@@ -1,13 +1,15 @@
-"""The OpenAI HTTP protocol: request validation into a :class:`GenerationRequest`, responses, stream chunks, errors.
+"""The OpenAI HTTP protocol: request validation into :class:`GenerationRequest` s, responses, stream chunks, errors.
 
 Every field a request may carry is named here. Fields that would change the computation in a way this server
-does not implement (``n > 1``, penalties, ``logit_bias``, ``echo``, tools, ...) are refused with a 400 that
-names them, never ignored; unknown fields are refused too. Extensions beyond OpenAI's API: ``top_k`` (0 or -1:
-no limit) and ``ignore_eos`` (generate exactly ``max_tokens``), as in vLLM.
+does not implement (penalties, ``logit_bias``, ``echo``, ``best_of``, tools, a message's ``name``, ...) are
+refused with a 400 that names them, never ignored; unknown fields are refused too. A request has ``n`` choices
+per prompt (completions take a batch of prompts), each its own engine request. Extensions beyond OpenAI's API:
+``top_k`` (0 or -1: no limit) and ``ignore_eos`` (generate exactly ``max_tokens``), as in vLLM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -27,6 +29,7 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_tokens", "response_format", "tools",
                                "tool_choice", "parallel_tool_calls", "functions", "function_call", "metadata", "store"}
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name for the system role; chat templates know "system"
 
 
 class APIError(Exception):
@@ -55,11 +58,12 @@ class ServedModel:
     max_context: int
     tokenizer: object  # encode(text) -> ids, decode(ids) -> text
     render_chat: object  # list of {"role", "content"} messages -> prompt token ids
+    max_choices: int = 1  # choices (prompts x n) one request may have: the requests the server holds at once
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    generation: GenerationRequest
+    generations: tuple[GenerationRequest, ...]  # one per choice: n per prompt, prompt after prompt
     stream: bool
     include_usage: bool
     chat: bool
@@ -104,10 +108,6 @@ def _refuse_unsupported(body: dict, allowed: set[str]) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad(f"n={n!r} is not supported: this server returns one choice per request (n=1); send {n!r} "
-                  "requests instead", "n", "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise bad(f"{name} is not supported (only 0)", name, "unsupported_parameter")
@@ -143,8 +143,8 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _model(body: dict, served: ServedModel) -> None:
-    name = body.get("model")
+def check_model(name: str | None, served: ServedModel) -> None:
+    """A 404 (OpenAI's ``model_not_found``) unless ``name`` is the served model's (or None)."""
     if name is not None and name != served.name:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{served.name}'", "model",
                        "model_not_found")
@@ -158,6 +158,18 @@ def _sampling(body: dict) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p, seed=seed)
 
 
+def _choices(body: dict, sampling: SamplingParams, prompts: int, served: ServedModel) -> list[SamplingParams]:
+    """The sampling of each of the ``n`` choices of a prompt: with a seed, choice j samples with seed + j (so the
+    choices differ, and a request repeats); without, each gets its own random seed."""
+    n = _integer(body, "n", 1, 1)
+    if prompts * n > served.max_choices:
+        raise bad(f"{prompts} prompt(s) x n={n} choices exceed the {served.max_choices} requests this server holds "
+                  "at once: send fewer prompts or a smaller n", "n" if n > 1 else "prompt")
+    if n == 1 or sampling.seed is None:
+        return [sampling] * n
+    return [dataclasses.replace(sampling, seed=(sampling.seed + j) % 2**63) for j in range(n)]
+
+
 def _stream(body: dict) -> tuple[bool, bool]:
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
@@ -167,15 +179,18 @@ def _stream(body: dict) -> tuple[bool, bool]:
         raise bad("stream_options is only allowed with stream=true", "stream_options")
     if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
         raise bad(f"stream_options must be an object with include_usage, got {options!r}", "stream_options")
+    if _boolean(options, "continuous_usage_stats"):
+        raise bad("stream_options.continuous_usage_stats is not supported (usage comes in the final chunk with "
+                  "include_usage)", "stream_options.continuous_usage_stats", "unsupported_parameter")
     return stream, _boolean(options, "include_usage")
 
 
-def _max_tokens(body: dict, served: ServedModel, prompt_len: int, default: int | None, field: str) -> int:
+def _max_tokens(body: dict, served: ServedModel, prompt_len: int, default: int | None, field: str,
+                prompt_param: str) -> int:
     max_tokens = _integer(body, field, None, 1)
     if prompt_len >= served.max_context:
         raise bad(f"This model's maximum context length is {served.max_context} tokens, but the prompt has "
-                  f"{prompt_len} tokens", "messages" if field == "max_completion_tokens" else "prompt",
-                  "context_length_exceeded")
+                  f"{prompt_len} tokens", prompt_param, "context_length_exceeded")
     if max_tokens is None:
         max_tokens = served.max_context - prompt_len if default is None else min(default, served.max_context -
                                                                                   prompt_len)
@@ -186,25 +201,27 @@ def _max_tokens(body: dict, served: ServedModel, prompt_len: int, default: int |
     return max_tokens
 
 
-def _prompt_ids(body: dict, served: ServedModel) -> list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+def _prompt_ids(prompt, served: ServedModel, param: str) -> list[int]:
     if isinstance(prompt, str):
         ids = served.tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         bad_id = next((t for t in prompt if not 0 <= t < served.vocab_size), None)
         if bad_id is not None:
-            raise bad(f"prompt has token id {bad_id} outside the vocabulary [0, {served.vocab_size})", "prompt")
+            raise bad(f"{param} has token id {bad_id} outside the vocabulary [0, {served.vocab_size})", param)
         ids = list(prompt)
-    elif isinstance(prompt, list) and len(prompt) > 1:
-        raise bad("a batch of prompts is not supported: send one prompt per request", "prompt",
-                  "unsupported_parameter")
     else:
-        raise bad("prompt must be a string or a list of token ids", "prompt")
+        raise bad(f"{param} must be a string or a non-empty list of token ids, got {prompt!r:.80}", param)
     if not ids:
-        raise bad("prompt is empty: it must encode to at least one token", "prompt")
+        raise bad(f"{param} is empty: it must encode to at least one token", param)
     return ids
+
+
+def _prompts(body: dict, served: ServedModel) -> list[tuple[str, list[int]]]:
+    """(name, token ids) of each prompt: ``prompt`` is one (a string or token ids) or a batch (a list of either)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [(f"prompt[{i}]", _prompt_ids(p, served, f"prompt[{i}]")) for i, p in enumerate(prompt)]
+    return [("prompt", _prompt_ids(prompt, served, "prompt"))]
 
 
 def _messages(body: dict) -> list[dict]:
@@ -216,6 +233,10 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
             raise bad(f"messages[{i}] must be an object with a role in {', '.join(CHAT_ROLES)}, got {m!r}",
                       f"messages[{i}].role")
+        for key, value in m.items():  # a client may echo a reply back with empty fields; others change the prompt
+            if key not in ("role", "content") and value not in (None, [], ""):
+                raise bad(f"messages[{i}].{key} is not supported (the chat template renders a message's role and "
+                          "content only)", f"messages[{i}].{key}", "unsupported_parameter")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -225,25 +246,28 @@ def _messages(body: dict) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": ROLE_NAMES.get(m["role"], m["role"]), "content": content})
     return out
 
 
 # -- requests ------------------------------------------------------------------------------------------
 def parse_completion(body: dict, served: ServedModel) -> ParsedRequest:
     _refuse_unsupported(body, COMPLETION_FIELDS)
-    _model(body, served)
-    sampling, stream = _sampling(body), _stream(body)
-    ids = _prompt_ids(body, served)
-    max_tokens = _max_tokens(body, served, len(ids), 16, "max_tokens")
-    logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-    gen = GenerationRequest(ids, max_tokens, sampling, _stop(body), _boolean(body, "ignore_eos"), logprobs)
-    return ParsedRequest(gen, stream[0], stream[1], chat=False)
+    check_model(body.get("model"), served)
+    sampling, stream, stop = _sampling(body), _stream(body), _stop(body)
+    logprobs, ignore_eos = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS), _boolean(body, "ignore_eos")
+    prompts = _prompts(body, served)
+    choices = _choices(body, sampling, len(prompts), served)
+    gens = []
+    for param, ids in prompts:
+        max_tokens = _max_tokens(body, served, len(ids), 16, "max_tokens", param)
+        gens += [GenerationRequest(ids, max_tokens, s, stop, ignore_eos, logprobs) for s in choices]
+    return ParsedRequest(tuple(gens), stream[0], stream[1], chat=False)
 
 
 def parse_chat(body: dict, served: ServedModel) -> ParsedRequest:
     _refuse_unsupported(body, CHAT_FIELDS)
-    _model(body, served)
+    check_model(body.get("model"), served)
     sampling, stream = _sampling(body), _stream(body)
     messages = _messages(body)
     try:
@@ -251,13 +275,19 @@ def parse_chat(body: dict, served: ServedModel) -> ParsedRequest:
     except DataError as e:  # the chat template refused the conversation (a role it does not render, say)
         raise bad(str(e), "messages") from None
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _max_tokens(body, served, len(ids), None, field)
+    if None not in (body.get("max_tokens"), body.get("max_completion_tokens")) and \
+            body["max_tokens"] != body["max_completion_tokens"]:
+        raise bad(f"max_tokens={body['max_tokens']!r} and max_completion_tokens={body['max_completion_tokens']!r} "
+                  "differ: give one (max_completion_tokens is the newer name of max_tokens)", "max_tokens")
+    max_tokens = _max_tokens(body, served, len(ids), None, field, "messages")
     top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not body.get("logprobs"):
         raise bad("top_logprobs needs logprobs=true", "top_logprobs")
     logprobs = (top or 0) if _boolean(body, "logprobs") else None
-    gen = GenerationRequest(ids, max_tokens, sampling, _stop(body), _boolean(body, "ignore_eos"), logprobs)
-    return ParsedRequest(gen, stream[0], stream[1], chat=True)
+    stop, ignore_eos = _stop(body), _boolean(body, "ignore_eos")
+    gens = tuple(GenerationRequest(ids, max_tokens, s, stop, ignore_eos, logprobs)
+                 for s in _choices(body, sampling, 1, served))
+    return ParsedRequest(gens, stream[0], stream[1], chat=True)
 
 
 # -- responses -----------------------------------------------------------------------------------------
@@ -265,10 +295,11 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
 
 
-def usage(out: RequestOutput) -> dict:
-    prompt, completion = len(out.prompt_ids), len(out.token_ids)
+def usage(outs: list[RequestOutput]) -> dict:
+    """Token counts of a request's choices together (generated tokens include the one that ended a choice)."""
+    prompt, completion = sum(len(o.prompt_ids) for o in outs), sum(len(o.token_ids) for o in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outs)}}
 
 
 def logprobs_payload(entries: list[TokenLogprob], tokenizer, chat: bool, top: int, offset: int = 0) -> dict:
@@ -292,26 +323,27 @@ def logprobs_payload(entries: list[TokenLogprob], tokenizer, chat: bool, top: in
             "text_offset": offsets}
 
 
-def response(request_id: str, model: str, chat: bool, out: RequestOutput, text: str, logprobs: dict | None) -> dict:
-    reason = FINISH_REASONS[out.finish_reason]
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                  "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+def response(request_id: str, model: str, chat: bool, outs: list[RequestOutput], logprobs: list[dict | None]) -> dict:
+    """The whole answer: choice ``i`` is ``outs[i]`` with ``logprobs[i]``."""
+    choices = []
+    for i, (out, lp) in enumerate(zip(outs, logprobs)):
+        choice = {"index": i, "message": {"role": "assistant", "content": out.text}} if chat else \
+            {"index": i, "text": out.text}
+        choices.append({**choice, "logprobs": lp, "finish_reason": FINISH_REASONS[out.finish_reason]})
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(out)}
+            "model": model, "choices": choices, "usage": usage(outs)}
 
 
 def chunk(request_id: str, model: str, chat: bool, created: int, text: str | None = None,
           finish_reason: str | None = None, logprobs: dict | None = None, role: bool = False,
-          include_usage: bool = False) -> dict:
-    """One streamed chunk: a piece of text (``role``: chat's first chunk, announcing the assistant)."""
+          include_usage: bool = False, index: int = 0) -> dict:
+    """One streamed chunk of choice ``index``: a piece of text (``role``: chat's first chunk, announcing the
+    assistant)."""
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
     body = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice]}
     if include_usage:
@@ -319,6 +351,6 @@ def chunk(request_id: str, model: str, chat: bool, created: int, text: str | Non
     return body
 
 
-def usage_chunk(request_id: str, model: str, chat: bool, created: int, out: RequestOutput) -> dict:
+def usage_chunk(request_id: str, model: str, chat: bool, created: int, outs: list[RequestOutput]) -> dict:
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [], "usage": usage(out)}
+            "model": model, "choices": [], "usage": usage(outs)}

@@ -82,7 +82,8 @@ def build_app(model, tokenizer, settings: ServeSettings, checkpoint_dir: str | P
 
     template = ChatTemplate(tokenizer, settings.chat_template)
     engine = build_engine(model, tokenizer, settings, chat.end_token_ids(tokenizer, template.source, checkpoint_dir))
-    served = ServedModel(settings.name, model.config.vocab_size, engine.max_context, tokenizer, template.prompt_ids)
+    served = ServedModel(settings.name, model.config.vocab_size, engine.max_context, tokenizer, template.prompt_ids,
+                         max_choices=engine.max_batch + settings.max_queue)
     return create_app(engine, served, max_queue=settings.max_queue, shutdown_timeout=settings.shutdown_timeout)
 
 
