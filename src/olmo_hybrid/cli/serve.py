@@ -64,6 +64,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.prefix_cache_gib is not None and args.prefix_cache_gib < 0:
         raise UsageError(f"--prefix-cache-gib must be >= 0, got {args.prefix_cache_gib}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise UsageError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     if not 0 < args.memory_fraction <= 1:
         raise UsageError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     template = None

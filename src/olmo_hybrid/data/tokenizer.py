@@ -191,15 +191,20 @@ def load_tokenizer(name_or_path: str | Path = DOLMA2) -> Tokenizer:
     return _from_file(path)
 
 
+def check_bpe_vocab(vocab_size) -> None:
+    """Refuse a BPE vocabulary size that cannot hold the special ids, the 256 bytes and one merge."""
+    if not isinstance(vocab_size, int) or vocab_size < 258 + 1:
+        raise DataError(f"bpe vocab_size must be an integer of at least 259 (2 special ids + 256 bytes + "
+                        f"one merge), got {vocab_size!r}")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE of ``vocab_size`` ids on ``texts``.
 
     Ids 0 and 1 are ``<|endoftext|>`` (end of document, the eos id) and ``<|pad|>``; the 256 byte
     symbols follow, so any string encodes. Training is deterministic for a given input order.
     """
-    if not isinstance(vocab_size, int) or vocab_size < 258 + 1:
-        raise DataError(f"bpe vocab_size must be an integer of at least 259 (2 special ids + 256 bytes + "
-                        f"one merge), got {vocab_size!r}")
+    check_bpe_vocab(vocab_size)
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(tokenizers.Regex(_SPLIT_PATTERN), behavior="isolated"),

@@ -71,6 +71,9 @@ def plan_extension(source: str | Path, method: str, seq_len: int, *, steps: int 
                    tokens: int | None = None, train_len: int | None = None, recalibrate: bool = False,
                    original_len: int | None = None, overrides: list[str] = ()) -> ExtendPlan:
     """The long-context stage's training config (not yet run); see the module docstring for the defaults."""
+    for flag, length in (("--seq-len", seq_len), ("--train-len", train_len), ("--original-len", original_len)):
+        if length is not None and length < 1:
+            raise ConfigError(f"{flag} must be a positive number of tokens, got {length}")
     source = Path(source)
     model = ckpt.read_model_config(source)
     recipe, trained_len = _source_recipe(source)

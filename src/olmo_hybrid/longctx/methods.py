@@ -57,6 +57,9 @@ def extended_config(config: ModelConfig, method: str, seq_len: int, original_len
                               "rescale; use --method none")
         if config.rope_type not in ("default", "yarn"):
             raise ConfigError(f"--method yarn: the source's rope_type {config.rope_type!r} cannot be rescaled")
+        if seq_len < original_len:
+            raise ConfigError(f"--method yarn stretches positions to a longer window, but --seq-len {seq_len} is "
+                              f"shorter than the source's original length {original_len}")
         beta_fast = config.rope_beta_fast if config.rope_type == "yarn" else YARN_BETA_FAST
         beta_slow = config.rope_beta_slow if config.rope_type == "yarn" else YARN_BETA_SLOW
         return dataclasses.replace(config, rope_type="yarn", rope_factor=seq_len / original_len,

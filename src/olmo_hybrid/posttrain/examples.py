@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from olmo_hybrid.data.chat import ChatTemplate, check_messages
-from olmo_hybrid.data.corpus import json_object
+from olmo_hybrid.data.corpus import first_undecodable_line, json_object
 from olmo_hybrid.errors import DataError
 
 TRUNCATION = ("truncate", "drop", "error")
@@ -79,12 +79,16 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, dict]
     check_source(source)
     path = Path(source)
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path.name} line {n}"
-                yield where, json_object(line, where)
+        n = 0
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path.name} line {n}"
+                    yield where, json_object(line, where)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path.name} line {first_undecodable_line(path, n)} is not UTF-8 text ({e.reason})") from e
         return
     try:
         import datasets
