@@ -74,7 +74,9 @@ BAD_INPUTS = {
               (["HF", "--prefix-cache-gib", "-1"], "--prefix-cache-gib must be >= 0"),
               (["HF", "--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
               (["HF", "--chat-template", "MISSING/chat.jinja"], "--chat-template"),
-              (["HF", "--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds >= 0")],
+              (["HF", "--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds >= 0"),
+              (["HF", "--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' does not resolve"),
+              (["HF", "--host", "192.0.2.1"], "--host '192.0.2.1' is not an address of this machine")],
     "convert": [(["HF", "HF"], "is the checkpoint being converted"),
                 (["MISSING", "OUT"], "does not exist"),
                 (["HF", "STRANGER"], "is not empty and is not a Hugging Face checkpoint"),
@@ -204,6 +206,18 @@ def test_bad_inputs_give_one_line_and_a_nonzero_exit(command, places, hash_tree,
         assert "Traceback" not in out.err + out.out
     assert {k: hash_tree(places[k]) for k in users} == users  # nothing the user had was touched
     assert not os.path.exists(places["OUT"])  # and nothing was written for a refused command
+
+
+def test_serve_refuses_a_port_another_process_holds_before_loading(places, capsys):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["serve", places["HF"], "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"olmo-hybrid serve: error: --port {port}: another process is listening on 127.0.0.1:{port}\n"
 
 
 def test_debug_shows_the_traceback(places, monkeypatch, capsys):
