@@ -236,9 +236,9 @@ def split_pair(record: dict, where: str) -> tuple[list[dict], list[dict], list[d
         key = "prompt" if "prompt" in record else "messages"
         prompt = record[key]
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, key)
-        # Hub datasets often repeat the prompt at the start of chosen and rejected.
-        if chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt:
-            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        # Hub datasets often repeat the prompt at the start of chosen and rejected (each checked on its own:
+        # a response that repeats it while the other does not would otherwise score the prompt twice).
+        chosen, rejected = (r[len(prompt):] if r[:len(prompt)] == prompt else r for r in (chosen, rejected))
     else:
         n = 0
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
