@@ -56,7 +56,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            try:
+                value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: expected a JSON list such as [0.9, 0.95] or comma-separated values, "
+                                  f"got {value!r} ({e.msg})") from e
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -103,6 +107,48 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     return value
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether ``value`` already is of annotated type ``tp`` (no conversion): what a dataclass built in Python,
+    not through ``from_dict``, must hold. Floats must be finite; an int is a float, a bool is neither."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        inner = (typing.get_args(tp) or (Any,))[0]
+        return isinstance(value, (list, tuple)) and all(_conforms(v, inner) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # nested dataclasses check themselves; other annotations are not checked here
+
+
+def check_types(cfg, path: str = "") -> None:
+    """Every field of dataclass ``cfg`` (and of nested ones) holds a value of its annotated type, floats finite
+    (inf and nan mean nothing in any setting); a ConfigError names the dotted field otherwise."""
+    for name, tp in _field_types(type(cfg)).items():
+        value = getattr(cfg, name, None)
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{path}{name}.")
+        elif not _conforms(value, tp):
+            raise ConfigError(f"{path}{name}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args) + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+    if typing.get_origin(tp) in (list, tuple):
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 
 def coerce_field(cls, name: str, value: Any, path: str) -> Any:
@@ -246,6 +292,7 @@ class KernelSettings:
 
 GDN, ATTN, MAMBA = "G", "A", "M"
 LAYER_KINDS = {GDN: "GDN", ATTN: "attention", MAMBA: "Mamba2"}
+ROPE_TYPES = ("default", "yarn")  # how positions become rotations (model/rope.py)
 YARN_FIELDS = ("rope_factor", "rope_original_max_seq_len", "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
                "rope_mscale", "rope_mscale_all_dim", "rope_truncate")
 
@@ -357,11 +404,19 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, f"must be a positive integer, got {v!r}")
         p = self.layer_pattern
-        if not p or set(p) - set(LAYER_KINDS):
+        if not isinstance(p, str) or not p or set(p) - set(LAYER_KINDS):
             bad("layer_pattern", f"must be a non-empty string of 'G' (GDN), 'A' (attention) and 'M' (Mamba2), "
                 f"got {p!r}")
         if len(p) != self.n_layers and self.n_layers % len(p) != 0:
             bad("layer_pattern", f"length {len(p)} neither equals n_layers={self.n_layers} nor divides it")
+        check_types(self, "model.")
+        for name in ("n_kv_heads", "gdn_v_heads"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                bad(name, f"must be a positive integer or null (as many as the query heads), got {getattr(self, name)}")
+        if self.rope_type not in ROPE_TYPES:
+            bad("rope_type", f"{self.rope_type!r} is not implemented (implemented: {', '.join(ROPE_TYPES)})")
+        if self.init_std < 0:
+            bad("init_std", f"must be >= 0, got {self.init_std}")
         if ATTN in self.layer_types:
             if self.d_model % self.n_heads:
                 bad("n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -578,4 +633,7 @@ def model_preset(name: str, **overrides) -> ModelConfig:
     cfg = MODEL_PRESETS[name]()
     if "layer_pattern" in overrides:
         overrides["layer_pattern"] = resolve_pattern(overrides["layer_pattern"], overrides.get("n_layers", cfg.n_layers))
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ConfigError(f"unknown model field(s) {', '.join(unknown)} for preset '{name}'")
     return dataclasses.replace(cfg, **overrides) if overrides else cfg

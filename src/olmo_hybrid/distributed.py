@@ -33,6 +33,12 @@ def resolve_device(name: str, local_rank: int = 0, setting: str = "trainer.devic
         raise ConfigError(f"{setting}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{setting}={name!r} but CUDA is not available (use 'auto' or 'cpu')")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{setting}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{setting}={name!r} but MPS (Apple GPU) is not available (use 'auto' or 'cpu')")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{setting}={name!r}: expected auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and device.index is None and dist_env_world_size() > 1:
         device = torch.device("cuda", local_rank)
     return device

@@ -104,12 +104,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def default_permissions(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``mkdir`` or ``open`` would (0777 or 0666 less the umask): temporary
+    directories are created private (0700) and safetensors writes 0600, which would leave an export or a dataset
+    unreadable to the user's group once renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~mask)
+
+
 def staging_dir(final: str | Path) -> Path:
     """A new empty directory beside ``final`` to build its replacement in (same file system, so
     ``install_dir`` can rename it into place)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    default_permissions(tmp)
+    return tmp
 
 
 def install_dir(tmp: str | Path, final: str | Path) -> None:

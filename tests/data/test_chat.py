@@ -48,6 +48,47 @@ FANCY = ("{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['cont
          "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
+# A Llama-3-style template: bos_token first, header tokens, trimmed contents, strftime_now, loop.last.
+LLAMA3 = ("{{- bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] | trim %}"
+          "{% set rest = messages[1:] %}{% else %}{% set sys = '' %}{% set rest = messages %}{% endif %}"
+          "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nYear: ' + strftime_now('%Y') + '\\n' + sys + '<|eot_id|>' }}"
+          "{% for m in rest %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim "
+          "+ '<|eot_id|>' }}{% if loop.last and m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+# A Qwen/ChatML-style template: a default system turn, a tools branch (transformers passes tools=None),
+# raise_exception, and {% generation %} around the reply and <|im_end|> but not the newline after it.
+CHATML = """{%- if tools is not none %}{{ raise_exception('no tools here') }}{% endif %}
+{%- if messages[0]['role'] != 'system' %}<|im_start|>system
+You are a helpful assistant.<|im_end|>
+{% endif %}
+{%- for message in messages %}
+    {%- if message.role not in ('system', 'user', 'assistant') %}{{ raise_exception('Unsupported role ' + message.role) }}{% endif %}
+    {%- if message.role == 'assistant' %}
+<|im_start|>assistant
+{% generation %}{{ message.content }}<|im_end|>{% endgeneration %}
+
+    {%- else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+# System turns, several turns, empty contents, text around the markers' edges, non-ASCII text.
+AUDIT_CONVERSATIONS = [
+    [{"role": "system", "content": "  Answer in one word.\n"}, {"role": "user", "content": "first of: fig lime"},
+     {"role": "assistant", "content": "fig"}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": "again?"},
+     {"role": "assistant", "content": "\n\nkiwi date "}],
+    [{"role": "user", "content": "naïve café — 東京 👋🏽 e\u0301"}, {"role": "assistant", "content": " pear\n\n"},
+     {"role": "user", "content": "and?", "name": None}, {"role": "assistant", "content": "ok 😀"}],
+]
+
+
 @pytest.fixture
 def chat_tokenizer():
     """A 300-id BPE with the two turn markers added as special tokens, carrying our template."""
@@ -138,3 +179,51 @@ def test_dolma2_carries_our_template_and_a_saved_template_reads_back(chat_tokeni
     assert load_tokenizer(tmp_path).chat_template == default_template()
     (tmp_path / "chat_template.jinja").write_text("{{ 'file wins' }}")  # transformers' separate file
     assert load_tokenizer(tmp_path).chat_template == "{{ 'file wins' }}"
+
+
+@pytest.fixture
+def saved_tokenizer(tmp_path):
+    """A BPE with the ChatML and Llama-3 markers as special tokens and a bos_token, saved and read back: by us
+    (``load_tokenizer``) and by transformers (``AutoTokenizer``) from the same directory."""
+    transformers = pytest.importorskip("transformers")
+    bpe = train_bpe(["first of: apple pear plum fig lime kiwi date\n"] * 8 + ["the quick brown fox"] * 4,
+                    vocab_size=300)
+    backend = tokenizers.Tokenizer.from_str(bpe.to_json())
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t in ("<|im_start|>", "<|im_end|>", *LLAMA3_TOKENS)])
+    Tokenizer(backend, "bpe+chat", bpe.eos_token, bpe.pad_token, None, {"bos_token": "<|begin_of_text|>"}).save(tmp_path)
+    return load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("template", ["ours", "llama3", "chatml", "fancy", "other"])
+def test_every_template_renders_as_transformers_renders(saved_tokenizer, template):
+    """Rendering and token ids equal apply_chat_template's for templates using bos_token, strftime_now, a
+    `tools is not none` branch, raise_exception, loop.last and {% generation %}, on conversations with a system
+    turn, several turns, empty contents, edge whitespace, non-ASCII text and a message key set to None."""
+    ours_tok, hf = saved_tokenizer
+    source = {"ours": default_template(), "llama3": LLAMA3, "chatml": CHATML, "fancy": FANCY,
+              "other": OTHER_TEMPLATE}[template]
+    assert ours_tok.special_tokens_map == hf.special_tokens_map  # the variables templates see
+    chat = ChatTemplate(ours_tok, source)
+    for messages in AUDIT_CONVERSATIONS + CONVERSATIONS[:2]:
+        if template == "fancy" and len(messages) > 3:
+            continue
+        for gen in (False, True):
+            text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, chat_template=source)
+            assert chat.render(messages, gen) == text
+            ids = hf.apply_chat_template(messages, add_generation_prompt=gen, chat_template=source,
+                                         return_dict=False)
+            assert chat.encode(messages, gen) == list(ids)
+    if template == "llama3":
+        assert chat.encode(CONVERSATIONS[0])[0] == ours_tok.backend.token_to_id("<|begin_of_text|>")
+    if template in ("ours", "chatml", "fancy"):  # their raise_exception on an unknown role
+        with pytest.raises(DataError, match="chat template: .*(role|robot)"):
+            chat.render([{"role": "robot", "content": "x"}] * 2)
+
+
+def test_named_special_tokens_travel_with_the_tokenizer(saved_tokenizer, tmp_path):
+    ours, _ = saved_tokenizer
+    assert ours.named_tokens == {"bos_token": "<|begin_of_text|>"} and ours.bos_token_id is None  # never prepended
+    ours.save(tmp_path / "again")
+    assert load_tokenizer(tmp_path / "again").special_tokens_map == ours.special_tokens_map
+    assert "bos_token" not in load_tokenizer("dolma2").special_tokens_map

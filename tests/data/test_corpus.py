@@ -75,7 +75,7 @@ def test_file_errors_name_the_file_and_line(tmp_path):
         list(FileDocuments([bad]))
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("ok\nna\u00efve\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"latin1.txt: line 2 is not UTF-8 text"):
         list(FileDocuments([latin]))
     corrupt = tmp_path / "c.txt.xz"
     corrupt.write_bytes(b"not xz at all")

@@ -9,8 +9,9 @@ import torch
 from olmo_hybrid.config import ModelConfig
 from olmo_hybrid.data.chat import ChatTemplate, default_template
 from olmo_hybrid.errors import DataError
-from olmo_hybrid.posttrain.examples import encode_with_mask
+from olmo_hybrid.posttrain.examples import encode_with_mask, tokenize_conversations
 from olmo_hybrid.posttrain.source import init_token_rows, with_tokens
+from data.test_chat import AUDIT_CONVERSATIONS, CHATML, CONVERSATIONS, OTHER_TEMPLATE, saved_tokenizer  # noqa: F401
 
 CONVERSATION = [
     {"role": "user", "content": "first of: apple pear"}, {"role": "assistant", "content": "apple"},
@@ -39,6 +40,39 @@ def test_assistant_mask_covers_each_reply_and_its_end_of_turn(chat_tokenizer):
     assert ids == want_ids and mask == want_mask
     _, from_third = encode_with_mask(chat, messages, first=2)  # DPO scores the response only
     assert sum(from_third) == len(chat_tokenizer.encode(" pear\n<|im_end|>\n", allow_special=True))
+
+
+@pytest.mark.parametrize("template", ["ours", "chatml", "other"])
+def test_trained_tokens_equal_transformers_assistant_mask(saved_tokenizer, template):
+    """Where a template marks assistant text with {% generation %}, the trained tokens are exactly those of
+    apply_chat_template(..., return_assistant_tokens_mask=True), tokens straddling a block's edge included
+    (a reply starting with newlines merges with the header's); DPO's mask (from message `first` on) is its tail."""
+    ours_tok, hf = saved_tokenizer
+    source = {"ours": default_template(), "chatml": CHATML, "other": OTHER_TEMPLATE}[template]
+    chat = ChatTemplate(ours_tok, source)
+    assert chat.marks_generation
+    for messages in AUDIT_CONVERSATIONS + CONVERSATIONS[1:]:
+        if template == "chatml" and any(m["role"] == "environment" for m in messages):
+            continue
+        want = hf.apply_chat_template(messages, chat_template=source, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        ids, mask = encode_with_mask(chat, messages)
+        assert ids == list(want["input_ids"]) and mask == [bool(x) for x in want["assistant_masks"]]
+        assert any(mask)
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1
+        _, tail = encode_with_mask(chat, messages, first=first)
+        in_prompt = sum(hf.apply_chat_template(messages[:first], chat_template=source, return_dict=True,
+                                               return_assistant_tokens_mask=True)["assistant_masks"])
+        start = tail.index(True) if any(tail) else len(tail)
+        assert tail == [False] * start + mask[start:] and sum(tail) == sum(mask) - in_prompt
+
+
+def test_a_template_that_marks_no_assistant_token_is_an_error_naming_the_line(chat_tokenizer):
+    marks_nothing = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if false %}{% generation %}x{% endgeneration %}{% endif %}")
+    with pytest.raises(DataError, match="chat.jsonl line 7: the chat template marks no assistant token"):
+        tokenize_conversations([("chat.jsonl line 7", {"messages": CONVERSATION})],
+                               ChatTemplate(chat_tokenizer, marks_nothing), 256, "error")
 
 
 def test_a_template_whose_prefix_renders_differently_is_refused(chat_tokenizer):

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from olmo_hybrid.errors import ConfigError
+from olmo_hybrid.model import HybridLM
 from olmo_hybrid.posttrain.config import DPOConfig, build_posttrain_config, with_source_model
 from olmo_hybrid.posttrain.dpo import REFERENCE_FILE, DPOTrainer
 from olmo_hybrid.posttrain.losses import dpo_loss, response_logps, sequence_logps
@@ -131,3 +133,39 @@ def test_a_dpo_step_reads_nothing_back_from_the_device(source, pairs_file, tmp_p
     for r in records:
         assert 0 <= r["reward_accuracy"] <= 1 and r["chosen_bpb"] > 0 and "skipped" not in r
         assert r["reward_margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"], abs=1e-5)
+
+
+def test_precomputed_reference_equals_the_source_model_on_each_response_alone(source, pairs_file, tmp_path):
+    """The stored reference numbers of every training and validation pair equal the source model's float64
+    log-probabilities of that pair's chosen and rejected responses, each run alone (no packing, no batching)."""
+    src = prepare_source(source, log=quiet)
+    trainer = DPOTrainer(with_source_model(dpo_config(pairs_file, "data.batch_size=3"), src.config), tmp_path, src,
+                         log=quiet)
+    ref = trainer._score_reference()
+    model = HybridLM(src.config, init=False)
+    model.load_state_dict(src.state_dict)
+    model.eval()
+    rows = [trainer.train_rows, trainer.val_rows]
+    n_pairs = sum(len(r["input_ids"]) for r in rows)
+    assert ref["sums"].shape == ref["counts"].shape == (n_pairs, 2)
+    for r in rows:
+        for ids, labels, docs, index in zip(r["input_ids"], r["labels"], r["doc_ids"], r["pair_index"]):
+            for d in (0, 1):  # chosen, rejected
+                seq, lab = torch.from_numpy(ids[docs == d]), torch.from_numpy(labels[docs == d])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(seq[None])[0].double(), -1)
+                scored = lab != -100
+                want = logp[scored].gather(1, lab[scored][:, None]).sum()
+                assert int(ref["counts"][index, d]) == int(scored.sum()) > 0
+                assert ref["sums"][index, d].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.label_smoothing=0.1", "unknown config field 'dpo.label_smoothing'"),
+    ("dpo.loss=ipo", "dpo.loss: expected one of dpo, dpo_norm, got 'ipo'"),
+    ("dpo.reference_free=true", "unknown config field 'dpo.reference_free'"),
+    ("dpo.beta=0", "dpo.beta must be positive"),
+])
+def test_dpo_options_we_do_not_implement_are_refused_by_name(pairs_file, override, message):
+    with pytest.raises(ConfigError, match=message):
+        dpo_config(pairs_file, override).validate()

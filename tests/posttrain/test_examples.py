@@ -72,10 +72,22 @@ def test_pair_forms_and_errors(tmp_path, chat):
         [{"role": "assistant", "content": "b"}])
     # Hub style: chosen / rejected repeat the prompt; or no prompt and whole conversations.
     full = split_pair({"prompt": [U], "chosen": [U, A], "rejected": [U, {**A, "content": "lime"}]}, "x")
+    assert split_pair({"prompt": "first of: fig lime", "chosen": [A], "rejected": "lime"}, "x") == full
     assert full == split_pair({"chosen": [U, A], "rejected": [U, {**A, "content": "lime"}]}, "x") == \
         ([U], [A], [{**A, "content": "lime"}])
+    # Only one of them repeats the prompt: it is still the prompt, not part of that response.
+    assert split_pair({"prompt": [U], "chosen": [U, A], "rejected": "lime"}, "x") == full
     for bad, message in [
         ({"prompt": "q", "chosen": "same", "rejected": "same"}, "line 2: 'chosen' and 'rejected' are identical"),
+        ({"prompt": [U], "chosen": [U, A], "rejected": [A]}, "line 2: 'chosen' and 'rejected' are identical"),
+        ({"chosen": "a", "rejected": "b"}, "line 2: without 'prompt' or 'messages'"),
+        ({"prompt": "q", "rejected": "b"}, "line 2: missing 'chosen'"),
+        ({"prompt": [], "chosen": "a", "rejected": "b"}, "line 2: 'prompt' must be a non-empty list"),
+        ({"prompt": "q", "chosen": "a", "rejected": [{"role": "critic", "content": "b"}]},
+         r"line 2: rejected\[0\] has unknown role 'critic'"),
+        ({"prompt": "q", "chosen": {"role": "assistant"}, "rejected": "b"}, r"line 2: chosen\[0\] must be an object"),
+        ({"prompt": "q", "chosen": "a", "rejected": [{"role": "user", "content": "b"}]},
+         "line 2: the 'rejected' response must end with an assistant turn"),
         ({"prompt": "q", "chosen": "a"}, "line 2: missing 'rejected'"),
         ({"prompt": "q", "chosen": [U], "rejected": "b"}, "line 2: the 'chosen' response must end with an assistant"),
         ({"chosen": [A], "rejected": [{**A, "content": "b"}]}, "line 2: without 'prompt' or 'messages'"),

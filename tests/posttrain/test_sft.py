@@ -3,6 +3,7 @@ and generate --chat."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -29,10 +30,17 @@ def sft_config(data, *extra):
     return build_posttrain_config(SFTConfig, None, [*OVERRIDES, f"data.path={data}", *extra])
 
 
-def test_packed_conversations_never_see_each_other(source, tokenizer):
+@pytest.mark.parametrize("pattern", ["GA", "GMA"])
+def test_packed_conversations_never_see_each_other(source, pattern):
+    """GDN state, Mamba2 state, short convolutions and attention all restart at each conversation of a row."""
     src = prepare_source(source, log=quiet)
-    model = HybridLM(src.config, init=False)
-    model.load_state_dict(src.state_dict)
+    if pattern == "GA":  # the source's own weights
+        model = HybridLM(src.config, init=False)
+        model.load_state_dict(src.state_dict)
+    else:
+        torch.manual_seed(1)
+        model = HybridLM(dataclasses.replace(src.config, n_layers=3, layer_pattern=pattern, mamba_head_dim=16,
+                                             mamba_state_size=16))
     model.eval()
     chat = ChatTemplate(src.tokenizer)
     seqs, _ = tokenize_conversations([(str(i), conversation(i)) for i in range(3)], chat, 128, "error")
@@ -51,32 +59,49 @@ def test_packed_conversations_never_see_each_other(source, tokenizer):
     assert (unmasked[len(seqs[0].ids):pos] - packed[len(seqs[0].ids):pos]).abs().max() > 1e-3
 
 
-def test_sft_loss_is_the_masked_cross_entropy_of_assistant_tokens(source, sft_file, tmp_path):
-    cfg = sft_config(sft_file, "data.batch_size=4")
-    src = prepare_source(source, log=quiet)
-    trainer = SFTTrainer(with_source_model(cfg, src.config), tmp_path, src, log=quiet)
-    batch = trainer.loader.next_batch()
-    n = int((batch["labels"] != -100).sum())
-    loss, ce, _ = trainer._loss(batch, float(n))
-    # By hand: each conversation of the batch alone; its assistant tokens found by encoding the turns one by one.
+def _hand_cross_entropy(trainer, batches) -> tuple[float, int]:
+    """Summed cross-entropy (float64) and count of the assistant tokens of ``batches``, each conversation run
+    alone, its assistant tokens found by encoding the turns one by one."""
     tok, model = trainer.tokenizer, trainer.model
     nats, count = 0.0, 0
-    for row_ids, row_docs in zip(batch["input_ids"], batch["doc_ids"]):
-        for d in row_docs.unique():
-            ids = row_ids[row_docs == d]
-            if (ids == trainer.pad_id).all():
-                continue
-            text = tok.decode(ids.tolist())
-            user, reply = text.split("<|im_start|>assistant\n")
-            assert tok.encode(user + "<|im_start|>assistant\n", allow_special=True) + \
-                tok.encode(reply, allow_special=True) == ids.tolist()
-            first = len(tok.encode(user + "<|im_start|>assistant\n", allow_special=True))
-            logits = model(ids[None])[0].double()
-            targets = ids[first:]
-            nats += F.cross_entropy(logits[first - 1:-1], targets, reduction="sum").item()
-            count += len(targets)
+    for batch in batches:
+        for row_ids, row_docs in zip(batch["input_ids"], batch["doc_ids"]):
+            for d in row_docs.unique():
+                ids = row_ids[row_docs == d]
+                if (ids == trainer.pad_id).all():
+                    continue
+                text = tok.decode(ids.tolist())
+                user, reply = text.split("<|im_start|>assistant\n")
+                assert tok.encode(user + "<|im_start|>assistant\n", allow_special=True) + \
+                    tok.encode(reply, allow_special=True) == ids.tolist()
+                first = len(tok.encode(user + "<|im_start|>assistant\n", allow_special=True))
+                with torch.no_grad():
+                    logits = model(ids[None])[0].double()
+                targets = ids[first:]
+                nats += F.cross_entropy(logits[first - 1:-1], targets, reduction="sum").item()
+                count += len(targets)
+    return nats, count
+
+
+@pytest.mark.parametrize("seq_len, packed", [(96, True), (32, False)])
+def test_sft_loss_is_the_masked_cross_entropy_of_assistant_tokens(source, sft_file, tmp_path, seq_len, packed):
+    """A micro-batch's loss, and a step's over two accumulated micro-batches, equal the mean cross-entropy of
+    their assistant tokens computed by hand; with rows of several conversations and of one."""
+    cfg = sft_config(sft_file, "data.batch_size=4", f"data.seq_len={seq_len}", "trainer.grad_accum=2")
+    src = prepare_source(source, log=quiet)
+    trainer = SFTTrainer(with_source_model(cfg, src.config), tmp_path, src, log=quiet)
+    assert (len(trainer.train_rows["input_ids"]) < trainer.train_report.kept) == packed  # rows of several, or one
+    state = trainer.loader.state_dict()
+    batches = [trainer.loader.next_batch() for _ in range(2)]
+    n = int((batches[0]["labels"] != -100).sum())
+    loss, ce, _ = trainer._loss(batches[0], float(n))
+    nats, count = _hand_cross_entropy(trainer, batches[:1])
     assert count == n
     assert loss.item() == pytest.approx(nats / count, rel=1e-5) and ce.item() == pytest.approx(nats, rel=1e-5)
+    nats, count = _hand_cross_entropy(trainer, batches)
+    trainer.loader.load_state_dict(state)
+    out = trainer.train_step()  # the step's loss: both micro-batches' tokens, before the update
+    assert out.loss.item() == pytest.approx(nats / count, rel=1e-5)
 
 
 def _losses(run) -> list[float]:

@@ -64,7 +64,7 @@ def test_non_finite_settings_are_refused_like_nan(corpus_dir, tmp_path):
         build_config(path)
     cfg = make_config(corpus_dir)
     cfg.optim.lr = float("inf")  # the Python API checks what the command line checks
-    with pytest.raises(ConfigError, match=r"optim\.lr must be a finite number"):
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a finite number"):
         Trainer(cfg, tmp_path / "run", log=quiet)
     assert not (tmp_path / "run").exists()
 

@@ -59,6 +59,9 @@ def check_convert_destination(src: str | Path, dst: str | Path, overwrite: bool 
     if dst.resolve() in (src.resolve(), read_from.resolve()):
         raise CheckpointError(f"{dst} is the checkpoint being converted: convert writes a new directory, "
                               "choose another DST")
+    if is_hf_dir(read_from) and read_from.resolve() in dst.resolve().parents:
+        raise CheckpointError(f"{dst} is inside the checkpoint being converted ({read_from}): a copy there would "
+                              "travel with it; choose a DST outside it")
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} exists and is not a directory")
     if not dst.is_dir() or not any(dst.iterdir()):

@@ -15,6 +15,7 @@ import torch
 
 from olmo_hybrid.checkpoint.run_dir import CONFIG, HF_EXPORT, is_hf_dir, is_run_dir, list_checkpoints, read_run_config
 from olmo_hybrid.checkpoint.state import load_model_weights
+from olmo_hybrid.distributed import resolve_device
 from olmo_hybrid.errors import CheckpointError, ConfigError
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -121,6 +122,8 @@ def load_model_and_tokenizer(path: str | Path, *, device: str | torch.device = "
     from olmo_hybrid.data.tokenizer import load_tokenizer
 
     path = Path(path)
+    if not isinstance(device, torch.device):
+        device = resolve_device(str(device), setting="device")
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a Hugging Face directory or a training "
                               "run directory)")

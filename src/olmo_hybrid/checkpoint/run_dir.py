@@ -181,6 +181,10 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
         raise CheckpointError("--resume and --overwrite contradict each other: continue the run or start it over")
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"--out {run_dir} is a file, not a directory")
+    for owned in run_dir.absolute().parents:  # what a run replaces or rotates away would take this run with it
+        if owned in (checkpoints_dir(owned.parent), owned.parent / HF_EXPORT) and is_run_dir(owned.parent):
+            raise CheckpointError(f"--out {run_dir} is inside {owned}, which the run in {owned.parent} replaces "
+                                  "(checkpoint rotation, export, --overwrite): choose a directory outside it")
     if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
         return
     if not is_run_dir(run_dir):

@@ -193,6 +193,16 @@ def _check_args(args) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if not args.lengths or any(n <= 0 for n in args.lengths):
         raise UsageError(f"--lengths must be positive, got {args.lengths}")
+    from olmo_hybrid.eval import probe_tasks, ruler_tasks
+
+    for flag, suite, known in (("ruler_tasks", "ruler", ruler_tasks.TASKS),
+                               ("probe_tasks", "probes", probe_tasks.TASKS)):
+        unknown = [t for t in (getattr(args, flag) or []) if t not in known] if suite in args.suite else []
+        if unknown:
+            raise UsageError(f"--{flag.replace('_', '-')}: unknown task(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(known)})")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a directory")
 
 
 def main(argv: list[str]) -> int:
@@ -206,6 +216,9 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device, setting="--device")
     model, tok = load_model_and_tokenizer(args.checkpoint, device=device, tokenizer=args.tokenizer)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    if args.max_length is not None and args.max_length > model.config.max_seq_len and not args.past_window:
+        raise UsageError(f"--max-length {args.max_length} exceeds the model's window of {model.config.max_seq_len} "
+                         "tokens (pass --past-window to measure there anyway)")
     args.lengths = resolve_lengths(args.lengths, args.checkpoint, model)
     if "ruler" in args.suite:
         _check_window(args, model)

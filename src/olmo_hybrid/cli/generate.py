@@ -54,6 +54,9 @@ def main(argv: list[str]) -> int:
         ids = tok.encode(args.prompt)
     if not ids:
         raise UsageError(f"--prompt {args.prompt!r} encodes to zero tokens")
+    if len(ids) + args.max_new_tokens > model.config.max_seq_len:
+        raise UsageError(f"--prompt is {len(ids)} tokens and --max-new-tokens {args.max_new_tokens}: together more "
+                         f"than the model's window of {model.config.max_seq_len} tokens (max_seq_len)")
     engine = Engine(model, max_batch=1, max_context=len(ids) + args.max_new_tokens, tokenizer=tok,
                     cuda_graphs=device.type == "cuda")
     stream = TextStream(tok, holdback=max((len(s) for s in args.stop), default=1) - 1)

@@ -10,6 +10,7 @@ curves in docs/long_context.md are rewritten from the results file at the end (o
 from __future__ import annotations
 
 import argparse
+import math
 
 from olmo_hybrid.cli import ArgumentParser
 from olmo_hybrid.errors import UsageError
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    if args.max_minutes is not None and args.max_minutes <= 0:
+    if args.max_minutes is not None and not 0 < args.max_minutes < math.inf:
         raise UsageError(f"--max-minutes must be positive, got {args.max_minutes}")
     from olmo_hybrid.longctx.experiment import describe_plan, done_pieces, load_experiment, plan_pieces, run_experiment
     from olmo_hybrid.longctx.report import write_report

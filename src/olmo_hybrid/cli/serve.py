@@ -6,7 +6,9 @@ Needs the ``serve`` extra (starlette, uvicorn, prometheus_client, jinja2). See d
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -23,6 +25,29 @@ def _positive(flag: str, value, allow_none: bool = True):
     if value is None or value < 1:
         raise UsageError(f"{flag} must be >= 1, got {value}")
     return value
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Fail before the model loads when the server could not listen: a host that does not resolve or is not this
+    machine's, a port another process holds. (Another process may still take the port in between.)"""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host!r} does not resolve: {e.strerror}") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"--port {port}: another process is listening on {host}:{port}") from e
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(f"--host {host!r} is not an address of this machine") from e
+            if e.errno == errno.EACCES:
+                raise UsageError(f"--port {port}: not permitted to listen there (ports below 1024 need "
+                                 "privileges)") from e
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
 
 def main(argv: list[str]) -> int:
@@ -64,8 +89,11 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.prefix_cache_gib is not None and args.prefix_cache_gib < 0:
         raise UsageError(f"--prefix-cache-gib must be >= 0, got {args.prefix_cache_gib}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise UsageError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     if not 0 < args.memory_fraction <= 1:
         raise UsageError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    check_listen_address(args.host, args.port)
     template = None
     if args.chat_template is not None:
         try:

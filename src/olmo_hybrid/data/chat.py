@@ -2,13 +2,16 @@
 
 The template is a Jinja string carried by the tokenizer (``Tokenizer.chat_template``, saved in every
 ``tokenizer_config.json`` a run or export writes). Rendering uses transformers' settings (a sandboxed
-environment with ``trim_blocks``, ``lstrip_blocks``, loop controls, its ``tojson`` and ``raise_exception``,
-the tokenizer's special tokens as variables), and the text is tokenized with special tokens parsed, so
-``ChatTemplate.encode`` equals ``AutoTokenizer.apply_chat_template`` token for token. Whatever renders a
-conversation (``generate --chat``, post-training, a chat endpoint) uses this one renderer.
+environment with ``trim_blocks``, ``lstrip_blocks``, loop controls, its ``tojson``, ``raise_exception`` and
+``strftime_now``; the tokenizer's named special tokens, ``bos_token`` included, as variables; ``tools`` and
+``documents`` None; messages with None values dropped and reasoning fields aliased), and the text is tokenized
+with special tokens parsed, so ``ChatTemplate.encode`` equals ``AutoTokenizer.apply_chat_template`` token for
+token. ``{% generation %}`` blocks are tracked as transformers tracks them for ``return_assistant_tokens_mask``.
+Whatever renders a conversation (``generate --chat``, post-training, a chat endpoint) uses this one renderer.
 
     chat = ChatTemplate(tokenizer)                       # the tokenizer's template, else ours
     chat.render(messages, add_generation_prompt=True)    # -> str
+    chat.render_with_spans(messages)                     # -> str, [(start, end) of each {% generation %} block]
     chat.prompt_ids(messages)                            # -> token ids ending in the generation prompt
     chat.end_of_turn_id                                  # where a reply ends (<|im_end|>), to stop generation
 """
@@ -16,7 +19,10 @@ conversation (``generate --chat``, post-training, a chat endpoint) uses this one
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from contextvars import ContextVar
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
@@ -26,6 +32,8 @@ from olmo_hybrid.errors import DataError
 ROLES = ("system", "user", "assistant", "environment")  # what our template renders (environment: tool output)
 TURN_TOKENS = ("<|im_start|>", "<|im_end|>")  # ids our template needs (dolma2 has both)
 END_OF_TURN = "<|im_end|>"  # where an assistant turn ends: generation stops here
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")  # how transformers tells a template marks assistant text
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names transformers aliases to one another
 
 
 def default_template() -> str:
@@ -61,7 +69,9 @@ def check_messages(messages, where: str, what: str = "messages") -> list[dict]:
 
 
 def _environment():
-    """A Jinja environment configured as transformers' ``apply_chat_template`` configures its own."""
+    """A Jinja environment configured as transformers' ``apply_chat_template`` configures its own; its
+    ``generation_spans`` (a ``ContextVar``) collects the character spans of ``{% generation %}`` blocks while a
+    ``ChatTemplate.render_with_spans`` is under way."""
     try:
         import jinja2
         from jinja2.ext import Extension, loopcontrols
@@ -70,10 +80,14 @@ def _environment():
         raise ImportError("chat templates need jinja2: pip install 'olmo-hybrid[posttrain]'") from e
 
     class Generation(Extension):
-        """``{% generation %}...{% endgeneration %}`` renders its body (transformers uses the tag to mark
-        assistant text; post-training finds assistant text by prefix rendering, so the tag only has to parse)."""
+        """``{% generation %}...{% endgeneration %}`` renders its body and, while spans are collected, records
+        where the body starts and ends in the text rendered so far (transformers' ``AssistantTracker``)."""
 
         tags = {"generation"}
+
+        def __init__(self, environment):
+            super().__init__(environment)
+            environment.extend(generation_spans=ContextVar("generation_spans", default=None))
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
@@ -81,7 +95,13 @@ def _environment():
             return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            text = caller()
+            tracking = self.environment.generation_spans.get()
+            if tracking is not None:
+                blocks, spans = tracking
+                start = len("".join(blocks))
+                spans.append((start, start + len(text)))
+            return text
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -89,10 +109,26 @@ def _environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
     return env
+
+
+def _as_transformers_passes(messages: Sequence[dict]) -> list[dict]:
+    """The messages as transformers hands them to a template: keys whose value is None dropped, and a reasoning
+    field (``reasoning_content``, ``thinking`` or ``reasoning``) also under ``thinking`` and
+    ``reasoning_content``."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if k in m), None)
+        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    return out
 
 
 class ChatTemplate:
@@ -111,20 +147,37 @@ class ChatTemplate:
             self._template = env.from_string(self.source)
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"chat template does not parse (line {e.lineno}): {e.message}") from e
-        # transformers passes the tokenizer's special tokens (those it has) as template variables.
-        self._specials = {k: v for k, v in (("eos_token", tokenizer.eos_token), ("pad_token", tokenizer.pad_token))
-                          if v is not None}
+        self._spans = env.generation_spans
+        # transformers passes the tokenizer's named special tokens as variables, and tools / documents as None.
+        self._variables = {**tokenizer.special_tokens_map, "tools": None, "documents": None}
+
+    @property
+    def marks_generation(self) -> bool:
+        """Whether the template marks assistant text with ``{% generation %}`` (then those blocks are what
+        post-training trains, as transformers' ``return_assistant_tokens_mask`` reports)."""
+        return GENERATION_TAG.search(self.source) is not None
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as text (transformers' ``apply_chat_template(..., tokenize=False)``); a template
         error (an unknown role, say) is a ``DataError``."""
+        return self.render_with_spans(messages, add_generation_prompt)[0]
+
+    def render_with_spans(self, messages: Sequence[dict], add_generation_prompt: bool = False
+                          ) -> tuple[str, list[tuple[int, int]]]:
+        """The text and the ``(start, end)`` character span of every ``{% generation %}`` block rendered."""
         import jinja2
 
+        blocks, spans = [], []
+        token = self._spans.set((blocks, spans))
         try:
-            return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                         **self._specials)
+            for block in self._template.generate(messages=_as_transformers_passes(messages),
+                                                 add_generation_prompt=add_generation_prompt, **self._variables):
+                blocks.append(block)
         except jinja2.TemplateError as e:
             raise DataError(f"chat template: {e}") from e
+        finally:
+            self._spans.reset(token)
+        return "".join(blocks), spans
 
     def tokenize(self, text: str):
         """The ``tokenizers.Encoding`` (ids, character offsets) of rendered text: special tokens are parsed, so

@@ -88,6 +88,11 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             files.append(path)
         else:
             raise DataError(f"input file {path} does not exist")
+    seen: dict[Path, Path] = {}
+    for path in files:
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:  # its documents would be counted twice, and could land in both splits
+            raise DataError(f"input file {path} is given twice" + (f" (also as {first})" if first != path else ""))
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -95,6 +100,20 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         except OSError as e:
             raise DataError(f"cannot read input file {path}: {e.strerror or e}") from e
     return files
+
+
+def first_undecodable_line(path: Path, start: int) -> int:
+    """The number of the first line after line ``start`` of ``path`` (decompressed) that is not UTF-8: the
+    decoder reads ahead in blocks, so the line being read when it failed is only a lower bound."""
+    with open(path, "rb") as raw:
+        opener = _COMPRESSED.get(path.suffix.lower())
+        for lineno, line in enumerate(opener(raw) if opener else raw, start=1):
+            if lineno > start:
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return lineno
+    return start + 1
 
 
 class FileDocuments:
@@ -123,7 +142,8 @@ class FileDocuments:
                 try:
                     yield from reader(path, self._count_lines(text), raw, done_before)
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}: not UTF-8 text ({e.reason}) after line {self._lineno}") from e
+                    raise DataError(f"{path}: line {first_undecodable_line(path, self._lineno)} is not UTF-8 text "
+                                    f"({e.reason})") from e
                 except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
                     raise DataError(f"cannot read input file {path}: {e}") from e
             self.progress_done = done_before + path.stat().st_size

@@ -18,7 +18,8 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / "manifest.json"
     if not path.is_dir():
-        raise DataError(f"dataset directory {path} does not exist (create it with `olmo-hybrid prepare`)")
+        raise DataError(f"dataset directory {path} " + ("is a file" if path.exists() else "does not exist")
+                        + " (create one with `olmo-hybrid prepare`)")
     if not file.is_file():
         raise DataError(f"{path} is not a prepared dataset: no manifest.json (create it with `olmo-hybrid prepare`)")
     manifest = read_json_object(file, what="dataset manifest", error=DataError)

@@ -35,7 +35,7 @@ import numpy as np
 
 from olmo_hybrid.data.corpus import SHAKESPEARE_ASSET, DataError, Document, FileDocuments, HFDocuments, \
     ListDocuments, bundled_corpus
-from olmo_hybrid.data.tokenizer import DOLMA2, Tokenizer, load_tokenizer, train_bpe
+from olmo_hybrid.data.tokenizer import DOLMA2, Tokenizer, check_bpe_vocab, load_tokenizer, train_bpe
 from olmo_hybrid.errors import WriteError
 from olmo_hybrid.fsio import failure_reason, install_dir, staging_dir
 
@@ -203,7 +203,7 @@ def choose_val_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndar
 
 
 def _resolve_tokenizer(tokenizer: str | Tokenizer, bpe_vocab: int | None, source, is_val: np.ndarray) -> Tokenizer:
-    if bpe_vocab:
+    if bpe_vocab is not None:  # 0 too: train_bpe refuses it rather than silently using another tokenizer
         train_texts = (d.text for i, d in enumerate(source) if not is_val[i])
         return train_bpe(train_texts, bpe_vocab)
     return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
@@ -248,6 +248,8 @@ def _prepare(source, out: Path, tokenizer, bpe_vocab, val_fraction, seed, worker
     out = Path(out).absolute()
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= seed < 2**32:  # what numpy's generators take
+        raise DataError(f"seed must be in [0, 2**32), got {seed}")
     _check_replaceable(out)
     n_docs = sum(1 for _ in source)  # a cheap first pass: the split needs the document count
     if n_docs == 0:
@@ -255,7 +257,7 @@ def _prepare(source, out: Path, tokenizer, bpe_vocab, val_fraction, seed, worker
     is_val = choose_val_documents(n_docs, val_fraction, seed)
     if progress:
         print(f"prepare: {n_docs:,} documents, {int(is_val.sum()):,} held out for validation"
-              + (f"; training a BPE of {bpe_vocab} ids on the rest" if bpe_vocab else ""), file=sys.stderr)
+              + (f"; training a BPE of {bpe_vocab} ids on the rest" if bpe_vocab is not None else ""), file=sys.stderr)
     tok = _resolve_tokenizer(tokenizer, bpe_vocab, source, is_val)
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer {tok.name} has no end-of-document token; documents need one")
@@ -304,6 +306,10 @@ def prepare(inputs: Sequence[str | Path] | None, out_dir: str | Path, *, tokeniz
         raise DataError("give exactly one of: input files, a Hugging Face dataset, or a list of documents")
     if workers is not None and workers < 1:
         raise DataError(f"workers must be at least 1 (or None for the default), got {workers}")
+    if bpe_vocab is not None:
+        check_bpe_vocab(bpe_vocab)
+    if workers is not None and workers > 4 * (os.cpu_count() or 1):
+        raise DataError(f"workers={workers} is far more processes than this machine's {os.cpu_count()} cores")
     if hf_dataset is not None:
         source = HFDocuments(hf_dataset, hf_split, hf_config, text_field)
     elif documents is not None:
@@ -344,4 +350,5 @@ def prepare_bundled(out_dir: str | Path | None = None, bpe_vocab: int | None = 4
         except (OSError, json.JSONDecodeError):
             pass  # unreadable: rebuild it
     source = ListDocuments(bundled_corpus(), {"kind": "bundled", "corpus": "shakespeare", "works": 42})
+    bpe_vocab = bpe_vocab or None  # 0 means dolma2 here (data.bpe_vocab=0)
     return _prepare(source, out_dir, DOLMA2, bpe_vocab, val_fraction, seed, workers, progress, {"bundled": key})

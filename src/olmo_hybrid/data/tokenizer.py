@@ -32,6 +32,8 @@ PAD_TOKEN = "<|pad|>"
 # Token names other tokenizers use for end of document, tried in order when no config says which.
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "<|im_end|>")
 _PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]")
+# transformers' named special tokens besides eos and pad (its SPECIAL_TOKENS_ATTRIBUTES)
+NAMED_TOKENS = ("bos_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 # dolma2's (= cl100k's) pre-tokenization: contractions, words with one leading non-letter, digit runs
 # of at most three, punctuation runs, and whitespace, before byte-level mapping.
@@ -48,18 +50,29 @@ class Tokenizer:
     strings that occur in the text ("<|endoftext|>") as ordinary text, so a document can never
     contain a stray end-of-document id. ``vocab_size`` is the number of ids the tokenizer produces;
     models round it up with :meth:`padded_vocab_size`. ``chat_template`` (a Jinja string, or None) travels
-    with the tokenizer into every ``tokenizer_config.json`` it writes.
+    with the tokenizer into every ``tokenizer_config.json`` it writes, and so do ``named_tokens``: the other
+    named special tokens of a ``tokenizer_config.json`` (``bos_token``, ``unk_token``, ...), which chat templates
+    read as variables (a Llama-3 template starts with ``{{ bos_token }}``) and which are never added to text.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, name: str, eos_token: str | None = EOS_TOKEN,
-                 pad_token: str | None = None, chat_template: str | None = None):
+                 pad_token: str | None = None, chat_template: str | None = None,
+                 named_tokens: dict[str, str] | None = None):
         self.backend = backend
         self.name = name
         self.chat_template = chat_template
         self.eos_token, self.pad_token = eos_token, pad_token
+        self.named_tokens = {k: v for k, v in (named_tokens or {}).items() if k in NAMED_TOKENS and v is not None}
         self.eos_token_id = self._id_of(eos_token, "eos_token")
         self.pad_token_id = self._id_of(pad_token, "pad_token")
         self.bos_token_id = None  # neither dolma2 nor our BPEs prepend a BOS
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """Every named special token it has (``eos_token``, ``pad_token``, ``bos_token`` ...), as transformers'
+        ``special_tokens_map``: what a chat template sees as variables."""
+        return {k: v for k, v in {**self.named_tokens, "eos_token": self.eos_token, "pad_token": self.pad_token}.items()
+                if v is not None}
 
     def _id_of(self, token: str | None, role: str) -> int | None:
         if token is None:
@@ -110,6 +123,7 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "bos_token": None,
+            **self.named_tokens,
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
@@ -167,7 +181,8 @@ def _from_file(path: Path) -> Tokenizer:
     has = lambda tok: backend.token_to_id(tok) is not None  # noqa: E731
     name = config.get("name") or str(path)
     return Tokenizer(backend, name, _pick(has, special("eos_token"), _EOS_CANDIDATES),
-                     _pick(has, special("pad_token"), _PAD_CANDIDATES), template)
+                     _pick(has, special("pad_token"), _PAD_CANDIDATES), template,
+                     {k: special(k) for k in NAMED_TOKENS})
 
 
 def load_tokenizer(name_or_path: str | Path = DOLMA2) -> Tokenizer:
@@ -191,15 +206,20 @@ def load_tokenizer(name_or_path: str | Path = DOLMA2) -> Tokenizer:
     return _from_file(path)
 
 
+def check_bpe_vocab(vocab_size) -> None:
+    """Refuse a BPE vocabulary size that cannot hold the special ids, the 256 bytes and one merge."""
+    if not isinstance(vocab_size, int) or vocab_size < 258 + 1:
+        raise DataError(f"bpe vocab_size must be an integer of at least 259 (2 special ids + 256 bytes + "
+                        f"one merge), got {vocab_size!r}")
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE of ``vocab_size`` ids on ``texts``.
 
     Ids 0 and 1 are ``<|endoftext|>`` (end of document, the eos id) and ``<|pad|>``; the 256 byte
     symbols follow, so any string encodes. Training is deterministic for a given input order.
     """
-    if not isinstance(vocab_size, int) or vocab_size < 258 + 1:
-        raise DataError(f"bpe vocab_size must be an integer of at least 259 (2 special ids + 256 bytes + "
-                        f"one merge), got {vocab_size!r}")
+    check_bpe_vocab(vocab_size)
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(tokenizers.Regex(_SPLIT_PATTERN), behavior="isolated"),

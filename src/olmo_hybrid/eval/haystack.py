@@ -67,8 +67,11 @@ def read_text_file(path: str | Path, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     if not p.is_file():
         raise FileNotFoundError(f"haystack file {p} does not exist (expected a UTF-8 .txt or .xz file)")
     opener = lzma.open if p.suffix == ".xz" else open
-    with opener(p, "rt", encoding="utf-8") as f:
-        text = f.read(max_chars)
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            text = f.read(max_chars)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"haystack file {p} is not UTF-8 text ({e.reason})") from e
     # Gutenberg splits separate books with this marker; it is not prose.
     return text.replace("<|endoftext|>", "\n")
 

@@ -75,10 +75,10 @@ def plan_extension(source: str | Path, method: str, seq_len: int, *, steps: int 
                    tokens: int | None = None, train_len: int | None = None, recalibrate: bool = False,
                    original_len: int | None = None, overrides: list[str] = ()) -> ExtendPlan:
     """The long-context stage's training config (not yet run); see the module docstring for the defaults."""
+    for flag, length in (("--seq-len", seq_len), ("--train-len", train_len), ("--original-len", original_len)):
+        if length is not None and length < 1:
+            raise ConfigError(f"{flag} must be a positive number of tokens, got {length}")
     source = Path(source)
-    for flag, value in (("--seq-len", seq_len), ("--train-len", train_len), ("--original-len", original_len)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be a positive number of tokens, got {value}")
     model = ckpt.read_model_config(source)
     recipe, trained_len = _source_recipe(source)
     original = original_len if original_len is not None else original_length(model, trained_len, method)

@@ -17,6 +17,9 @@ from olmo_hybrid.model.sampling import SamplingParams
 
 def _prompts(model: HybridLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
     """The rows of ``input_ids`` without their left padding, as host lists (ids checked against the vocabulary)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a non-empty integer [batch, seq_len] tensor, got "
+                         f"{type(input_ids).__name__} (torch.tensor([ids]) makes one)")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be a non-empty integer [batch, seq_len] tensor, got {input_ids.dtype} "
                          f"{tuple(input_ids.shape)}")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from olmo_hybrid.config import ATTN, GDN, MAMBA, ModelConfig, read_json_object
+from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, read_json_object
+from olmo_hybrid.fsio import default_permissions
 from olmo_hybrid.model.hf_config import MAMBA2_MODEL_TYPE, config_from_hf, config_to_hf
 from olmo_hybrid.model.hybrid import HybridLM
 
@@ -124,10 +125,14 @@ def _kind(cfg: ModelConfig, i: int, name: str) -> str:
 def read_config(path: Path) -> ModelConfig:
     f = path / "config.json"
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {path} " + ("is a file" if path.exists() else "does not exist"))
     if not f.is_file():
         raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face olmo_hybrid checkpoint)")
-    return config_from_hf(read_json_object(f, what="checkpoint config"), source=str(f))
+    d = read_json_object(f, what="checkpoint config")
+    if "model_type" not in d and {"model", "trainer"} <= set(d):
+        raise ConfigError(f"{f} is a training run's config, not a Hugging Face checkpoint's: load the run with "
+                          "olmo_hybrid.checkpoint.load_model_and_tokenizer (or use its hf/ export)")
+    return config_from_hf(d, source=str(f))
 
 
 def weight_files(path: Path) -> tuple[list[str], dict | None]:
@@ -169,6 +174,8 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
     cfg = read_config(path)
     tensors = canonical_state_dict(_read_tensors(path), cfg)
     dtype = dtype or torch.float32
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     with torch.device("meta"):
         model = HybridLM(cfg, init=False)
     expected = model.state_dict()
@@ -187,6 +194,13 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
         if tuple(tensors[name].shape) != tuple(ref.shape):
             raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
                              f"the config implies {tuple(ref.shape)}")
+    for name in expected:
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: tensor '{name}' is stored as {t.dtype}, expected a floating-point dtype")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor '{name}' holds non-finite values (NaN or inf): the checkpoint is "
+                             "damaged or from a diverged run")
     state = {n: tensors[n].to(device=device or "cpu", dtype=dtype) for n in expected}
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -240,6 +254,7 @@ def save_pretrained(model: HybridLM, path, dtype: torch.dtype | None = None, tok
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            default_permissions(tmp / fname)
             names.append(fname)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},

@@ -89,6 +89,9 @@ class HybridLM(nn.Module):
 
     def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"HybridLM takes a ModelConfig (olmo_hybrid.config), got {type(config).__name__}; "
+                            "HybridLM.from_pretrained(path) loads a checkpoint")
         self.config = config = config.resolved()
         self.model = HybridModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)

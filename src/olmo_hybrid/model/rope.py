@@ -18,9 +18,8 @@ import math
 import torch
 from torch import nn
 
-from olmo_hybrid.config import ConfigError, ModelConfig
+from olmo_hybrid.config import ROPE_TYPES, ConfigError, ModelConfig
 
-ROPE_TYPES = ("default", "yarn")
 YARN_DEFAULT_BETA_FAST = 32.0
 YARN_DEFAULT_BETA_SLOW = 1.0
 

@@ -48,8 +48,8 @@ class SamplingParams:
         if not (number(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                          and self.seed >= 0):
-            raise ValueError(f"SamplingParams.seed must be a non-negative integer or None, got {self.seed!r}")
+                                          and 0 <= self.seed < 2**63):
+            raise ValueError(f"SamplingParams.seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -73,8 +73,10 @@ def _check_recipe(r, name: str) -> None:
         raise ConfigError(f"{name}.epochs must be positive, got {r.epochs}")
     if not 0 <= r.warmup_fraction < 1:
         raise ConfigError(f"{name}.warmup_fraction must be in [0, 1), got {r.warmup_fraction}")
-    if r.max_steps < 0 or r.seq_len <= 0:
-        raise ConfigError(f"{name}.max_steps must be >= 0 and {name}.seq_len positive")
+    if r.max_steps < 0:
+        raise ConfigError(f"{name}.max_steps must be >= 0 (0: no limit), got {r.max_steps}")
+    if r.seq_len <= 0:
+        raise ConfigError(f"{name}.seq_len must be positive, got {r.seq_len}")
 
 
 def _trainer(**overrides) -> TrainerConfig:

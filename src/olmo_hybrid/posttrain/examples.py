@@ -1,11 +1,14 @@
 """Post-training examples: read conversations and preference pairs, check them, and tokenize them with the
 chat template (``olmo_hybrid.data.chat``) into token ids plus the mask of tokens that are trained.
 
-Assistant tokens are found without any marker in the template: for assistant message ``i`` the span runs
-from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
-``render(messages[:i + 1])``, i.e. the message's content and whatever closes its turn (``<|im_end|>\\n``
-here). That needs a template whose rendering of a prefix of the conversation is a prefix of the whole
-rendering; a template that is not (one that closes the last turn differently, say) is refused by name.
+Assistant text is what the template marks with ``{% generation %}`` (ours marks each reply and the
+``<|im_end|>\\n`` that closes it), as transformers' ``return_assistant_tokens_mask`` reports it. A template
+without the tag: for assistant message ``i`` the span runs from the end of
+``render(messages[:i], add_generation_prompt=True)`` to the end of ``render(messages[:i + 1])``, i.e. the
+message's content and whatever closes its turn. That needs a template whose rendering of a prefix of the
+conversation is a prefix of the whole rendering; a template that is not (one that closes the last turn
+differently, say) is refused by name. Either way a token is trained when it overlaps the assistant text
+(transformers' rule).
 
 Inputs are JSONL files (one JSON object per line) or, when the ``datasets`` package is installed, a
 Hugging Face dataset (a saved directory or a hub name). Every error names the example: ``FILE line N`` or
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from olmo_hybrid.data.chat import ChatTemplate, check_messages
-from olmo_hybrid.data.corpus import json_object
+from olmo_hybrid.data.corpus import first_undecodable_line, json_object
 from olmo_hybrid.errors import DataError
 
 TRUNCATION = ("truncate", "drop", "error")
@@ -79,12 +82,16 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, dict]
     check_source(source)
     path = Path(source)
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path.name} line {n}"
-                yield where, json_object(line, where)
+        n = 0
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path.name} line {n}"
+                    yield where, json_object(line, where)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path.name} line {first_undecodable_line(path, n)} is not UTF-8 text ({e.reason})") from e
         return
     try:
         import datasets
@@ -107,8 +114,14 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, dict]
 
 
 def assistant_spans(chat: ChatTemplate, messages: list[dict], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """``(text, [(start, end), ...])``: the rendering and the character span of every assistant turn from
-    message ``first`` on."""
+    """``(text, [(start, end), ...])``: the rendering and the character spans of the assistant text from message
+    ``first`` on: the template's ``{% generation %}`` blocks when it has them, else each assistant turn found by
+    rendering prefixes of the conversation."""
+    if chat.marks_generation:
+        text, spans = chat.render_with_spans(messages)
+        if first:  # the response's blocks: those after as many as the messages before it render alone
+            spans = spans[len(chat.render_with_spans(messages[:first])[1]):]
+        return text, spans
     text = chat.render(messages)
     spans = []
     for i, message in enumerate(messages):
@@ -117,34 +130,46 @@ def assistant_spans(chat: ChatTemplate, messages: list[dict], first: int = 0) ->
         before = chat.render(messages[:i], add_generation_prompt=True)
         through = chat.render(messages[:i + 1])
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise DataError("the chat template renders a conversation's first messages differently from the "
-                            "start of the whole conversation, so assistant tokens cannot be located; use a "
-                            "template whose turns do not depend on what follows them")
+            raise DataError(PREFIX_ERROR)
         spans.append((len(before), len(through)))
     return text, spans
 
 
-def encode_with_mask(chat: ChatTemplate, messages: list[dict], first: int = 0) -> tuple[list[int], list[bool]]:
-    """Token ids of the conversation and, per token, whether it belongs to an assistant turn from message
-    ``first`` on (a token counts when it starts inside the turn's span)."""
-    text, spans = assistant_spans(chat, messages, first)
-    enc = chat.tokenize(text)
+PREFIX_ERROR = ("the chat template renders a conversation's first messages differently from the start of the whole "
+                "conversation, so assistant tokens cannot be located; use a template whose turns do not depend on "
+                "what follows them, or one that marks assistant text with {% generation %}")
+
+
+def token_mask(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token (character ``offsets``), whether it overlaps one of the sorted ``spans``: transformers' rule for
+    ``return_assistant_tokens_mask``, so a token that straddles a span's edge is trained."""
     mask, j = [], 0
-    for start, _ in enc.offsets:
+    for start, end in offsets:
         while j < len(spans) and start >= spans[j][1]:
             j += 1
-        mask.append(j < len(spans) and spans[j][0] <= start)
-    return enc.ids, mask
+        mask.append(j < len(spans) and end > spans[j][0])
+    return mask
+
+
+def encode_with_mask(chat: ChatTemplate, messages: list[dict], first: int = 0) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation and, per token, whether it is assistant text from message ``first`` on
+    (``token_mask`` of ``assistant_spans``)."""
+    text, spans = assistant_spans(chat, messages, first)
+    enc = chat.tokenize(text)
+    return enc.ids, token_mask(enc.offsets, spans)
 
 
 def _has_assistant(messages: list[dict]) -> bool:
     return any(m["role"] == "assistant" for m in messages)
 
 
-def _sequence(chat: ChatTemplate, messages: list[dict], first_scored: int = 0) -> Sequence:
+def _sequence(chat: ChatTemplate, messages: list[dict], where: str, first_scored: int = 0) -> Sequence:
     ids, scored = encode_with_mask(chat, messages, first_scored)
     ids, scored = np.asarray(ids, dtype=np.int64), np.asarray(scored, dtype=bool)
-    return Sequence(ids, scored, _scored_bytes(chat, ids, scored))
+    seq = Sequence(ids, scored, _scored_bytes(chat, ids, scored))
+    if not _trains(seq):
+        raise DataError(f"{where}: the chat template marks no assistant token to train on in this conversation")
+    return seq
 
 
 def _scored_bytes(chat: ChatTemplate, ids: np.ndarray, scored: np.ndarray) -> int:
@@ -183,7 +208,7 @@ def tokenize_conversations(records, chat: ChatTemplate, limit: int, truncation: 
         messages = check_messages(record.get("messages"), where)
         if not _has_assistant(messages):
             raise DataError(f"{where}: the conversation has no assistant turn, so it has nothing to train on")
-        seq = _sequence(chat, messages)
+        seq = _sequence(chat, messages, where)
         if not _over_limit(len(seq.ids), limit, where, truncation, report, "conversation"):
             continue
         if len(seq.ids) > limit:
@@ -215,9 +240,9 @@ def split_pair(record: dict, where: str) -> tuple[list[dict], list[dict], list[d
         key = "prompt" if "prompt" in record else "messages"
         prompt = record[key]
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, key)
-        # Hub datasets often repeat the prompt at the start of chosen and rejected.
-        if chosen[:len(prompt)] == prompt and rejected[:len(prompt)] == prompt:
-            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+        # Hub datasets often repeat the prompt at the start of chosen and rejected (each checked on its own:
+        # a response that repeats it while the other does not would otherwise score the prompt twice).
+        chosen, rejected = (r[len(prompt):] if r[:len(prompt)] == prompt else r for r in (chosen, rejected))
     else:
         n = 0
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -245,7 +270,7 @@ def tokenize_pairs(records, chat: ChatTemplate, limit: int, truncation: str) -> 
     report, out = Report(), []
     for where, record in records:
         prompt, chosen, rejected = split_pair(record, where)
-        c, r = (_sequence(chat, prompt + resp, len(prompt)) for resp in (chosen, rejected))
+        c, r = (_sequence(chat, prompt + resp, where, len(prompt)) for resp in (chosen, rejected))
         total = len(c.ids) + len(r.ids)
         if not _over_limit(total, limit, where, truncation, report, "pair (chosen + rejected)"):
             continue

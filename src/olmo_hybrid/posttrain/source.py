@@ -35,7 +35,7 @@ def with_tokens(tokenizer: Tokenizer, tokens: tuple[str, ...]) -> Tokenizer:
     backend = tokenizers.Tokenizer.from_str(tokenizer.to_json())
     backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in tokens])
     return Tokenizer(backend, f"{tokenizer.name}+chat", tokenizer.eos_token, tokenizer.pad_token,
-                     tokenizer.chat_template)
+                     tokenizer.chat_template, tokenizer.named_tokens)
 
 
 def init_token_rows(state: dict[str, torch.Tensor], config: ModelConfig, used: int, added: int, vocab_size: int

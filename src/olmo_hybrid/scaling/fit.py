@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from olmo_hybrid.errors import ConfigError
 from olmo_hybrid.scaling.law import PARAMS, TOP_K, FitError, Law, bootstrap_laws, fit_law, interval
 from olmo_hybrid.scaling.results import ResultsError, check_point, read_results
 
@@ -104,6 +105,9 @@ def _rollout(data: ArchData, top_k: int) -> dict:
 def analyse(path: str | Path, options: FitOptions | None = None, log=print) -> Analysis:
     """Fit every architecture of the results file at ``path``; see the module docstring."""
     o = options or FitOptions()
+    for name, values in (("target loss", [] if o.target_loss is None else [o.target_loss]), ("sizes", o.sizes or [])):
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+            raise ConfigError(f"{name} {values}: expected finite positive numbers")
     data = load_points(path, log=log)
     reference = o.reference
     if reference is not None and reference not in data:

@@ -136,6 +136,8 @@ def load_ladder(path: str | Path, overrides: list[str] = ()) -> LadderConfig:
         cfg = from_dict(LadderConfig, data)
         return apply_overrides(cfg, list(overrides)) if overrides else cfg
     except ConfigError as e:
+        if str(path) in str(e):  # already names the file
+            raise
         raise LadderError(f"{path}: {e}") from e
 
 

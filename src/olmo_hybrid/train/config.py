@@ -7,12 +7,12 @@ command-line overrides (``optim.lr=3e-3``) build the same dataclass and fail the
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from olmo_hybrid.config import ConfigError, ModelConfig, apply_overrides, from_dict, model_preset, read_json_object
+from olmo_hybrid.config import (ConfigError, ModelConfig, apply_overrides, check_types, from_dict, model_preset,
+                                read_json_object)
 from olmo_hybrid.data import DataConfig
 from olmo_hybrid.train.context_parallel import check_context_parallel
 from olmo_hybrid.train.optim import DECAY_RULES, SCHEDULES
@@ -112,7 +112,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        _check_finite(self)
+        check_types(self)
         o, s, t = self.optim, self.schedule, self.trainer
         if not o.lr > 0:
             raise ConfigError(f"optim.lr must be positive, got {o.lr}")
@@ -148,6 +148,9 @@ class TrainConfig:
             if getattr(t, name) < (1 if name == "ac_every" else 0):
                 raise ConfigError(f"trainer.{name} must be {'positive' if name == 'ac_every' else '>= 0'}, "
                                   f"got {getattr(t, name)}")
+        for name, seed in (("trainer.seed", t.seed), ("data.seed", self.data.seed)):
+            if not 0 <= seed < 2**32:  # what numpy's generators take
+                raise ConfigError(f"{name} must be in [0, 2**32), got {seed}")
         m = self.model
         if m.n_attn_layers and self.data.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds the model's limit "
@@ -158,18 +161,6 @@ class TrainConfig:
         if par.dp_shard != -1 and par.dp_shard < 1:
             raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world size, got {par.dp_shard}")
         check_context_parallel(m, self.data.seq_len, par.cp_degree, par.cp_mode)
-
-
-def _check_finite(cfg, path: str = "") -> None:
-    """Every float setting, at any depth, is a finite number: inf and nan mean nothing anywhere (an
-    ``optim.lr=inf`` would train on NaN)."""
-    for f in dataclasses.fields(cfg):
-        value, name = getattr(cfg, f.name), f"{path}{f.name}"
-        if dataclasses.is_dataclass(value):
-            _check_finite(value, name + ".")
-        for v in value if isinstance(value, (tuple, list)) else [value]:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------
