@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -128,3 +129,75 @@ def test_extended_run_loads_in_generate_eval_and_transformers(straight, tmp_path
         want = ref(x).logits
         assert ((model(x) - want).abs().max() / want.abs().max()).item() < 1e-4
     capsys.readouterr()
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_drope_recalibration_resumes_exactly_and_loads_in_transformers(base_run, tmp_path, monkeypatch):
+    from olmo_hybrid.train.trainer import Trainer
+
+    stage = ["trainer.save_interval=2", "trainer.eval_interval=0", "trainer.log_interval=1"]
+    run = dict(method="drope", seq_len=LONG, steps=4, recalibrate=True, overrides=stage, log=quiet)
+    straight = extend(base_run, tmp_path / "straight", **run)
+    assert len(straight.losses) == 4
+    real_save = Trainer.save
+
+    def save_then_fail(self):
+        path = real_save(self)
+        if self.step == 2:
+            raise Preempted
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_fail)
+    with pytest.raises(Preempted):
+        extend(base_run, tmp_path / "ext", **run)
+    monkeypatch.setattr(Trainer, "save", real_save)
+    resumed = extend(base_run, tmp_path / "ext", resume=True, **run)
+    assert resumed.losses == straight.losses[2:] and losses(tmp_path / "ext") == losses(tmp_path / "straight")
+    record = read_extend_record(tmp_path / "ext")
+    assert (record["train_len"], record["seq_len"], record["positions"]) == \
+        (BASE_LEN, LONG, "NoPE (no positional encoding in attention)")
+    model, _ = load_model_and_tokenizer(tmp_path / "ext")
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.OlmoHybridForCausalLM.from_pretrained(tmp_path / "ext" / "hf").eval()
+    assert ref.model.rotary_emb is None  # NoPE in transformers too
+    x = torch.randint(0, model.config.vocab_size, (2, LONG))  # 4x the recalibration length
+    with torch.no_grad():
+        want = ref(x).logits
+        assert ((model(x) - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "yarn", "--seq-len", "16"], "--seq-len 16 is shorter than the source's window of 32 tokens"),
+    (["--method", "none", "--seq-len", "16"], "--seq-len 16 is shorter than the source's window of 32 tokens"),
+    (["--method", "yarn", "--seq-len", "32"], r"must exceed the original length 32 \(YaRN factor = 32 / 32 = 1;"),
+    (["--method", "yarn", "--seq-len", "128", "--original-len", "256"], r"YaRN factor = 128 / 256 = 0.5"),
+    (["--method", "yarn", "--seq-len", "128", "model.rope_factor=2"],
+     r"model.rope_factor=2.0 contradicts --method yarn \(which gives 4.0 for --seq-len 128 from the original length 32"),
+    (["--method", "drope", "--seq-len", "128", "model.rope_theta=1e4"], "model.rope_theta=10000.0 contradicts --method drope"),
+    (["--method", "drope", "--seq-len", "64", "--recalibrate", "--original-len", "128"],
+     r"the original length 128 \(--recalibrate\) exceeds --seq-len 64"),
+    (["--method", "yarn", "--seq-len", "128", "--original-len", "0"], "--original-len must be a positive number"),
+    (["--method", "fancy", "--seq-len", "128"], "argument --method: invalid choice: 'fancy'"),
+], ids=["shorter-yarn", "shorter-none", "yarn-factor-1", "yarn-factor-below-1", "factor-override",
+        "drope-theta-override", "recalibrate-too-long", "zero-original-len",
+        "unknown-method"])
+def test_bad_extend_inputs_are_one_line_errors(base_run, tmp_path, capsys, args, message):
+    out = tmp_path / "ext"
+    assert cli_main(["extend", str(base_run), *args, "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("olmo-hybrid extend: error: ") and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_extending_a_yarn_stage_again_rescales_from_its_original_length(straight):
+    out, _ = straight  # YaRN factor 4 from 32 tokens, trained at 128
+    further = plan_extension(out, "yarn", 2 * LONG, steps=1)
+    assert (further.original_len, further.config.model.rope_factor,
+            further.config.model.rope_original_max_seq_len) == (BASE_LEN, 8.0, BASE_LEN)
+    recal = plan_extension(out, "drope", 2 * LONG, steps=1, recalibrate=True)
+    assert recal.train_len == LONG and recal.config.model.rope_theta is None  # recalibrated at the length it trained at
+    with pytest.raises(ConfigError, match="--original-len 64 contradicts the source's YaRN original length 32"):
+        plan_extension(out, "yarn", 2 * LONG, steps=1, original_len=64)

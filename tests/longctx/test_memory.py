@@ -37,13 +37,29 @@ def saved_bytes_per_token(model: HybridLM, seq_len: int) -> float:
     return sum(n for ptr, n in storages.items() if ptr not in weights) / seq_len
 
 
-@pytest.mark.parametrize("pattern", ["A", "G", "GGGA"])
-def test_activation_estimate_tracks_what_autograd_keeps_on_cpu(pattern):
+@pytest.mark.parametrize("pattern,mamba", [("A", {}), ("G", {}), ("GGGA", {}), ("M", {}), ("GGMA", {}),
+                                           ("M", {"mamba_state_size": 16, "mamba_expand": 4, "gdn_head_v": 16})])
+def test_activation_estimate_tracks_what_autograd_keeps_on_cpu(pattern, mamba):
     cfg = train_config(pattern)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **mamba))
     torch.manual_seed(0)
     measured = saved_bytes_per_token(HybridLM(cfg.model), cfg.data.seq_len)
     estimate = estimate_training_memory(cfg, "cpu").kept_per_token
     assert 0.9 * measured <= estimate <= 1.5 * measured, (estimate, measured)
+
+
+@pytest.mark.parametrize("pattern,tie", [("GGGA", False), ("GGMA", True)])
+def test_state_memory_counts_the_parameters_info_and_the_modules_count(pattern, tie):
+    from olmo_hybrid.cli.info import summarize
+
+    cfg = train_config(pattern)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tie_embeddings=tie))
+    with torch.device("meta"):
+        n = sum(p.numel() for p in HybridLM(cfg.model, init=False).parameters())  # a tied matrix once
+    assert summarize(cfg.model, 8192, 65536, 2)["params_total"] == n
+    assert estimate_training_memory(cfg, "cuda").static == 16 * n  # fp32 weights, gradients, two AdamW moments
+    bf16 = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, dtype="bf16"))
+    assert estimate_training_memory(bf16, "cuda").static == 18 * n  # and the bf16 copy
 
 
 def test_checkpointing_and_the_chunked_loss_shrink_the_estimate():

@@ -8,6 +8,7 @@ from test_hf_interop import VOCAB, randomize, rel_err, tf_model
 
 from olmo_hybrid.config import ConfigError, ModelConfig, model_preset
 from olmo_hybrid.model import HybridLM
+from olmo_hybrid.model.hf_config import config_to_hf
 from olmo_hybrid.model.hf_io import config_from_hf, read_config
 from olmo_hybrid.model.rope import rope_parameters
 
@@ -45,6 +46,91 @@ def test_yarn_frequencies_and_scaling_equal_transformers_bit_for_bit(name):
     freq, scale = rope_parameters(ours)
     assert torch.equal(freq, ref_freq) and scale == ref_scale
     assert not torch.equal(freq, rope_parameters(ModelConfig(**{**vars(ours), **_no_yarn()}))[0])
+
+
+# (hidden_size, num_attention_heads, top-level keys, rope dict): every axis of transformers' YaRN, read from a
+# config.json as transformers reads it. Head dims 8 to 256; theta in the dict, top level, as an int, or absent.
+GRID = [
+    (256, 2, {}, {"rope_theta": 500_000.0, "factor": 1.0, "original_max_position_embeddings": 64}),
+    (96, 4, {}, {"rope_theta": 10_000.0, "factor": 1, "original_max_position_embeddings": 64}),
+    (96, 2, {}, {"rope_theta": 1e6, "factor": 2.5, "beta_fast": 16, "beta_slow": 2,
+                 "original_max_position_embeddings": 100}),
+    (128, 4, {"rope_theta": 20_000.0, "original_max_position_embeddings": 48}, {"factor": 3.7}),
+    (128, 1, {"max_position_embeddings": 4096}, {"rope_theta": 10_000.0, "factor": 8.0}),  # original: the window
+    (64, 8, {"original_max_position_embeddings": 50}, {"rope_theta": 10_000.0, "factor": 6.0,
+                                                       "original_max_position_embeddings": 100}),
+    (192, 2, {}, {"rope_theta": 10_000.0, "factor": 4.0, "attention_factor": 1.3, "truncate": False,
+                  "original_max_position_embeddings": 64}),
+    (192, 2, {}, {"rope_theta": 10_000.0, "factor": 4.0, "truncate": None, "original_max_position_embeddings": 64}),
+    (192, 2, {}, {"rope_theta": 10_000.0, "factor": 4.0, "truncate": True, "original_max_position_embeddings": 64}),
+    (256, 2, {}, {"rope_theta": 10_000.0, "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+                  "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": 4096}),  # DeepSeek-V3
+    (256, 2, {}, {"rope_theta": 10_000.0, "factor": 4.0, "mscale": 0.707, "original_max_position_embeddings": 64}),
+    (256, 2, {}, {"rope_theta": 10_000.0, "factor": 4.0, "mscale_all_dim": 0.707,
+                  "original_max_position_embeddings": 64}),
+    (256, 2, {}, {"rope_theta": 10_000.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0,
+                  "original_max_position_embeddings": 64}),
+    (256, 2, {}, {"rope_theta": 10_000.0, "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+                  "attention_factor": 0.9, "original_max_position_embeddings": 64}),
+    (96, 4, {"rope_scaling": {"type": "yarn", "factor": 2.0, "beta_fast": 8, "original_max_position_embeddings": 32}},
+     {"rope_theta": 1e6, "rope_type": "default"}),  # legacy rope_scaling replaces rope_parameters
+    (96, 4, {"rope_theta": None}, {"factor": 4.0, "original_max_position_embeddings": 64}),  # theta: transformers'
+    (512, 2, {}, {"rope_theta": 500_000, "factor": 16.0, "beta_fast": 64, "beta_slow": 0.5,
+                  "original_max_position_embeddings": 8192}),
+    (16, 2, {}, {"rope_theta": 1234.5, "factor": 0.5, "original_max_position_embeddings": 64}),
+]
+
+
+def grid_config(hidden, heads, top, params) -> dict:
+    d = {**hf_dict(), "hidden_size": hidden, "num_attention_heads": heads, "linear_num_value_heads": 4, **top,
+         "rope_parameters": {"rope_type": "yarn", **params}}
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def tf_rope(tmp_path, config: dict):
+    """transformers' rotary embedding of a config.json exactly as written."""
+    from transformers.models.olmo_hybrid.modeling_olmo_hybrid import OlmoHybridRotaryEmbedding
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return OlmoHybridRotaryEmbedding(OlmoHybridConfig.from_pretrained(tmp_path))
+
+
+def test_yarn_grid_equals_transformers_and_exports_what_it_reads_back(tmp_path):
+    for i, case in enumerate(GRID):
+        config = grid_config(*case)
+        ref = tf_rope(tmp_path, config)
+        ours = config_from_hf(config)
+        freq, scale = rope_parameters(ours)
+        assert torch.equal(freq, ref.inv_freq) and scale == ref.attention_scaling, (i, case)
+        exported = config_to_hf(ours, torch.float32)
+        again = tf_rope(tmp_path, exported)  # transformers reads our export as the same positions
+        assert torch.equal(again.inv_freq, ref.inv_freq) and again.attention_scaling == ref.attention_scaling, i
+        assert config_from_hf(exported) == ours.resolved(), i
+
+
+@pytest.mark.parametrize("index", [3, 5, 15], ids=["head32-top-level-theta-and-original", "head8-original-both",
+                                                    "no-theta"])
+def test_grid_logits_equal_transformers_past_the_original_length(tmp_path, index):
+    ref = tf_model(tmp_path, grid_config(*GRID[index]))
+    ours = HybridLM.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_original_max_seq_len <= 64
+    x = torch.randint(0, VOCAB, (2, 300))
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x).logits) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["paper", "mscale"])
+def test_greedy_decode_past_the_original_length_equals_transformers_generate(tmp_path, name):
+    # the engine's cached decode (positions from the cache lengths) against transformers' generate and our own
+    # full forward, from a prompt already past the original length
+    ref = tf_model(tmp_path, hf_dict(rope_parameters={"rope_theta": 10_000.0, "rope_type": "yarn", **YARN_SETS[name]}))
+    ref.generation_config.eos_token_id = None
+    ours = HybridLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(2, VOCAB, (1, 150))
+    got = ours.generate(prompt, max_new_tokens=12)
+    assert got.tolist() == ref.generate(prompt, max_new_tokens=12, do_sample=False).tolist()
+    with torch.no_grad():
+        assert torch.equal(ours(got[:, :-1])[0, 149:].argmax(-1), got[0, 150:])
 
 
 def _no_yarn() -> dict:

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", action="store_true",
                    help="DroPE's recipe: train at the source's original length (with --method drope)")
     p.add_argument("--original-len", type=int, default=None,
-                   help="length the source's positions were trained at (default: its run's data.seq_len, a YaRN "
-                        "source's original length, else its window)")
+                   help="length the source's positions were trained at (default: a YaRN source's original "
+                        "length for --method yarn, else its run's data.seq_len, else its window)")
     p.add_argument("--device", help="shorthand for trainer.device=...")
     p.add_argument("--resume", action="store_true", help="continue the stage in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start the stage in --out over")

@@ -39,6 +39,10 @@ from olmo_hybrid.train.trainer import Trainer, TrainResult
 EXTEND_RECORD = "extend.json"
 HF_SOURCE_TOKENS_PER_STEP = 65_536  # tokens per step when the source is a HF checkpoint with no recipe
 MAX_WARMUP = 200  # OLMo Hybrid's long-context warmup (of 23,842 steps)
+# What --method, --seq-len and --original-len decide (with whether there is RoPE at all): an override of one would
+# contradict them. rope_theta (a base-frequency change) and the shape of a YaRN ramp (betas, mscale, truncate, the
+# attention factor) may be overridden.
+POSITION_FIELDS = ("rope_type", "rope_factor", "rope_original_max_seq_len")
 
 
 @dataclasses.dataclass
@@ -77,7 +81,8 @@ def plan_extension(source: str | Path, method: str, seq_len: int, *, steps: int 
     source = Path(source)
     model = ckpt.read_model_config(source)
     recipe, trained_len = _source_recipe(source)
-    original = original_len or original_length(model, trained_len)
+    original = original_len if original_len is not None else original_length(model, trained_len, method)
+    positions = extended_config(model, method, seq_len, original)
     if recalibrate:
         if method != "drope":
             raise ConfigError("--recalibrate is DroPE's recipe (train briefly at the original length after dropping "
@@ -85,15 +90,16 @@ def plan_extension(source: str | Path, method: str, seq_len: int, *, steps: int 
         if train_len is not None and train_len != original:
             raise ConfigError(f"--recalibrate trains at the original length {original}, not --train-len {train_len}")
         train_len = original
-    train_len = train_len or seq_len
+    train_len = train_len if train_len is not None else seq_len
     if train_len > seq_len:
-        raise ConfigError(f"--train-len {train_len} exceeds --seq-len {seq_len}: the model would train past its window")
+        given = f"the original length {train_len} (--recalibrate)" if recalibrate else f"--train-len {train_len}"
+        raise ConfigError(f"{given} exceeds --seq-len {seq_len}: the model would train past its window")
     base = recipe or TrainConfig(model=model)
     tokens_per_step = (base.data.batch_size * base.data.seq_len if recipe else HF_SOURCE_TOKENS_PER_STEP)
     batch = max(1, tokens_per_step // train_len)
     n_steps = _steps(steps, tokens, batch * train_len * base.trainer.grad_accum, overrides)
     stage = {
-        "model": to_dict(extended_config(model, method, seq_len, original)),
+        "model": to_dict(positions),
         "data": {"seq_len": train_len, "batch_size": batch},
         "schedule": {"name": "linear", "final_lr_fraction": 0.0, "warmup_steps": min(MAX_WARMUP, max(1, n_steps // 20))},
         "trainer": {"steps": n_steps, "save_interval": max(1, n_steps // 10), "eval_interval": max(1, n_steps // 4),
@@ -105,6 +111,14 @@ def plan_extension(source: str | Path, method: str, seq_len: int, *, steps: int 
     cfg = apply_overrides(from_dict(TrainConfig, merged), list(overrides))
     if cfg.model.max_seq_len != seq_len or cfg.data.seq_len != train_len:
         raise ConfigError("set the lengths with --seq-len and --train-len, not model.max_seq_len / data.seq_len")
+    changed = [f for f in POSITION_FIELDS if getattr(cfg.model, f) != getattr(positions, f)]
+    if (cfg.model.rope_theta is None) != (positions.rope_theta is None):
+        changed.insert(0, "rope_theta")
+    if changed:
+        f = changed[0]
+        raise ConfigError(f"model.{f}={getattr(cfg.model, f)} contradicts --method {method} (which gives "
+                          f"{getattr(positions, f)} for --seq-len {seq_len:,} from the original length {original:,}): "
+                          "set the positions with --method, --seq-len and --original-len")
     return ExtendPlan(source, method, seq_len, train_len, original, cfg)
 
 

@@ -5,7 +5,8 @@ Training memory per rank is three parts:
   ranks under FSDP), plus a bf16 copy of the weights when computing in bf16;
 - activations kept for backward, per token of the micro-batch: for each block the tensors its backward reads
   (projection inputs and outputs, fp32 norm copies, the attention kernel's inputs, the GDN kernel's saved
-  buffers: per 64-token chunk a K x V state and a 64 x 64 matrix per head), all blocks without activation
+  buffers: per 64-token chunk a K x V state and a 64 x 64 matrix per head; the SSD kernel's for Mamba2 layers:
+  per chunk an N x P state per head), all blocks without activation
   checkpointing, only each checkpointed block's input with it (plus one block recomputed during backward);
   compiled blocks keep about 0.6 of the eager count (measured on the 1b hybrid);
 - the loss: logits in fp32 for the whole micro-batch, or for ``trainer.loss_chunk_tokens`` tokens at a time.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from olmo_hybrid.config import ModelConfig
+from olmo_hybrid.config import ATTN, MAMBA, ModelConfig
 from olmo_hybrid.errors import ConfigError
 from olmo_hybrid.model.memory import format_bytes
 from olmo_hybrid.train.config import TrainConfig
@@ -65,12 +66,14 @@ def _block_bytes_per_token(c: ModelConfig, kind: str, act: int, reference_gdn: b
     d, m = c.d_model, c.mlp_hidden
     norms = 2 * (2 * 4 * d + act * d)  # two RMSNorms: fp32 input and normalised copies, cast output
     mlp = act * (d + 4 * m)  # input, gate and up outputs, silu, product
-    if kind == "A":
+    if kind == ATTN:
         q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         qk_norms = (q + kv) * (2 * 4 + act)
         rotary = 2 * 4 * (q + kv) if c.rope_theta is not None else 0
         attention = act * (2 * q + 2 * kv) + 4 * c.n_heads  # kernel inputs and output, log-sum-exp
         return norms + mlp + act * d + qk_norms + rotary + attention
+    if kind == MAMBA:
+        return norms + mlp + _mamba_mixer_bytes_per_token(c, act, reference_gdn)
     key, val, hv = c.gdn_heads * c.gdn_head_k, c.gdn_v_heads * c.gdn_head_v, c.gdn_v_heads
     projections = act * (d + 2 * (2 * key + val) + 2 * val)  # input; q/k/v before and after conv; gate, output
     output_norm = 3 * 4 * val  # fp32 output, normalised output and gate
@@ -80,6 +83,21 @@ def _block_bytes_per_token(c: ModelConfig, kind: str, act: int, reference_gdn: b
         kernel = hv * (3 * 4 + 2 * CHUNK * 4 + CHUNK * act) + hv * c.gdn_head_k * c.gdn_head_v * act // CHUNK \
             + act * val
     return norms + mlp + projections + output_norm + kernel + 3 * 4 * hv
+
+
+def _mamba_mixer_bytes_per_token(c: ModelConfig, act: int, reference: bool) -> int:
+    """What a Mamba2 mixer keeps for backward per token: projections, the conv (and its bias), fp32 dt, the gated
+    norm's fp32 copies, and the SSD kernel's saved buffers (the reference's chunk-wide fp32 intermediates on the CPU;
+    the Triton kernel's per-chunk states)."""
+    inner, conv, heads = c.mamba_expand * c.d_model, c.mamba_conv_dim, c.mamba_heads
+    state = c.mamba_state_size * c.mamba_head_dim  # N x P per head
+    projections = act * (c.d_model + (inner + conv + heads) + (2 if c.mamba_conv_bias else 1) * conv + inner)
+    dt_and_norm = 2 * 4 * heads + 5 * 4 * inner
+    if reference:  # q/k expanded to every head, v, decays and scores [64 x 64] per head and chunk, chunk states
+        kernel = 4 * (4 * heads * c.mamba_state_size + 3 * inner + 5 * heads * CHUNK + 2 * heads * state // CHUNK)
+    else:
+        kernel = act * heads * state // CHUNK + 4 * heads
+    return projections + dt_and_norm + kernel
 
 
 def estimate_training_memory(cfg: TrainConfig, device_type: str, world_size: int = 1) -> MemoryEstimate:

@@ -4,7 +4,8 @@ OlmoHybridForCausalLM read it (transformers 5.25).
 Every key falls in one of three sets (the table is docs/architecture.md, "config.json fields"):
 - read: the model's shape and numerics. A missing key takes transformers' default (hidden_size 3840, pad_token_id
   100277, ...), so we build what transformers builds from the same file; the one exception is a config without
-  any rope_theta, read as NoPE (the released weights) where transformers would use theta 10000;
+  any rope_theta, read as NoPE (the released weights) where transformers would use theta 10000 (a yarn dict without
+  a theta gets 10000, as in transformers);
 - refused unless at the one value we implement (hidden_act silu, attention_bias false, attention_dropout 0,
   head_dim = hidden_size / num_attention_heads, no quantization_config, rope types other than default and yarn):
   the error names the key and its value;
@@ -148,6 +149,7 @@ def _refuse_unimplemented(d: dict, source: str) -> None:
             refuse("head_dim", f"the attention head dim here is hidden_size / num_attention_heads ({hidden} / {heads})")
 
 
+TRANSFORMERS_DEFAULT_THETA = 10_000.0  # PreTrainedConfig.default_theta
 # rope_parameters keys (transformers) <-> ModelConfig fields, for the rope types we implement.
 _YARN_KEYS = {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_seq_len",
               "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "attention_factor": "rope_attention_factor",
@@ -161,7 +163,8 @@ def rope_from_hf(d: dict, source: str = "config.json") -> dict:
     dict, when present, replaces ``rope_parameters``; a top-level ``rope_theta`` or
     ``original_max_position_embeddings`` fills in (the latter takes precedence over the dict's; without either the
     original length is max_position_embeddings); no theta anywhere is read as NoPE, as the released weights were
-    trained, where transformers would use theta 10000 (with a warning saying so). A null theta is NoPE, and then
+    trained, where transformers would use theta 10000 (with a warning saying so), unless the dict names a scaled rope
+    type (yarn): that asks for RoPE, and gets transformers' theta 10000. A null theta is NoPE, and then
     every other rope setting is moot, as in transformers. A rope type we do not implement, or a setting of one we
     do (an unknown key, a partial rotary factor), is refused by name.
     """
@@ -171,10 +174,13 @@ def rope_from_hf(d: dict, source: str = "config.json") -> dict:
         raise ConfigError(f"{source}: {key} must be a JSON object, got {params!r}")
     if "rope_type" not in params and "type" not in params and {"full_attention", "linear_attention"} & set(params):
         raise ConfigError(f"{source}: {key} given per layer type is not supported (olmo_hybrid takes one dict)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
     if "rope_theta" in params:
         theta = params["rope_theta"]
     elif "rope_theta" in d:
         theta = d["rope_theta"]
+    elif rope_type != "default":  # a scaled RoPE asks for RoPE: transformers' theta, as it reads the file
+        theta = TRANSFORMERS_DEFAULT_THETA
     else:
         # The one key where we do not follow transformers: the released weights were trained without RoPE after
         # their long-context stage, and configs of them that lacked the key are known; transformers would put
@@ -182,7 +188,6 @@ def rope_from_hf(d: dict, source: str = "config.json") -> dict:
         log.warning("%s: no rope_theta: read as no RoPE, as the released OLMo Hybrid weights were trained "
                     "(transformers would apply RoPE with theta 10000 here); write rope_theta to choose", source)
         theta = None
-    rope_type = params.get("rope_type", params.get("type", "default"))
     if theta is None:
         return {"rope_theta": None, "rope_type": "default"}
     if rope_type not in _ROPE_KEYS:
