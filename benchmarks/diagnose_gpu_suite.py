@@ -9,7 +9,8 @@
 (c) ``test_bf16_greedy_tokens_agree_with_full_forwards_on_gpu``: disagreements of the engine's bf16 greedy
     tokens with bf16 full forwards, beside those of bf16 full forwards with the fp32 model on the same tokens.
 
-Run on a CUDA machine from the repository root: ``python benchmarks/diagnose_gpu_suite.py``.
+Run on a CUDA machine from the repository root: ``python benchmarks/diagnose_gpu_suite.py [a] [b] [c]`` (all
+three parts by default; fla from the carried wheels for part (a)).
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def part_c():
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name())
-    for part in (part_a, part_b, part_c):
+    chosen = sys.argv[1:] or ["a", "b", "c"]  # e.g. `... diagnose_gpu_suite.py a` for the op part alone
+    for part in [{"a": part_a, "b": part_b, "c": part_c}[name] for name in chosen]:
         try:
             part()
         except Exception as e:  # keep the other parts' numbers

@@ -16,6 +16,13 @@ def _cfg():
 
 
 def test_bf16_cuda_forward_tracks_fp32_cpu_reference():
+    """The bf16 model on the GPU against the fp32 model on the CPU, beside the same bf16 model with the PyTorch
+    reference ops: bf16 weights and activations by themselves cost that much. Measured on an H100 (2026-12-07,
+    benchmarks/results/diagnose_gpu_suite_h100_2026-12-07.log, six seeds): relative L2 4.8-5.2% with the reference
+    ops, 1.07-1.08x that with the Triton ops (their bf16 operands); max error 5.7-7.3% of the max logit with
+    either. A kernel defect shows as a multiple of the floor, not a few percent of it."""
+    from olmo_hybrid import ops
+
     torch.manual_seed(0)
     ref = HybridLM(_cfg()).eval()
     gpu = HybridLM(_cfg()).eval()
@@ -23,10 +30,13 @@ def test_bf16_cuda_forward_tracks_fp32_cpu_reference():
     gpu = gpu.to("cuda", torch.bfloat16)
     x = torch.randint(0, 1000, (2, 300))
     with torch.no_grad():
-        want = ref(x)
-        got = gpu(x.cuda()).float().cpu()
-    # bf16 weights and activations: compare logits relative to their scale.
-    assert (got - want).abs().max() / want.abs().max() < 5e-2
+        want = ref(x).double()
+        got = gpu(x.cuda()).double().cpu()
+        with ops.use_backend("torch"):
+            floor = gpu(x.cuda()).double().cpu()
+    err, err_floor = ((got - want).norm() / want.norm()).item(), ((floor - want).norm() / want.norm()).item()
+    assert err <= 1.25 * err_floor, (err, err_floor)
+    assert (got - want).abs().max() / want.abs().max() < 0.1
 
 
 def test_cuda_greedy_generate_equals_full_forward_loop():

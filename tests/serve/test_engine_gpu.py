@@ -7,7 +7,7 @@ from serve_util import greedy_by_full_forwards, random_prompts, tiny_model
 from olmo_hybrid.serve import Engine, SamplingParams
 from olmo_hybrid.model.cuda_graphs import row_buckets
 from olmo_hybrid.ops import decode_attention
-from olmo_hybrid.serve.verify import greedy_disagreements
+from olmo_hybrid.serve.verify import greedy_disagreements, teacher_forced_logits
 
 
 def test_graph_row_buckets_cover_every_batch():
@@ -55,15 +55,24 @@ def test_cuda_graph_decode_equals_eager_with_continuous_batching(pattern):
 
 @pytest.mark.gpu
 def test_bf16_greedy_tokens_agree_with_full_forwards_on_gpu():
-    model = tiny_model("GGGA", d_model=128, n_heads=4, gdn_heads=4, gdn_head_k=32, gdn_head_v=64, mlp_hidden=256)
-    model = model.to("cuda", torch.bfloat16)
+    """The engine's bf16 greedy tokens against bf16 full forwards, teacher forced. bf16 rounding decides near-ties
+    between these flat random logits; the floor is how often it does so by itself: the bf16 full forwards against
+    the fp32 model on the same tokens. Measured on an H100 (2026-12-07, four seeds,
+    benchmarks/results/diagnose_gpu_suite_h100_2026-12-07.log): the engine 6-9 of 256 at gaps up to 0.13 of the
+    logits' standard deviation, the floor 13-16 of 256. A wrong state or position gives wrong tokens everywhere
+    after it, at gaps of a standard deviation or more."""
+    kw = dict(d_model=128, n_heads=4, gdn_heads=4, gdn_head_k=32, gdn_head_v=64, mlp_hidden=256)
+    fp32 = tiny_model("GGGA", **kw).cuda()
+    model = tiny_model("GGGA", **kw).to("cuda", torch.bfloat16)
     prompts = [p.cuda() for p in random_prompts((40, 97, 5, 64, 130, 1, 77, 20))]
     engine = Engine(model, max_batch=8, max_context=170, prefill_chunk=64, cuda_graphs=True)
     outs = engine.generate(prompts, max_new_tokens=32)
     found = [d for p, out in zip(prompts, outs) for d in greedy_disagreements(model, p, out.token_ids)]
-    # bf16 rounding may decide near-ties between flat random logits, nothing more.
-    assert len(found) <= 0.05 * 8 * 32, found
-    assert all(d.gap < 0.05 * d.spread for d in found), found
+    floor = sum(int((teacher_forced_logits(model, p, out.token_ids).argmax(-1)
+                     != teacher_forced_logits(fp32, p, out.token_ids).argmax(-1)).sum())
+                for p, out in zip(prompts, outs))
+    assert len(found) <= max(floor, 0.05 * 8 * 32), (len(found), floor, found)
+    assert all(d.gap < 0.25 * d.spread for d in found), found
 
 
 @pytest.mark.gpu

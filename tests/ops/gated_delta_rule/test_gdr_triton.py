@@ -312,12 +312,13 @@ def test_gpu_tiny_model_layer_trains_under_autocast():
     Triton ops it must be as close to the float32 layer (reference ops, no autocast) as with the reference ops
     under the same autocast, within 2x (both errors, 1e-2 to 5e-2 here, come mostly from autocast's bf16 rounding)."""
     from olmo_hybrid.config import ModelConfig
+    from olmo_hybrid.model.context import ForwardContext
     from olmo_hybrid.model.gated_deltanet import GatedDeltaNet
 
     cfg = ModelConfig(vocab_size=384, d_model=32, n_layers=2, layer_pattern="GA", n_heads=2, gdn_heads=2,
                       gdn_head_k=16, gdn_head_v=16, mlp_hidden=64, max_seq_len=64)
     torch.manual_seed(18)
-    layer = GatedDeltaNet(cfg).to(DEVICE)
+    layer = GatedDeltaNet(cfg.resolved()).to(DEVICE)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(4, 32, 32, device=DEVICE)
@@ -327,7 +328,7 @@ def test_gpu_tiny_model_layer_trains_under_autocast():
         xb = x.clone().requires_grad_()
         with ops.use_backend(backend):
             with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
-                y = layer(xb)
+                y = layer(xb, ForwardContext(rope=None))
             (y.float() ** 2).sum().backward()
         results[backend, autocast] = [y.detach(), xb.grad] + [p.grad for p in layer.parameters()]
     exact = results["torch", False]
