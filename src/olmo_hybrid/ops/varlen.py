@@ -1,4 +1,5 @@
-"""Document-boundary helpers shared by the ops: packed (cu_seqlens) <-> padded layouts, reset masks.
+"""Row and document helpers shared by the ops: packed (cu_seqlens) <-> padded layouts, reset masks, a decode
+step's inactive rows.
 
 Two ways to say where documents start:
 - ``cu_seqlens``: int [N+1] offsets into a packed batch of one row (B == 1), ``0 = c_0 <= c_1 <= ... = T``; each
@@ -51,6 +52,19 @@ def scan_documents(scan, op: str, rows: tuple, state, reset_mask, cu_seqlens):
         reset_mask = pad_varlen(reset_mask, offsets)
     o, s = scan(*rows, state, reset_mask)
     return unpad_varlen(o, offsets), s
+
+
+def step_result(out: torch.Tensor, new_state: torch.Tensor, state: torch.Tensor, active: torch.Tensor | None,
+                inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference decode step's ``(out, state)``: rows where ``active`` [B] is False output zeros and keep
+    ``state``'s own values; with ``inplace`` the new state is written into ``state``."""
+    if active is not None:
+        # torch.where, not boolean indexing: no host sync.
+        new_state = torch.where(active.view(-1, *[1] * (new_state.dim() - 1)), new_state, state.to(new_state.dtype))
+        out = torch.where(active.view(-1, *[1] * (out.dim() - 1)), out, 0)
+    if inplace:
+        return out, state.copy_(new_state)
+    return out, new_state
 
 
 def reset_mask_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

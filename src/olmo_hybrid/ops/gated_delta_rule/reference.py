@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..chunked_decay import chunk_decays, compute_dtype, from_chunks, loop_scan, to_chunks
-from ..varlen import scan_documents
+from ..varlen import scan_documents, step_result
 
 # 32, not the Triton kernels' 64: on the CPU the smaller chunk does about a quarter fewer flops (the intra-chunk
 # matrices shrink, the state pass stays) and trains the tiny model ~5% faster, with the same accuracy.
@@ -130,11 +130,4 @@ def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale, use_qk_l2norm_in
     dtype = compute_dtype(q)
     qs, ks = _prepare_qk(q, k, v.shape[1], scale, use_qk_l2norm_in_kernel, dtype)
     o, s = _step(qs, ks, v.to(dtype), g.to(dtype), beta.to(dtype), state.to(dtype))
-    o = o.to(q.dtype)
-    if active is not None:
-        # torch.where, not boolean indexing: no host sync. Inactive rows take the old state's own values.
-        s = torch.where(active[:, None, None, None], s, state.to(dtype))
-        o = torch.where(active[:, None, None], o, 0)
-    if inplace:
-        return o, state.copy_(s)
-    return o, s
+    return step_result(o.to(q.dtype), s, state, active, inplace)

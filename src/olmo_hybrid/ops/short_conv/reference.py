@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..varlen import cu_seqlens_offsets, pad_varlen, unpad_varlen
+from ..varlen import cu_seqlens_offsets, pad_varlen, step_result, unpad_varlen
 
 
 def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -100,11 +100,4 @@ def causal_conv1d_step_torch(x, conv_state, weight, activation="silu", inplace=F
     dtype = torch.promote_types(x.dtype, torch.float32)
     window = torch.cat([conv_state.to(dtype), x.to(dtype)[..., None]], dim=-1)  # [B, C, W]
     y = _activate((window * weight.to(dtype)).sum(-1), activation).to(x.dtype)
-    new_state = window[..., 1:].to(conv_state.dtype)
-    if active is not None:
-        # torch.where, not boolean indexing: no host sync. Inactive rows take the old state's own values.
-        new_state = torch.where(active[:, None, None], new_state, conv_state)
-        y = torch.where(active[:, None], y, 0)
-    if inplace:
-        return y, conv_state.copy_(new_state)
-    return y, new_state
+    return step_result(y, window[..., 1:].to(conv_state.dtype), conv_state, active, inplace)

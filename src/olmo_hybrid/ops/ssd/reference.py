@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..chunked_decay import chunk_decays, compute_dtype, from_chunks, loop_scan, to_chunks
-from ..varlen import scan_documents
+from ..varlen import scan_documents, step_result
 
 CHUNK_SIZE = 64
 
@@ -109,11 +109,4 @@ def ssd_step_torch(x, dt, A, B, C, state, D=None, inplace=False, active=None):
     y = torch.einsum("bhpn,bhn->bhp", new, c)
     if D is not None:
         y = y + D.to(dtype)[:, None] * xs
-    y = y.to(x.dtype)
-    if active is not None:
-        # torch.where, not boolean indexing: no host sync. Inactive rows keep the old state's own values.
-        new = torch.where(active[:, None, None, None], new, state.to(dtype))
-        y = torch.where(active[:, None, None], y, 0)
-    if inplace:
-        return y, state.copy_(new)
-    return y, new
+    return step_result(y.to(x.dtype), new, state, active, inplace)
