@@ -7,14 +7,8 @@
 #   bash benchmarks/run_device_cp.sh 65536   # the same at 64K (1 GPU without CP may run out of memory: reported)
 # BENCH_ARGS adds bench_cp.py options (e.g. "--steps 8 --no-compile"). Everything lands in $OUT (the device tool's
 # output folder; /tmp/out elsewhere).
-set -o pipefail
 what=${1:-tests}
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-} 2>&1 | tee "$OUT/cp_env.log"
+source benchmarks/device_env.sh
 if [ "$what" = tests ]; then
   timeout 540 python -m pytest -q -m "gpu or not gpu" tests/train/test_state_passing.py \
     tests/train/test_context_parallel.py -p no:cacheprovider 2>&1 | tee "$OUT/cp_tests.log"

@@ -11,13 +11,7 @@
 #   warps8   fwd+bwd times with the parallel backward kernels at 8 warps (KernelSettings(backward_warps=8), their
 #            setting before 2026-11-22)
 # Per-phase time caps (seconds): SMALL_S, TEST_S, BENCH_S, FLA_S (WARM_S of it for the fla warm-up workers).
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source benchmarks/device_env.sh
 SMALL_K="small_and_odd or tiny_model"
 for phase in ${@:-tests bench fla}; do
   echo "=== $phase $(date -u +%T)"

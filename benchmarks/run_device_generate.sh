@@ -10,13 +10,7 @@
 #           (transformers' OlmoHybrid with fla last: fla autotunes on its first call), with profiles of our engine
 #   long32  32k-b1 and 32k-b16 only (no profiles)
 # Per-phase time caps (seconds): TEST_S, B8_S, LONG_S, B8ALL_S.
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/env.log
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source benchmarks/device_env.sh
 BENCH="python3 benchmarks/bench_generate.py"
 for phase in ${@:-tests b8 long}; do
   echo "=== $phase $(date -u +%T)"

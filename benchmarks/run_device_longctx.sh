@@ -5,14 +5,8 @@
 #   bash benchmarks/run_device_longctx.sh bench transformer   # then the same-size transformer
 #   bash benchmarks/run_device_longctx.sh experiment   # resumable: repeat (same warm machine) until it says done;
 #                                                      # carry .longctx (bash benchmarks/longctx_data.sh first)
-set -o pipefail
 mode=${1:-tests}
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-} 2>&1 | tee "$OUT/longctx_${mode}_env.log"
+source benchmarks/device_env.sh
 case "$mode" in
   tests)
     timeout 500 python -m pytest -q -m gpu tests/longctx/test_gpu_longctx.py tests/model/test_gpu.py \

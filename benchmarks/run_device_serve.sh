@@ -8,13 +8,7 @@
 #   serve       the load test at the 1.5B shape: hybrid, hybrid without prefix cache, all-attention twin
 #   serve7b     the load test at the 7B shape: 8k in, 1k out, 32 concurrent (vLLM's published setting)
 # Per-phase time caps (seconds): TEST_S, BW_S, SERVE_S, SERVE7B_S; the load test's own cap per workload: CAP_S.
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/env.log
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source benchmarks/device_env.sh
 for phase in ${@:-tests bandwidth serve}; do
   echo "=== $phase $(date -u +%T)"
   case $phase in

@@ -7,13 +7,7 @@
 #   small    the small/odd-shape GPU tests under compute-sanitizer memcheck (caching allocator off)
 #   bench    bench_ssd.py: ours, our GDN op and mamba_ssm at the 1b width, per-kernel profile, decode step
 # Per-phase time caps (seconds): TEST_S, SMALL_S, BENCH_S.
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+source benchmarks/device_env.sh
 for phase in ${@:-tests bench}; do
   echo "=== $phase $(date -u +%T)"
   case $phase in

@@ -8,17 +8,8 @@
 #   bash benchmarks/run_device_train.sh mamba2   # nvidia-h100-x1: GPU tests of Mamba2 training, then the 1b GDN
 #                                                # hybrid beside the 3:1 hybrid Mamba2 (MMMA) at seq 4096 and 8192
 # BENCH_ARGS adds bench_train.py options (e.g. "--only hybrid"). Everything lands in $OUT (the device tool's output folder; /tmp/out elsewhere).
-set -o pipefail
 mode=${1:-single}
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-if [ "$mode" = compare ]; then  # fla 0.6.0 from the carried wheels (.whl, gitignored)
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-} 2>&1 | tee "$OUT/train_${mode}_env.log"
+source benchmarks/device_env.sh
 if [ "$mode" = single ]; then
   timeout 150 python -m pytest -q -m gpu tests/train/test_gpu_train.py -s -p no:cacheprovider 2>&1 \
     | tee "$OUT/train_gpu_tests.log"
