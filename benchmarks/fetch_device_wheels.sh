@@ -12,6 +12,8 @@ target=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_
         --platform manylinux2014_x86_64 --platform any --only-binary=:all: -q -d "$dest")
 pip download "${target[@]}" --no-deps flash-linear-attention==0.6.0 fla-core==0.6.0 einops==0.8.2
 pip download "${target[@]}" starlette uvicorn prometheus_client openai httpx
+# The GPU suite runs in several pytest workers (run_device_suite.sh); the image has pytest itself.
+pip download "${target[@]}" --no-deps pytest-xdist execnet
 # mamba_ssm's Triton SSD needs no CUDA extension: build the package as pure Python.
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip wheel -q --no-deps --no-build-isolation -w "$dest" \
   mamba-ssm==2.3.2.post1 || echo "mamba_ssm was not built: bench_ssd.py then times ours and the GDN op only"
