@@ -1,5 +1,6 @@
 """The (op, backend) table, the backend context and the "auto" rule, with fake fast backends (no kernels run)."""
 
+import _thread
 import contextvars
 import logging
 import subprocess
@@ -148,6 +149,59 @@ def test_autograd_device_threads_see_the_backward_callers_choice():
     thread.start()
     thread.join()
     assert seen == {"stashed": "torch", "plain": "auto"}
+
+
+def in_foreign_thread(fn):
+    """``fn()`` in a thread started outside Python's threading module, as autograd's device threads are (torch
+    before 2.13 gives them no context); its result, or the exception it raised."""
+    done = threading.Event()
+    box = {}
+
+    def body():
+        try:
+            box["result"] = fn()
+        except Exception as e:  # handed back to the test
+            box["result"] = e
+        finally:
+            done.set()
+
+    _thread.start_new_thread(body, ())
+    assert done.wait(30)
+    return box["result"]
+
+
+def test_device_threads_without_a_stashed_context_take_the_open_block():
+    """torch < 2.13 (the device image's 2.11) hands no context to autograd's device threads: they take the
+    innermost use_backend block open in the process, "auto" when none is, and refuse when threads disagree."""
+    read = lambda: ops.current_backend("gated_delta_rule")  # noqa: E731
+    assert in_foreign_thread(read) == "auto"
+    with ops.use_backend("torch"):
+        with ops.use_backend("triton", ops=("causal_conv1d",)):
+            assert in_foreign_thread(read) == "torch"
+            assert in_foreign_thread(lambda: ops.current_backend("causal_conv1d")) == "triton"
+        with ops.use_backend("triton"):
+            assert in_foreign_thread(read) == "triton"
+        assert in_foreign_thread(read) == "torch"
+        opened, release = threading.Event(), threading.Event()
+
+        def other_thread(name):
+            with ops.use_backend(name):
+                opened.set()
+                release.wait(30)
+
+        for name, refused in (("torch", False), ("triton", True)):
+            opened.clear(), release.clear()
+            other = threading.Thread(target=other_thread, args=(name,))
+            other.start()
+            assert opened.wait(30)
+            got = in_foreign_thread(read)
+            release.set()
+            other.join()
+            if refused:
+                assert isinstance(got, RuntimeError) and "different backends" in str(got) and "triton" in str(got)
+            else:
+                assert got == "torch"
+    assert in_foreign_thread(read) == "auto" and dispatch._open_blocks == {}
 
 
 @pytest.mark.gpu

@@ -36,6 +36,7 @@ def test_prefix_cache_bf16_gives_the_same_tokens_up_to_near_ties():
     assert all(d.gap < 0.05 * d.spread for d in found), found  # bf16 near-ties between flat random logits only
 
 
+@pytest.mark.timing
 def test_shared_4k_prefix_cuts_time_to_first_token_at_least_3x():
     from olmo_hybrid.config import ModelConfig
     from olmo_hybrid.model import HybridLM

@@ -12,8 +12,10 @@ Backends:
 Choosing: an op's ``backend=`` argument wins; otherwise the innermost ``with use_backend(...)`` of the calling
 thread or task (a context variable: blocks nest, threads do not see each other's choice, and a thread started
 inside a block does not inherit it); otherwise "auto". Autograd's device threads (which recompute checkpointed
-activations) see the choice of the thread that called ``backward()``. Under ``torch.compile`` the choice in effect
-when a graph is traced is part of that graph.
+activations) see the choice of the thread that called ``backward()``: torch from 2.13 hands them that thread's
+context; with older torch, a device thread takes the innermost block open in the process, and refuses when
+threads have different blocks open (it cannot tell whose backward it runs). Under ``torch.compile`` the choice in
+effect when a graph is traced is part of that graph.
 
 :func:`implementation` is the table. It imports a backend's module on first use, so importing ``olmo_hybrid.ops``
 imports neither triton nor fla. Every implementation of an op takes the op's keyword arguments as its public
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -125,6 +128,10 @@ _DEFAULT = {op: "auto" for op in OPS}
 _chosen: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("olmo_hybrid_ops_backend", default=_DEFAULT)
 # (op, backend) -> (implementation, check), or why the pair cannot be used (failed import, no implementation).
 _loaded: dict[tuple[str, str], tuple[Callable, Check | None] | str] = {}
+# Python thread id -> the choices of its open `use_backend` blocks, innermost last: what an autograd device thread
+# reads when torch does not hand it the context of the thread that called backward() (torch < 2.13).
+_open_blocks: dict[int, list[dict[str, str]]] = {}
+_open_lock = threading.Lock()
 _warned: set[tuple[str, str]] = set()
 
 
@@ -144,11 +151,20 @@ def use_backend(name: str, ops: tuple[str, ...] | None = None) -> Iterator[None]
     _check_name(name, "backend", BACKENDS)
     for op in ops or ():
         _check_name(op, "op", OPS)
-    token = _chosen.set({**_chosen.get(), **{op: name for op in (ops or OPS)}})
+    chosen = {**_chosen.get(), **{op: name for op in (ops or OPS)}}
+    token = _chosen.set(chosen)
+    thread = threading.get_ident()
+    with _open_lock:
+        _open_blocks.setdefault(thread, []).append(chosen)
     try:
         yield
     finally:
         _chosen.reset(token)
+        with _open_lock:
+            blocks = _open_blocks[thread]
+            del blocks[max(i for i, b in enumerate(blocks) if b is chosen)]
+            if not blocks:
+                del _open_blocks[thread]
 
 
 def current_backend(op: str) -> str:
@@ -160,7 +176,23 @@ def current_backend(op: str) -> str:
         stashed = torch._C._get_obj_in_tls("context")
         if stashed is not None:
             chosen = stashed.get(_chosen, _DEFAULT)
+    elif chosen is _DEFAULT and isinstance(threading.current_thread(), threading._DummyThread):
+        chosen = _choice_of_open_blocks(op)
     return chosen[op]
+
+
+def _choice_of_open_blocks(op: str) -> dict[str, str]:
+    """For a thread started outside Python (an autograd device thread of torch < 2.13, which gets no context):
+    the innermost open block's choice when all threads with open blocks agree on ``op``."""
+    with _open_lock:
+        innermost = [blocks[-1] for blocks in _open_blocks.values()]
+    if len({b[op] for b in innermost}) > 1:
+        raise RuntimeError(
+            f"{op} runs in a thread started outside Python (an autograd device thread, e.g. recomputing "
+            f"checkpointed activations), and threads have use_backend blocks with different backends open "
+            f"({', '.join(sorted({b[op] for b in innermost}))}): this torch ({torch.__version__}) does not say "
+            f"which thread called backward(). Pass backend= to the op, or use torch >= 2.13.")
+    return innermost[0] if innermost else _DEFAULT
 
 
 # torch.compile cannot trace ContextVar.get: it calls this function while tracing and keeps the result as a graph

@@ -46,7 +46,7 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_in, s_out, active_ptr, 
     s = s_old * decay
     delta = beta * (v - tl.sum(s * k[:, None], 0))
     s = s + k[:, None] * delta[None, :]
-    o = tl.sum(s * (q * scale)[:, None], 0)
+    o = tl.sum(s * (q * tl.cast(scale, tl.float32))[:, None], 0)  # fp32 also when torch.compile passes fp64
     if HAS_ACTIVE:
         o = tl.where(act, o, 0.0)
         if not INPLACE:
