@@ -4,6 +4,8 @@ import bz2
 import gzip
 import json
 import lzma
+import re
+import sys
 
 import pytest
 
@@ -111,3 +113,67 @@ def test_hf_dataset_local_directory_or_clear_error(tmp_path, monkeypatch):
     assert docs.description["rows"] == 3
     with pytest.raises(DataError, match="has no column 'body'"):
         HFDocuments(str(tmp_path / "hf"), split="train", text_field="body")
+
+
+def test_explicit_files_need_a_known_format_and_json_is_json_lines(tmp_path):
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in ("first", "second"))
+    (tmp_path / "shard.json").write_text(lines)
+    with gzip.open(tmp_path / "dolma.json.gz", "wt") as f:  # Dolma's layout: JSON lines in .json.gz
+        f.write(lines)
+    for name in ("shard.json", "dolma.json.gz"):
+        got = _texts(tmp_path / name)
+        assert got == [("first", f"{tmp_path / name}:1"), ("second", f"{tmp_path / name}:2")]
+    for name, shown in (("table.csv", "'.csv'"), ("README", "'(no suffix)'"), ("x.txt.lz4", "'.lz4'")):
+        (tmp_path / name).write_text("a,b\n")
+        with pytest.raises(DataError, match=rf"input file .*{name}: unknown format {re.escape(shown)}"):
+            FileDocuments([tmp_path / name])
+    # a directory search keeps to its documented suffixes: a prepared dataset's JSON files are not corpus
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("plain")
+    (tmp_path / "d" / "manifest.json").write_text('{"format": "x"}\n')
+    assert [d.text for d in FileDocuments([tmp_path / "d"])] == ["plain"]
+
+
+def test_zstandard_inputs_or_a_clear_error(tmp_path, monkeypatch):
+    zstandard = pytest.importorskip("zstandard")
+    path = tmp_path / "d.jsonl.zst"
+    frames = [zstandard.ZstdCompressor().compress((json.dumps({"text": t}) + "\n").encode()) for t in ("one", "two")]
+    path.write_bytes(b"".join(frames))  # two frames, as parallel compressors write
+    assert [d.text for d in FileDocuments([path])] == ["one", "two"]
+    (tmp_path / "bad.txt.zst").write_bytes(b"not zstd at all")
+    with pytest.raises(DataError, match=r"cannot read input file .*bad.txt.zst"):
+        list(FileDocuments([tmp_path / "bad.txt.zst"]))
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(DataError, match=r"d.jsonl.zst needs the optional 'zstandard' package"):
+        list(FileDocuments([path]))
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.txt").write_bytes(bom + b"first\n<|endoftext|>\nsecond \xef\xbb\xbf kept\n")
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"text": "x y"}\n')
+    assert [d.text for d in FileDocuments([tmp_path / "a.txt"])] == ["first\n", "second \ufeff kept\n"]
+    assert [d.text for d in FileDocuments([tmp_path / "b.jsonl"])] == ["x y"]
+
+
+def test_undecodable_bytes_are_located_by_line_and_byte(tmp_path):
+    body = "".join(f"line {i} \u00e9\n" for i in range(3000)).encode()
+    bad = body + b"ok \xff no\n" + body
+    (tmp_path / "bad.txt").write_bytes(bad)
+    with gzip.open(tmp_path / "bad.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "fine"}\n' + b'{"text": "\xc3("}\n')
+    (tmp_path / "mac.txt").write_bytes(b"old\rmac\rline \xfe\rendings\r")  # one line to a \n-splitting reader
+    with pytest.raises(DataError, match=rf"bad.txt: line 3001 is not UTF-8 text \(byte {len(body) + 3}: "):
+        list(FileDocuments([tmp_path / "bad.txt"]))
+    with pytest.raises(DataError, match=r"bad.jsonl.gz: line 2 is not UTF-8 text \(byte 27 of the decompressed data"):
+        list(FileDocuments([tmp_path / "bad.jsonl.gz"]))
+    with pytest.raises(DataError, match=r"mac.txt: line 1 is not UTF-8 text \(byte 13: "):
+        list(FileDocuments([tmp_path / "mac.txt"]))
+
+
+def test_a_lone_surrogate_is_refused_with_its_place(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "abc \\ud800 def"}\n{"text": "ok \\ud83d\\ude00"}\n')
+    with pytest.raises(DataError, match=r"s.jsonl:2: the text holds an unpaired surrogate '\\ud800' at character 4"):
+        list(FileDocuments([tmp_path / "s.jsonl"]))
+    (tmp_path / "s.jsonl").write_text('{"text": "ok \\ud83d\\ude00"}\n')  # a surrogate pair is one character
+    assert [d.text for d in FileDocuments([tmp_path / "s.jsonl"])] == ["ok \U0001f600"]

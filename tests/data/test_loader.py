@@ -184,6 +184,23 @@ def test_too_small_corpus_and_bad_arguments(tmp_path, train):
         TokenDataset(tiny, "train")
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(seq_len=0), "seq_len must be a positive integer, got 0"),
+    (dict(seq_len=-2), "seq_len must be a positive integer, got -2"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(batch_size=-1), "batch_size must be a positive integer, got -1"),
+    (dict(seq_len=4.0), "seq_len must be a positive integer, got 4.0"),
+    (dict(rank=2, world_size=2), r"rank must be in \[0, world_size=2\), got 2"),
+    (dict(cp_rank=1, cp_degree=1), r"cp_rank must be in \[0, cp_degree=1\)"),
+])
+def test_train_and_val_refuse_sizes_and_ranks_that_cut_no_windows(train, kwargs, message):
+    args = dict(seq_len=T, batch_size=B) | kwargs
+    with pytest.raises(DataError, match=message):
+        TrainLoader(train, **args)
+    with pytest.raises(DataError, match=message):
+        next(val_batches(train, **args))
+
+
 def test_data_config(small_dataset):
     cfg = from_dict(DataConfig, {"path": str(small_dataset), "seq_len": 32, "batch_size": 2, "doc_masking": "true"})
     cfg = apply_overrides(cfg, ["seq_len=16"])

@@ -125,6 +125,35 @@ def test_prepare_errors(tmp_path, small_docs):
     assert not (tmp_path / "o").exists()
 
 
+def test_rerun_never_deletes_what_prepare_did_not_write(tmp_path, small_docs):
+    out = tmp_path / "out"
+    prepare(None, out, documents=small_docs[:10], bpe_vocab=280, progress=False)
+    prepare(None, out, documents=small_docs[10:20], bpe_vocab=280, progress=False)  # its own files: replaced
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "notes.txt").write_text("the corpus, kept beside its tokens")
+    (out / "run1").mkdir()
+    with pytest.raises(DataError, match=r"holds a prepared dataset and 2 other entries \(notes.txt, run1\) that "
+                                        "replacing it would delete"):
+        prepare([out / "notes.txt"], out, bpe_vocab=280, val_fraction=0, progress=False)
+    assert (out / "notes.txt").read_text() == "the corpus, kept beside its tokens" and (out / "run1").is_dir()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "notes.txt"} == before
+
+
+def test_one_path_is_an_input_and_a_lone_surrogate_is_named(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta\n<|endoftext|>\ngamma delta\n")
+    ids = [TokenDataset(prepare(p, tmp_path / f"o{i}", bpe_vocab=270, val_fraction=0, progress=False)).tokens.tolist()
+           for i, p in enumerate((str(tmp_path / "a.txt"), tmp_path / "a.txt", [tmp_path / "a.txt"]))]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) > 4
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\udc80 half"}\n')
+    with pytest.raises(DataError, match=r"s.jsonl:2: the text holds an unpaired surrogate"):
+        prepare([tmp_path / "s.jsonl"], tmp_path / "s", tokenizer=load_tokenizer("dolma2"), val_fraction=0,
+                progress=False)
+    with pytest.raises(DataError, match=r"document 1 \(b\): the text holds an unpaired surrogate"):
+        prepare(None, tmp_path / "s", documents=[Document("ok", "a"), Document("x\ud800", "b")], bpe_vocab=270,
+                val_fraction=0, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_cli(tmp_path, capsys):
     for i, doc in enumerate(random_documents(6, seed=5)):
         (tmp_path / f"d{i}.txt").write_text(doc.text)

@@ -11,8 +11,9 @@ from olmo_hybrid.errors import UsageError
 EPILOG = """\
 inputs:
   text files (.txt/.text/.md): one document per file, or several separated by lines that are exactly
-  <|endoftext|>. JSONL (.jsonl/.ndjson): one object per line with a string field --text-field.
-  Files may be compressed (.gz/.bz2/.xz); directories are searched recursively.
+  <|endoftext|>. JSONL (.jsonl/.ndjson, or .json named on its own): one object per line with a string field
+  --text-field. Files may be compressed (.gz/.bz2/.xz; .zst needs `pip install zstandard`); directories are
+  searched recursively for .txt/.text/.md/.jsonl/.ndjson.
   (The bundled Shakespeare corpus needs no preparing: `olmo-hybrid train` builds and caches it.)
 
 examples:

@@ -1,14 +1,19 @@
 """Where documents come from: the bundled Shakespeare corpus, text and JSONL files, Hugging Face datasets.
 
-Input formats (a file may be compressed: ``.gz``, ``.bz2``, ``.xz``; directories are searched
-recursively, in sorted order, for ``.txt``, ``.text``, ``.md``, ``.jsonl`` and ``.ndjson`` files):
+Input formats (a file may be compressed: ``.gz``, ``.bz2``, ``.xz``, or ``.zst`` with the optional
+``zstandard`` package; directories are searched recursively, in sorted order, for ``.txt``, ``.text``,
+``.md``, ``.jsonl`` and ``.ndjson`` files). A file named on its own with any other suffix is refused rather
+than read as text.
 
 * **text**: a file is one document, unless it contains lines that are exactly ``<|endoftext|>``;
   then those lines separate documents (the convention of TinyStories and of the Gutenberg
   corpora used with this project). Line endings are normalised to ``\\n``.
-* **JSONL** (``.jsonl``, ``.ndjson``): one JSON object per line with a string field ``text`` (or
-  ``text_field``); blank lines are skipped.
+* **JSONL** (``.jsonl``, ``.ndjson``, and ``.json`` when named on its own: Dolma's ``*.json.gz``): one JSON
+  object per line with a string field ``text`` (or ``text_field``); blank lines are skipped.
 * **Hugging Face dataset**: ``datasets.load_dataset(name, config, split=...)`` (optional dependency).
+
+Text is UTF-8; a byte-order mark at the start of a file is dropped, and undecodable bytes are an error that
+names the file, the line and the byte offset.
 
 Documents that are empty or whitespace only are skipped everywhere, so document indices count the
 non-empty documents in input order.
@@ -21,6 +26,7 @@ import gzip
 import io
 import json
 import lzma
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +37,24 @@ from olmo_hybrid.errors import DataError
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 SHAKESPEARE_ASSET = ASSETS_DIR / "shakespeare.jsonl.xz"
 DOC_SEPARATOR = "<|endoftext|>"
-_COMPRESSED = {".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
+
+
+def _zstd_reader(raw):
+    try:
+        import zstandard
+    except ImportError as e:
+        raise DataError(f"reading {raw.name} needs the optional 'zstandard' package (pip install zstandard), "
+                        "or decompress it first (zstd -d)") from e
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+
+
+_COMPRESSED = {".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile,
+               ".zst": _zstd_reader, ".zstd": _zstd_reader}
 _TEXT_SUFFIXES = {".txt", ".text", ".md"}
-_JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+_JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+# Not .json: a prepared dataset inside an input directory holds manifest.json and tokenizer.json.
+_SEARCHED_SUFFIXES = _TEXT_SUFFIXES | {".jsonl", ".ndjson"}
+_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,17 @@ def json_object(line: str, where: str) -> dict:
     return record
 
 
+def _check_unicode(text: str, where: str) -> str:
+    """``text``, refused with a ``DataError`` naming ``where`` when it holds a lone surrogate (a JSON ``\\ud800``
+    escape decodes to one): no UTF-8 encodes it, so no tokenizer can read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: the text holds an unpaired surrogate {text[e.start]!r} at character {e.start}, "
+                        "which is not a Unicode character (a broken \\uXXXX escape?)") from None
+    return text
+
+
 def _logical_suffix(path: Path) -> str:
     suffixes = path.suffixes
     if suffixes and suffixes[-1] in _COMPRESSED:
@@ -80,11 +112,15 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and _logical_suffix(p) in _TEXT_SUFFIXES | _JSONL_SUFFIXES)
+                           if p.is_file() and _logical_suffix(p) in _SEARCHED_SUFFIXES)
             if not found:
                 raise DataError(f"input directory {path} holds no .txt/.md/.jsonl files (compressed or not)")
             files.extend(found)
         elif path.is_file():
+            if _logical_suffix(path) not in _TEXT_SUFFIXES | _JSONL_SUFFIXES:
+                raise DataError(f"input file {path}: unknown format {_logical_suffix(path) or '(no suffix)'!r}; "
+                                "give text (.txt, .text, .md) or JSON lines (.jsonl, .ndjson, .json), optionally "
+                                "compressed (.gz, .bz2, .xz, .zst)")
             files.append(path)
         else:
             raise DataError(f"input file {path} does not exist")
@@ -102,18 +138,29 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def first_undecodable_line(path: Path, start: int) -> int:
-    """The number of the first line after line ``start`` of ``path`` (decompressed) that is not UTF-8: the
-    decoder reads ahead in blocks, so the line being read when it failed is only a lower bound."""
+def _decompressed(path: Path, raw):
+    """The binary stream of ``path``'s content, read through ``raw`` (the file opened "rb")."""
+    opener = _COMPRESSED.get(path.suffix.lower())
+    return opener(raw) if opener else raw
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    zstd = sys.modules.get("zstandard")  # imported only when a .zst file is read
+    return _READ_ERRORS + ((zstd.ZstdError,) if zstd else ())
+
+
+def first_undecodable(path: Path) -> tuple[int, int]:
+    """``(line, byte offset)`` of the first byte of ``path`` (decompressed) that is not UTF-8. Lines end at
+    ``\\n``; a UTF-8 sequence never contains that byte, so each line decodes on its own."""
+    offset, lineno = 0, 0
     with open(path, "rb") as raw:
-        opener = _COMPRESSED.get(path.suffix.lower())
-        for lineno, line in enumerate(opener(raw) if opener else raw, start=1):
-            if lineno > start:
-                try:
-                    line.decode("utf-8")
-                except UnicodeDecodeError:
-                    return lineno
-    return start + 1
+        for lineno, line in enumerate(_decompressed(path, raw), start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return lineno, offset + e.start
+            offset += len(line)
+    return lineno, offset
 
 
 class FileDocuments:
@@ -134,24 +181,18 @@ class FileDocuments:
         for path in self.files:
             done_before = self.progress_done
             with open(path, "rb") as raw:
-                opener = _COMPRESSED.get(path.suffix.lower())
-                stream = opener(raw) if opener else raw
-                text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)
+                stream = _decompressed(path, raw)
+                text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline=None)
                 reader = self._jsonl if _logical_suffix(path) in _JSONL_SUFFIXES else self._text
-                self._lineno = 0
                 try:
-                    yield from reader(path, self._count_lines(text), raw, done_before)
+                    yield from reader(path, text, raw, done_before)
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{path}: line {first_undecodable_line(path, self._lineno)} is not UTF-8 text "
-                                    f"({e.reason})") from e
-                except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+                    line, offset = first_undecodable(path)
+                    of = "" if stream is raw else " of the decompressed data"
+                    raise DataError(f"{path}: line {line} is not UTF-8 text (byte {offset}{of}: {e.reason})") from e
+                except _read_errors() as e:
                     raise DataError(f"cannot read input file {path}: {e}") from e
             self.progress_done = done_before + path.stat().st_size
-
-    def _count_lines(self, lines) -> Iterator[str]:
-        for line in lines:
-            self._lineno += 1
-            yield line
 
     def _text(self, path: Path, lines, raw, done_before: int) -> Iterator[Document]:
         buf: list[str] = []
@@ -184,7 +225,7 @@ class FileDocuments:
             if not isinstance(text, str):
                 raise DataError(f"{where}: field '{field}' must be a string, got {type(text).__name__}")
             if text.strip():
-                yield Document(text, where)
+                yield Document(_check_unicode(text, where), where)
             if lineno % 1024 == 0:
                 self.progress_done = done_before + raw.tell()
 
@@ -226,7 +267,7 @@ class ListDocuments:
     """In-memory documents (the bundled corpus, or a list given by a caller)."""
 
     def __init__(self, docs: Sequence[Document], description: dict):
-        self.docs = [d for d in docs if d.text.strip()]
+        self.docs = [d for i, d in enumerate(docs) if _check_unicode(d.text, f"document {i} ({d.name})").strip()]
         self.progress_total, self.progress_done = len(self.docs), 0  # progress in documents
         self.description = description
 

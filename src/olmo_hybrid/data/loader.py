@@ -85,6 +85,18 @@ def open_datasets(cfg: DataConfig) -> tuple[TokenDataset, TokenDataset | None]:
 IGNORE_LABEL = -100  # a label that scores nothing (the trainer's cross-entropy ignore index)
 
 
+def _check_layout(seq_len: int, batch_size: int, rank: int, world_size: int, cp_rank: int, cp_degree: int) -> None:
+    """Refuse sizes and ranks that would cut no windows, or the same windows on two ranks."""
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise DataError(f"{name} must be a positive integer, got {v!r}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if not 0 <= cp_rank < cp_degree or seq_len % cp_degree:
+        raise DataError(f"cp_rank must be in [0, cp_degree={cp_degree}) and cp_degree must divide seq_len="
+                        f"{seq_len}, got cp_rank={cp_rank}")
+
+
 def _make_batch(dataset: TokenDataset, starts: np.ndarray, length: int, doc_masking: bool, cp_rank: int = 0,
                 cp_degree: int = 1, pad_to: int = 0) -> dict:
     """Rows of ``length`` inputs from ``starts``; ``pad_to`` > length appends unscored positions (the last token
@@ -115,11 +127,7 @@ class TrainLoader:
     def __init__(self, dataset: TokenDataset, seq_len: int, batch_size: int, seed: int = 0,
                  doc_masking: bool = False, rank: int = 0, world_size: int = 1, max_epochs: int | None = None,
                  cp_rank: int = 0, cp_degree: int = 1):
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if not 0 <= cp_rank < cp_degree or seq_len % cp_degree:
-            raise DataError(f"cp_rank must be in [0, cp_degree={cp_degree}) and cp_degree must divide seq_len="
-                            f"{seq_len}, got cp_rank={cp_rank}")
+        _check_layout(seq_len, batch_size, rank, world_size, cp_rank, cp_degree)
         dataset.check_seq_len(seq_len)
         self.cp_rank, self.cp_degree = cp_rank, cp_degree
         self.dataset, self.seq_len, self.batch_size, self.seed = dataset, seq_len, batch_size, seed
@@ -214,6 +222,7 @@ def val_batches(dataset: TokenDataset, seq_len: int, batch_size: int, doc_maskin
     ``seq_len`` comes last as a batch of one shorter row (with ``cp_degree`` > 1, padded to ``seq_len`` with
     unscored positions, so that it splits into equal slices). ``max_batches`` stops early.
     """
+    _check_layout(seq_len, batch_size, rank, world_size, cp_rank, cp_degree)
     if dataset.n_tokens < 2:
         raise DataError(f"the {dataset.split} split of {dataset.path} has no tokens to evaluate")
     n_full = dataset.num_windows(seq_len)

@@ -156,12 +156,27 @@ def _encoded(source, tok: Tokenizer, workers: int) -> Iterator[tuple[list[int], 
 # Output directory handling
 
 
+def _split_files(split: str) -> dict[str, str]:
+    return {"tokens_file": f"{split}.tokens.bin", "offsets_file": f"{split}.offsets.npy",
+            "source_index_file": f"{split}.source_index.npy"}
+
+
+# Everything a prepared directory holds; replacing one that holds anything else would delete it.
+_OUTPUT_FILES = {"manifest.json", "tokenizer.json", "tokenizer_config.json",
+                 *(name for s in SPLITS for name in _split_files(s).values())}
+
+
 def _check_replaceable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise DataError(f"output directory {out} is not empty and holds no prepared dataset (no manifest.json): "
                         "refusing to replace it; choose a new or empty directory")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUT_FILES) if out.is_dir() else []
+    if foreign:
+        raise DataError(f"output directory {out} holds a prepared dataset and {len(foreign)} other entries "
+                        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) that replacing it would "
+                        "delete: move them out or choose another directory")
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
@@ -216,7 +231,8 @@ def _write_splits(tmp: Path, source, tok: Tokenizer, is_val: np.ndarray, workers
     n_bytes = dict.fromkeys(SPLITS, 0)
     eos = np.array([tok.eos_token_id], dtype=TOKEN_DTYPE).tobytes()
     bar = _Progress(source, progress)
-    with open(tmp / "train.tokens.bin", "wb") as train_f, open(tmp / "val.tokens.bin", "wb") as val_f:
+    with (open(tmp / _split_files("train")["tokens_file"], "wb") as train_f,
+          open(tmp / _split_files("val")["tokens_file"], "wb") as val_f):
         files = {"train": train_f, "val": val_f}
         for index, encoded in _encoded(source, tok, workers):
             chunk_tokens = 0
@@ -235,11 +251,10 @@ def _write_splits(tmp: Path, source, tok: Tokenizer, is_val: np.ndarray, workers
             os.fsync(f.fileno())
     splits = {}
     for s in SPLITS:
-        _save_array(tmp / f"{s}.offsets.npy", np.asarray(offsets[s], dtype=np.int64))
-        _save_array(tmp / f"{s}.source_index.npy", np.asarray(source_index[s], dtype=np.int64))
+        _save_array(tmp / _split_files(s)["offsets_file"], np.asarray(offsets[s], dtype=np.int64))
+        _save_array(tmp / _split_files(s)["source_index_file"], np.asarray(source_index[s], dtype=np.int64))
         splits[s] = {"documents": len(source_index[s]), "tokens": offsets[s][-1], "bytes": n_bytes[s],
-                     "tokens_file": f"{s}.tokens.bin", "offsets_file": f"{s}.offsets.npy",
-                     "source_index_file": f"{s}.source_index.npy"}
+                     **_split_files(s)}
     return splits
 
 
@@ -297,11 +312,13 @@ def prepare(inputs: Sequence[str | Path] | None, out_dir: str | Path, *, tokeniz
             progress: bool = True) -> Path:
     """Tokenize ``inputs`` (files/directories), a Hugging Face dataset or ``documents`` into ``out_dir``.
 
-    ``tokenizer`` is ``"dolma2"``, a path, or a :class:`Tokenizer`; ``bpe_vocab=N`` trains a byte-level
+    ``inputs`` is one path or a list of them. ``tokenizer`` is ``"dolma2"``, a path, or a :class:`Tokenizer`; ``bpe_vocab=N`` trains a byte-level
     BPE of N ids on the training documents instead. ``workers`` tokenizing processes; 1 tokenizes in
     this process with the tokenizers library's threads, which is faster below ~8 cores; the default
     is all cores from 8 cores up, else 1. Returns the output directory.
     """
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a sequence of one-character names
+        inputs = [inputs]
     if sum((bool(inputs), hf_dataset is not None, documents is not None)) != 1:
         raise DataError("give exactly one of: input files, a Hugging Face dataset, or a list of documents")
     if workers is not None and workers < 1:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from olmo_hybrid.data.chat import ChatTemplate, check_messages
-from olmo_hybrid.data.corpus import first_undecodable_line, json_object
+from olmo_hybrid.data.corpus import first_undecodable, json_object
 from olmo_hybrid.errors import DataError
 
 TRUNCATION = ("truncate", "drop", "error")
@@ -82,7 +82,6 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, dict]
     check_source(source)
     path = Path(source)
     if path.is_file():
-        n = 0
         try:
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
@@ -91,7 +90,8 @@ def read_records(source: str, split: str = "train") -> Iterator[tuple[str, dict]
                     where = f"{path.name} line {n}"
                     yield where, json_object(line, where)
         except UnicodeDecodeError as e:
-            raise DataError(f"{path.name} line {first_undecodable_line(path, n)} is not UTF-8 text ({e.reason})") from e
+            line, offset = first_undecodable(path)
+            raise DataError(f"{path.name} line {line} is not UTF-8 text (byte {offset}: {e.reason})") from e
         return
     try:
         import datasets
