@@ -6,7 +6,9 @@ device"), whichever library's error carried the operating system's (``failure_re
 Results files of long studies are JSON lines (``append_jsonl`` / ``read_jsonl``): a writer appends a whole line
 under an exclusive ``flock`` with one ``write`` and an ``fsync``. A writer killed mid-line can still leave a
 partial last line; readers drop it with a note, and the next append cuts it off first, so the file never holds a
-broken line in the middle.
+broken line in the middle. A last line without its newline that holds a whole JSON object (a file edited by
+hand, or a write cut just before its newline) is a record, not a torn one: readers keep it and the next append
+ends it with a newline instead of cutting it (no proper prefix of a serialised object is itself one).
 """
 
 from __future__ import annotations
@@ -144,6 +146,15 @@ def install_dir(tmp: str | Path, final: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _whole_object(raw: bytes) -> dict | None:
+    """``raw`` parsed when it is one complete JSON object, else None (a torn line)."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _cut_partial_tail(fd: int, log) -> None:
     size = os.lseek(fd, 0, os.SEEK_END)
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
@@ -151,6 +162,10 @@ def _cut_partial_tail(fd: int, log) -> None:
     start = max(0, size - (1 << 20))
     tail = os.pread(fd, size - start, start)
     keep = start + tail.rfind(b"\n") + 1 if b"\n" in tail else start
+    if keep > start or start == 0:  # the whole last line is in hand
+        if _whole_object(os.pread(fd, size - keep, keep)) is not None:
+            os.write(fd, b"\n")  # a complete record that lacked its newline: end it, keep it
+            return
     log(f"note: dropping an incomplete last line ({size - keep} bytes, a writer was killed mid-line)")
     os.ftruncate(fd, keep)
 
@@ -181,7 +196,9 @@ def read_jsonl(path: str | Path, log=print, error: type[Exception] = ValueError)
     if not path.exists():
         return []
     lines = path.read_bytes().split(b"\n")
-    if lines[-1]:
+    if lines[-1] and _whole_object(lines[-1]) is not None:
+        lines.append(b"")  # a complete record without its newline: kept (see the module doc)
+    elif lines[-1]:
         log(f"note: {path} line {len(lines)} is incomplete (a writer was killed mid-line); ignoring it")
     records = []
     for i, raw in enumerate(lines[:-1], start=1):

@@ -138,3 +138,56 @@ def test_micro_sizes_follow_the_ladder_rule_and_span_8x():
     for pattern in ("GGGA", "A", "G"):
         n = [model_preset(f"micro-{d}").with_pattern(pattern).num_params(embeddings=False) for d in (64, 256)]
         assert n[1] / n[0] >= 8
+
+
+def test_a_whole_last_result_line_without_newline_counts_as_done(corpus_dir, tmp_path):
+    """A results file whose last point lacks its newline (edited by hand) had that point dropped as torn: the
+    ladder trained it again and cut the line."""
+    plan = _plan(corpus_dir)
+    run = plan.runs[0]
+    lines = [json.dumps({"arch": run.arch, "size": run.size, "seed": run.seed, "budget": p.budget,
+                         "fingerprint": p.fingerprint}) for p in run.points]
+    (tmp_path / RESULTS).write_text("\n".join(lines))
+    assert done_points(plan, tmp_path, log=lambda m: pytest.fail(m)) == {run.key(p): i + 1
+                                                                        for i, p in enumerate(run.points)}
+
+
+def test_a_diverged_branch_is_a_clear_error_and_records_nothing(corpus_dir, tmp_path, monkeypatch):
+    """A branch ending with a non-finite validation loss failed with json's 'Out of range float values are not
+    JSON compliant'; now the error names the run, the budget and the metrics file, and nothing is appended."""
+    from types import SimpleNamespace
+
+    import olmo_hybrid.checkpoint
+    from olmo_hybrid.scaling import jobs
+
+    plan = _plan(corpus_dir)
+    run, point = plan.runs[0], plan.runs[0].points[0]
+    monkeypatch.setattr(olmo_hybrid.checkpoint, "list_checkpoints",
+                        lambda d: [SimpleNamespace(step=point.branch_step, path=d / "checkpoints" / "x")])
+    monkeypatch.setattr(jobs, "_phase", lambda *a: SimpleNamespace(steps=point.steps, final_val_loss=float("nan")))
+    with pytest.raises(LadderError, match=rf"{run.id} 0.5x: validation loss nan after the decay: the run diverged "
+                                          rf"\(see .*decay-0.5x/metrics.jsonl\); no point recorded"):
+        jobs.run_job(plan, run, tmp_path, log=lambda *_: None)
+    assert not (tmp_path / RESULTS).exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--report-interval", "0"], "--report-interval must be positive seconds, got 0.0"),
+    (["--max-minutes", "-1"], r"--max-minutes must be >= 0 \(0: no limit\), got -1.0"),
+    (["--plan", "--mfu", "0"], r"--mfu must be in \(0, 1\], got 0.0"),
+    (["--plan", "--peak-tflops", "nan"], "--peak-tflops must be positive, got nan"),
+    (["--sizes", ","], "--sizes: give at least one name"),
+    (["--parallel", "0"], "--parallel must be at least 1, got 0"),
+    (["--archs", "mamba"], "--archs: mamba not in the config"),
+    (["budgets=1x"], "budgets.*expected a number, got '1x'"),
+])
+def test_ladder_command_bad_arguments_are_one_line(corpus_dir, tmp_path, capsys, args, message):
+    """Before: a report interval of 0 printed progress lines in a busy loop, a negative time limit meant none,
+    an MFU of 0 gave 'nan GPU-hours', an empty --sizes meant every size."""
+    import re
+
+    path = write_ladder(tmp_path / "ladder.json", corpus_dir)
+    assert main(["ladder", str(path), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("olmo-hybrid ladder: error:") and re.search(message, err[0]), err
+    assert not (tmp_path / "out" / RESULTS).exists()

@@ -9,6 +9,7 @@ interrupted phase resumes from its newest checkpoint. Method and config fields: 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -48,8 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers a run would otherwise take silently: a negative time limit as none, a report interval of 0 as a
+    progress line in a busy loop, an MFU of 0 as a GPU time of nan, an empty list as every name."""
+    for flag, value, ok, expected in (
+            ("--max-minutes", args.max_minutes, 0 <= args.max_minutes < math.inf, ">= 0 (0: no limit)"),
+            ("--report-interval", args.report_interval, 0 < args.report_interval < math.inf, "positive seconds"),
+            ("--mfu", args.mfu, 0 < args.mfu <= 1, "in (0, 1]"),
+            ("--peak-tflops", args.peak_tflops, 0 < args.peak_tflops < math.inf, "positive")):
+        if not ok:
+            raise UsageError(f"{flag} must be {expected}, got {value}")
+    for flag, names in (("--archs", args.archs), ("--sizes", args.sizes)):
+        if names is not None and not names:
+            raise UsageError(f"{flag}: give at least one name (comma-separated)")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    check_args(args)
     from olmo_hybrid.scaling.ladder import describe, load_ladder, plan_ladder
 
     plan = plan_ladder(load_ladder(args.config, args.overrides))

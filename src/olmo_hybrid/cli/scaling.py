@@ -36,7 +36,10 @@ def parse_size(text: str) -> float:
 
 
 def _sizes(text: str) -> list[float]:
-    return [parse_size(s) for s in text.split(",") if s.strip()]
+    sizes = [parse_size(s) for s in text.split(",") if s.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"no parameter count in {text!r} (e.g. 1e9,7B)")
+    return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +95,11 @@ def main(argv: list[str]) -> int:
 
     if args.bootstrap < 0:
         raise UsageError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.starts is not None and args.starts < 0:
+        raise UsageError(f"--starts must be >= 0 (0: all 1024), got {args.starts}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # found now, not after minutes of fitting
+        raise UsageError(f"--out {out} is a file; give a directory")
     opts = FitOptions(reference=args.reference, target_loss=args.target_loss, sizes=args.sizes,
                       bootstrap=args.bootstrap, seed=args.seed)
     if args.starts is not None:
@@ -100,7 +108,6 @@ def main(argv: list[str]) -> int:
         an = analyse(args.results, opts, log=log)
     except ImportError as e:
         raise OlmoHybridError(f"{e.name or 'scipy'} is needed to fit: pip install scipy (the 'scaling' extra)") from e
-    out = Path(args.out)
     atomic_write_text(out / "fit.json", json.dumps(an.fit_json, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "fit_details.json", json.dumps(an.details, indent=2, allow_nan=False) + "\n")
     print(report(an))

@@ -1,6 +1,8 @@
 """From a results file to fitted laws, token savings and a rollout check (``olmo-hybrid scaling fit``).
 
-Every architecture with points at 3 or more sizes gets its own law (``law.fit_law``) and a bootstrap of it.
+Every architecture whose points determine the law (3 or more sizes, 5 or more distinct points, 2 or more
+budgets: ``law.design_problem``; others are skipped with a warning) gets its own law (``law.fit_law``) and a
+bootstrap of it. A point repeated in the file counts once (``results.unique_points``).
 Token savings against a reference architecture at a target loss L* and size N is the ratio
 D_reference(N, L*) / D_arch(N, L*) of the tokens each law needs, with a percentile interval from paired
 bootstrap samples (sample i of one law with sample i of the other). The rollout check fits each
@@ -17,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from olmo_hybrid.errors import ConfigError
-from olmo_hybrid.scaling.law import PARAMS, TOP_K, FitError, Law, bootstrap_laws, fit_law, interval
-from olmo_hybrid.scaling.results import ResultsError, check_point, read_results
+from olmo_hybrid.scaling.law import (MIN_SIZES, PARAMS, TOP_K, FitError, Law, bootstrap_laws, design_problem,
+                                     fit_law, interval)
+from olmo_hybrid.scaling.results import ResultsError, check_point, read_results, unique_points
 
 DEFAULT_REFERENCE = "transformer"
 DEFAULT_SIZES = (1e9, 7e9, 70e9)
-MIN_SIZES = 3
 
 
 @dataclass
@@ -76,9 +78,10 @@ def load_points(path: str | Path, log=print) -> dict[str, ArchData]:
     points = read_results(path, log=log)
     if not points:
         raise ResultsError(f"{path} holds no points")
-    grouped: dict[str, list[tuple[float, float, float]]] = {}
     for p in points:
         check_point(path, p)
+    grouped: dict[str, list[tuple[float, float, float]]] = {}
+    for p in unique_points(path, points, log=log):
         r = p.record
         grouped.setdefault(r["arch"], []).append((float(r["params_nonemb"]), float(r["tokens"]), float(r["loss"])))
     return {arch: ArchData(*(np.array(col) for col in zip(*rows))) for arch, rows in grouped.items()}
@@ -117,15 +120,15 @@ def analyse(path: str | Path, options: FitOptions | None = None, log=print) -> A
         reference = DEFAULT_REFERENCE
     skipped = {}
     for arch, d in data.items():
-        if len(d.sizes) < MIN_SIZES:
-            why = f"points at {len(d.sizes)} size(s); a fit needs at least {MIN_SIZES}"
+        why = design_problem(d.n, d.d)
+        if why:
             if arch == reference:
                 raise ResultsError(f"reference architecture '{arch}' has {why}")
             log(f"warning: skipping architecture '{arch}': {why}")
             skipped[arch] = why
     fitted = {a: d for a, d in data.items() if a not in skipped}
     if not fitted:
-        raise ResultsError(f"no architecture in {path} has points at {MIN_SIZES} or more sizes")
+        raise ResultsError(f"no architecture in {path} can be fitted: {'; '.join(f'{a}: {w}' for a, w in skipped.items())}")
     an = Analysis(data=fitted, reference=reference, level=o.level)
     rng = np.random.default_rng(o.seed)
     details_archs = {}
@@ -174,7 +177,7 @@ def analyse(path: str | Path, options: FitOptions | None = None, log=print) -> A
         if len(d.sizes) < MIN_SIZES + 1:
             rollout[arch] = {"skipped": f"needs {MIN_SIZES + 1} sizes (fit on {MIN_SIZES}, predict 1), has {len(d.sizes)}"}
             continue
-        try:
+        try:  # FitError: the smaller sizes alone cannot determine the law
             rollout[arch] = _rollout(d, o.top_k)
         except FitError as e:
             rollout[arch] = {"skipped": str(e)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -199,6 +200,10 @@ def run_job(plan: LadderPlan, run: RunPlan, out: Path, deadline: float | None = 
             return "paused"
         if result.steps != point.steps or result.final_val_loss is None:
             raise LadderError(f"{run.id} {point.budget:g}x: the branch ended at step {result.steps} of {point.steps}")
+        if not math.isfinite(result.final_val_loss):
+            raise LadderError(f"{run.id} {point.budget:g}x: validation loss {result.final_val_loss} after the decay: "
+                              f"the run diverged (see {branch / 'metrics.jsonl'}); no point recorded. Lower "
+                              "recipe.lr for the whole ladder, or drop this size")
         record = point_record(plan, run, point, result, _stable_val_loss(stable, point.branch_step), time.time() - t0)
         append_result(out / RESULTS, record, log=log)
         log(f"{run.id}: {point.budget:g}x point: loss {record['loss']:.4f} after {point.tokens:,} tokens "

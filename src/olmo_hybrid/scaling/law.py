@@ -28,6 +28,7 @@ GRID = {
     "beta": (0.1, 0.3, 0.6, 1.2),
 }
 TOP_K = 64  # grid points L-BFGS-B starts from (the best by the objective at the start)
+MIN_SIZES = 3  # distinct N a fit needs (and 5 distinct (N, D) points: one per parameter)
 
 
 class FitError(ValueError):
@@ -104,7 +105,30 @@ def check_points(n, d, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for name, x in (("N", n), ("D", d), ("loss", loss)):
         if not (np.isfinite(x).all() and (x > 0).all()):
             raise FitError(f"every {name} must be finite and positive")
+    problem = design_problem(n, d)
+    if problem:
+        raise FitError(problem)
     return n, d, loss
+
+
+def design_problem(n, d) -> str | None:
+    """Why points at these (N, D) cannot determine the law, or None. Besides too few sizes or points: when
+    log D is an affine function of log N (one tokens-per-parameter ratio, i.e. a single budget, or one D for
+    every size) the data term B/D^beta cannot be told apart from the size term A/N^alpha, and any split of
+    the loss between them fits equally well: the token savings would be arbitrary."""
+    n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+    sizes = len(set(n.tolist()))
+    if sizes < MIN_SIZES:
+        return f"points at {sizes} size(s); a fit needs at least {MIN_SIZES}"
+    distinct = len(set(zip(n.tolist(), d.tolist())))
+    if distinct < len(PARAMS):
+        return f"{distinct} distinct (params, tokens) points; a fit needs at least {len(PARAMS)}"
+    design = np.stack([np.log(n), np.log(d)], axis=1)
+    s = np.linalg.svd(design - design.mean(axis=0), compute_uv=False)
+    if s[1] <= 1e-9 * s[0]:
+        return ("the tokens are a fixed power of the size at every point (e.g. a single budget): the data term "
+                "cannot be told apart from the size term; a fit needs at least 2 budgets")
+    return None
 
 
 def fit_law(n, d, loss, starts: np.ndarray | None = None, top_k: int = TOP_K, delta: float = HUBER_DELTA) -> FitResult:
@@ -156,7 +180,7 @@ def bootstrap_laws(n, d, loss, fit: FitResult, samples: int, rng: np.random.Gene
         try:
             laws.append(fit_law(n[idx], d[idx], loss[idx], starts=starts, delta=delta).law)
         except FitError:
-            continue  # a resample the optimiser could not fit: left out of the interval
+            continue  # a resample that cannot determine the law (e.g. it missed a size) or found no optimum
     return laws
 
 
