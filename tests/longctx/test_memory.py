@@ -72,6 +72,10 @@ def test_checkpointing_and_the_chunked_loss_shrink_the_estimate():
     cp = merge_config(train_config("GGGA", 8192), {"parallel": {"cp_degree": 4}})
     split = estimate_training_memory(cp, "cuda", world_size=8)
     assert split.tokens == 8192 // 4 and split.static == sharded.static  # each rank holds a quarter of a sequence
+    # ... but every rank builds the whole sequences' [T, T] document mask (context_parallel.shard_context): Ulysses
+    # attention runs over all T queries of its heads
+    masked = merge_config(cp, {"data": {"doc_masking": True}})
+    assert estimate_training_memory(masked, "cuda", world_size=8).activations - split.activations == 8192 * 8192
 
 
 def test_a_length_that_cannot_fit_is_refused_up_front_saying_what_fits(monkeypatch, base_run, tmp_path):

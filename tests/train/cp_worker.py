@@ -6,7 +6,9 @@ loss and every parameter gradient on the whole batch in this process (what one p
 with the model parallelized as the trainer does it (context parallelism over all ranks, FSDP2 over the
 ``dp_shard x cp`` mesh, the loss normalised over the global token count) on this rank's slice of every row.
 Rank 0 prints one JSON line per scenario: the loss, the largest gradient error relative to that parameter's
-largest gradient, and the bytes this rank sent per collective.
+largest gradient, and the bytes this rank sent per collective. The "batch" scenarios run ``MODEL`` on ``batch``;
+the "shapes" ones other head groupings, positions, rows, slice lengths and conv widths (``odd_shapes``,
+``three_rows``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,33 @@ MODEL = dict(vocab_size=97, d_model=32, n_layers=3, layer_pattern="GAG", n_heads
              gdn_v_heads=8, gdn_head_k=8, gdn_head_v=8, mlp_hidden=64, rope_theta=10000.0, max_seq_len=512)
 # GDN head counts that no degree > 1 divides: state passing has no limit from them.
 ODD_GDN_HEADS = dict(gdn_heads=3, gdn_v_heads=6)
+
+
+def odd_shapes(n: int) -> dict:
+    """A hybrid of shapes MODEL does not have, for ``n`` ranks: 3 query heads per KV head and 3 GDN value heads per
+    key head (3 query / value heads per rank in Ulysses mode), head dims 4 (attention) and 6 / 4 (GDN), 4 layers."""
+    return dict(MODEL, d_model=12 * n, n_layers=4, layer_pattern="GAGA", n_heads=3 * n, n_kv_heads=n, gdn_heads=n,
+                gdn_v_heads=3 * n, gdn_head_k=6, gdn_head_v=4, mlp_hidden=40)
+
+
+YARN = dict(rope_type="yarn", rope_factor=4.0, rope_original_max_seq_len=64)
+NOPE = dict(rope_theta=None)
+
+
+def three_rows(t: int, n: int, seed: int = 1):
+    """Three rows of ``t`` tokens over ``n`` slices of T/n: a document starting at every slice border; one document
+    crossing every border (from token 3 on); and documents starting just before and just after the first border
+    and a one-token document at the end."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, MODEL["vocab_size"], (3, t), generator=gen)
+    labels = torch.randint(0, MODEL["vocab_size"], (3, t), generator=gen)
+    tl = t // n
+    starts = [[r * tl for r in range(1, n)], [3], [tl - 1, tl + 1, t - 1]]
+    docs = torch.zeros(3, t, dtype=torch.long)
+    for row, positions in enumerate(starts):
+        for p in positions:
+            docs[row, p:] += 1
+    return ids, labels, docs
 
 
 def batch(t: int, n: int, seed: int = 0):
@@ -71,15 +100,23 @@ def main() -> None:
                  ("state_passing", True, {}, "full", world)]
     if world == 4:
         scenarios += [("ulysses", True, {}, "none", 2), ("state_passing", True, ODD_GDN_HEADS, "none", 2)]
+    # (mode, intra-document masking, model, slice length): odd shapes, YaRN and NoPE attention, three rows, short
+    # slices with a 2-tap conv (a halo of 1) and a 5-tap one (the halo is the previous rank's whole slice).
+    odd = odd_shapes(world)
+    shapes = [("ulysses", True, {**odd, **YARN}, 70), ("state_passing", True, {**odd, **NOPE}, 70),
+              ("ulysses", False, {**odd, **NOPE}, 70), ("state_passing", False, {**odd, **YARN}, 70),
+              ("ulysses", True, {**odd, "gdn_conv_size": 2}, 5), ("state_passing", True, {**odd, "gdn_conv_size": 5}, 4)]
     compile = "--compile" in sys.argv  # every block compiled (fullgraph), collectives included: one scenario
     if compile:
-        scenarios = [("state_passing", True, {}, "none", world)]
-    for mode, doc_masking, heads, ac, n in scenarios:
-        t = 96 * n  # slices of 96 tokens: a full and a partial chunk of the GDN op each
+        scenarios, shapes = [("state_passing", True, {}, "none", world)], []
+    cases = [(mode, doc_masking, {**MODEL, **heads}, ac, n, 96, "batch") for mode, doc_masking, heads, ac, n in scenarios]
+    cases += [(mode, doc_masking, shape, "none", world, tl, "shapes") for mode, doc_masking, shape, tl in shapes]
+    for mode, doc_masking, shape, ac, n, tl, kind in cases:
+        t = tl * n  # default: slices of 96 tokens, a full and a partial chunk of the GDN op each
         torch.manual_seed(0)
-        plain = HybridLM(ModelConfig(**{**MODEL, **heads}))
+        plain = HybridLM(ModelConfig(**shape))
         model = copy.deepcopy(plain)
-        ids, labels, docs = batch(t, n)
+        ids, labels, docs = batch(t, n) if kind == "batch" else three_rows(t, n)
         docs = docs if doc_masking else None
         count = (labels != -100).sum().item()
         want_loss, want = loss_and_grads(plain, ids, labels, docs, count)
@@ -94,7 +131,9 @@ def main() -> None:
         torch.distributed.all_reduce(local_loss)
         errors = {name: ((got[name] - g).abs().max() / g.abs().max()).item() for name, g in want.items()}
         if env.is_main:
-            print(json.dumps({"mode": mode, "doc_masking": doc_masking, "ac": ac, "gdn_heads": plain.config.gdn_heads,
+            print(json.dumps({"kind": kind, "mode": mode, "doc_masking": doc_masking, "ac": ac,
+                              "gdn_heads": plain.config.gdn_heads, "rope": "none" if plain.config.rope_theta is None else
+                              plain.config.rope_type, "conv": plain.config.gdn_conv_size, "rows": ids.shape[0],
                               "world": world, "cp": n, "t": t, "compiled": compile, "loss": local_loss.item() / count, "want_loss": want_loss.item() / count,
                               "grad_rel_err": max(errors.values()), "worst": max(errors, key=errors.get),
                               "params": len(errors), "zero_grads": [k for k, g in want.items() if not g.any()],

@@ -10,7 +10,8 @@ Training memory per rank is three parts:
   checkpointing, only each checkpointed block's input with it (plus one block recomputed during backward);
   compiled blocks keep about 0.6 of the eager count (measured on the 1b hybrid);
 - the loss: logits in fp32 for the whole micro-batch, or for ``trainer.loss_chunk_tokens`` tokens at a time.
-Context parallelism (``parallel.cp_degree``) divides the tokens each rank holds.
+Context parallelism (``parallel.cp_degree``) divides the tokens each rank holds, but not the [T, T] document
+mask of intra-document masking, which every rank builds whole.
 
 It is an estimate (allocator fragmentation and kernel workspaces are not modelled; a margin covers them):
 ``benchmarks/bench_train.py long`` prints it beside the measured peak for the 1b preset. ``check_fits`` refuses
@@ -120,8 +121,8 @@ def estimate_training_memory(cfg: TrainConfig, device_type: str, world_size: int
     activations = tokens * (per_token + recompute + gradients)
     if t.compile:
         activations = int(COMPILED_ACTIVATIONS * activations)
-    if cfg.data.doc_masking:  # a [T, T] boolean mask per sequence
-        activations += cfg.data.batch_size * (cfg.data.seq_len // cp) * cfg.data.seq_len
+    if cfg.data.doc_masking:  # a [T, T] boolean mask per sequence, whole on every CP rank (Ulysses attends over T)
+        activations += cfg.data.batch_size * cfg.data.seq_len * cfg.data.seq_len
     loss_tokens = min(t.loss_chunk_tokens, tokens) if t.loss_chunk_tokens else tokens
     loss = loss_tokens * c.vocab_size * (act + 2 * 4)  # logits, fp32 log-probabilities and their gradient
     reserve = CUDA_RESERVE if device_type == "cuda" else 0

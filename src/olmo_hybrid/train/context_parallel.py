@@ -73,8 +73,9 @@ def _check_degree_and_heads(model: ModelConfig, degree: int, mode: str) -> None:
         heads.update({"model.gdn_heads": m.gdn_heads, "model.gdn_v_heads": m.gdn_v_heads})
     bad = [f"{name}={n}" for name, n in heads.items() if n % degree]
     if bad:
+        # state_passing lifts the GDN limit only: suggest it only where it would be enough
         hint = (" (parallel.cp_mode=state_passing has no limit on the GDN heads)"
-                if any(b.startswith("model.gdn") for b in bad) else " (attention layers use Ulysses in every mode)")
+                if all(b.startswith("model.gdn") for b in bad) else " (attention layers use Ulysses in every mode)")
         raise ConfigError(f"parallel.cp_degree={degree} must divide every head count in {mode} mode (each rank "
                           f"computes 1/{degree} of the heads), but {', '.join(bad)} "
                           f"{'is' if len(bad) == 1 else 'are'} not divisible{hint}")
