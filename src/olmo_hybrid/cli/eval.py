@@ -210,7 +210,7 @@ def main(argv: list[str]) -> int:
     _check_args(args)
     from olmo_hybrid.checkpoint import load_model_and_tokenizer
     from olmo_hybrid.eval.report import write_json_atomic
-    from olmo_hybrid.eval.runner import EvalRunner
+    from olmo_hybrid.eval.runner import EvalRunner, prefix_token_id
     from olmo_hybrid.fsio import atomic_write_text
 
     device = resolve_device(args.device, setting="--device")
@@ -223,7 +223,7 @@ def main(argv: list[str]) -> int:
     if "ruler" in args.suite:
         _check_window(args, model)
     runner = EvalRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
-                         prefix_id=tok.eos_token_id, progress=not args.quiet)
+                         prefix_id=prefix_token_id(tok), progress=not args.quiet)
     summary = {"checkpoint": str(args.checkpoint), "tokenizer": tok.name, "suites": {}, "seconds": {}}
     sections = [f"# Evaluation of `{args.checkpoint}`"]
     for suite in args.suite:

@@ -5,9 +5,10 @@ Public API (stable; import from ``olmo_hybrid.data``):
 Tokenizers (``tokenizer.py``)
     load_tokenizer(name_or_path="dolma2") -> Tokenizer   "dolma2", a tokenizer.json, or a directory with one
     train_bpe(texts, vocab_size) -> Tokenizer            byte-level BPE; id 0 = <|endoftext|> (eos), 1 = <|pad|>
-    Tokenizer: encode(str), encode_batch(list), decode(ids), vocab_size, padded_vocab_size(128),
-               eos_token_id, pad_token_id, bos_token_id (None), save(dir), name, fingerprint, chat_template,
-               named_tokens, special_tokens_map (the variables a chat template sees)
+    Tokenizer: encode(str) (= transformers' tokenizer(str): BOS + text when the tokenizer adds one),
+               encode_batch(list), decode(ids), vocab_size, padded_vocab_size(128),
+               eos_token_id, pad_token_id, bos_token_id (None unless a BOS is added), save(dir), name,
+               fingerprint, chat_template, named_tokens, special_tokens_map (the variables a chat template sees)
 Chat templates (``chat.py``; needs jinja2, imported when used)
     ChatTemplate(tokenizer, source=None): render(messages, add_generation_prompt), render_with_spans(...),
         marks_generation, encode(...), prompt_ids(messages_or_user_text), tokenize(text), end_of_turn_id

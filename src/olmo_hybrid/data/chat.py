@@ -181,8 +181,7 @@ class ChatTemplate:
 
     def tokenize(self, text: str):
         """The ``tokenizers.Encoding`` (ids, character offsets) of rendered text: special tokens are parsed, so
-        the template's markers are single ids."""
-        self.tokenizer.backend.encode_special_tokens = False
+        the template's markers are single ids; no BOS is added, the template writes its own (as transformers)."""
         return self.tokenizer.backend.encode(text, add_special_tokens=False)
 
     def encode(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:

@@ -42,6 +42,9 @@ class TokenDataset:
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
         self.split = split
+        if "bos_token_id" not in self.manifest and self.tokenizer().bos_token_id is not None:
+            raise DataError(f"{self.path} was prepared before documents began with the BOS its tokenizer adds "
+                            "(as transformers encodes them); prepare the data again")
         info = self.manifest["splits"][split]
         self.n_tokens, self.n_docs, self.n_bytes = int(info["tokens"]), int(info["documents"]), int(info["bytes"])
         self.eos_token_id = int(self.manifest["eos_token_id"])

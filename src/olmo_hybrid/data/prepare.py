@@ -2,7 +2,8 @@
 
 A prepared directory holds, per split (``train``, ``val``):
 
-* ``{split}.tokens.bin``   every document's token ids followed by the eos id, concatenated (raw
+* ``{split}.tokens.bin``   every document's token ids (what the tokenizer's own encoding gives, so a BOS first
+  when it adds one, as transformers' ``tokenizer(text)``) followed by the eos id, concatenated (raw
   little-endian uint32, numpy dtype ``<u4``, read with ``numpy.memmap``);
 * ``{split}.offsets.npy``  int64 ``[documents + 1]``: document ``i`` is ``tokens[offsets[i]:offsets[i+1]]``;
 * ``{split}.source_index.npy`` int64 ``[documents]``: each document's index in the input order;
@@ -289,7 +290,7 @@ def _prepare(source, out: Path, tokenizer, bpe_vocab, val_fraction, seed, worker
             "tokenizer": {"name": tok.name, "trained_bpe": bool(bpe_vocab), "sha256": tok.fingerprint,
                           "file": "tokenizer.json"},
             "vocab_size": tok.vocab_size, "padded_vocab_size": tok.padded_vocab_size(),
-            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
             "dtype": TOKEN_DTYPE.str, "val_fraction": val_fraction, "seed": seed,
             "splits": splits, "seconds": round(time.monotonic() - t0, 3), **extra,
         }

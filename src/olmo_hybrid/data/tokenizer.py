@@ -46,9 +46,12 @@ _SPLIT_PATTERN = (
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` with its special ids and the few calls this project needs.
 
-    ``encode`` never adds special tokens and, unless ``allow_special=True``, encodes special-token
-    strings that occur in the text ("<|endoftext|>") as ordinary text, so a document can never
-    contain a stray end-of-document id. ``vocab_size`` is the number of ids the tokenizer produces;
+    ``encode`` gives what transformers' ``tokenizer(text)`` gives for the saved tokenizer: the BOS its
+    post-processor puts before a text (Llama's ``"<s> $A"``; dolma2 and our BPEs have none), then the text
+    (``add_special_tokens=False``: the text alone). ``bos_token_id`` is that BOS, or None; a post-processor that
+    adds anything else (an EOS after the text, several tokens) is refused. Unless ``allow_special=True``,
+    special-token strings that occur in the text ("<|endoftext|>") are encoded as ordinary text, so a document
+    can never contain a stray end-of-document id. ``vocab_size`` is the number of ids the tokenizer produces;
     models round it up with :meth:`padded_vocab_size`. ``chat_template`` (a Jinja string, or None) travels
     with the tokenizer into every ``tokenizer_config.json`` it writes, and so do ``named_tokens``: the other
     named special tokens of a ``tokenizer_config.json`` (``bos_token``, ``unk_token``, ...), which chat templates
@@ -65,7 +68,21 @@ class Tokenizer:
         self.named_tokens = {k: v for k, v in (named_tokens or {}).items() if k in NAMED_TOKENS and v is not None}
         self.eos_token_id = self._id_of(eos_token, "eos_token")
         self.pad_token_id = self._id_of(pad_token, "pad_token")
-        self.bos_token_id = None  # neither dolma2 nor our BPEs prepend a BOS
+        backend.encode_special_tokens = False  # the library's default: special-token text is parsed
+        self.bos_token_id = self._added_bos()
+        if self.bos_token_id is not None:  # so transformers' bos_token_id names it too
+            self.named_tokens.setdefault("bos_token", backend.id_to_token(self.bos_token_id))
+
+    def _added_bos(self) -> int | None:
+        """The one id the post-processor puts before every text, or None when it adds nothing."""
+        if self.backend.post_processor is None or self.backend.num_special_tokens_to_add(False) == 0:
+            return None
+        bare = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a").ids
+        if len(full) != len(bare) + 1 or full[1:] != bare:
+            raise DataError(f"tokenizer {self.name}: its post-processor turns the text 'a' {bare} into {full}; "
+                            "olmo-hybrid supports one that adds nothing or one BOS before the text (\"<s> $A\")")
+        return full[0]
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
@@ -90,13 +107,24 @@ class Tokenizer:
         """Embedding rows for a model: ``vocab_size`` rounded up (dolma2: 100278 -> 100352)."""
         return -(-self.vocab_size // multiple) * multiple
 
-    def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        self.backend.encode_special_tokens = not allow_special
-        return self.backend.encode(text, add_special_tokens=False).ids
+    @functools.cached_property
+    def _plain_text_backend(self) -> tokenizers.Tokenizer:
+        """A copy of ``backend`` that reads special-token text as plain text: the library holds that choice as a
+        setting of the tokenizer, not of a call, so two tokenizers serve the two choices and no call flips one."""
+        plain = tokenizers.Tokenizer.from_str(self.to_json())
+        plain.encode_special_tokens = True
+        return plain
 
-    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
-        self.backend.encode_special_tokens = not allow_special
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+    def _backend_for(self, allow_special: bool) -> tokenizers.Tokenizer:
+        return self.backend if allow_special else self._plain_text_backend
+
+    def encode(self, text: str, allow_special: bool = False, add_special_tokens: bool = True) -> list[int]:
+        return self._backend_for(allow_special).encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False,
+                     add_special_tokens: bool = True) -> list[list[int]]:
+        backend = self._backend_for(allow_special)
+        return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -124,7 +152,7 @@ class Tokenizer:
             "pad_token": self.pad_token,
             "bos_token": None,
             **self.named_tokens,
-            "add_bos_token": False,
+            "add_bos_token": self.bos_token_id is not None,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }

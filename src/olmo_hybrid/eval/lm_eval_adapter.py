@@ -12,9 +12,11 @@ All scoring goes through ``EvalRunner`` (the same code as ``olmo-hybrid eval``),
 own multiple-choice scorer agree by construction; a test runs both on the same local task.
 
 Conventions are lm-eval's ``HFLM`` (tests compare the two on the same weights through transformers):
-context/continuation split by ``TemplateLM`` (trailing context spaces move to the continuation; an empty
-context conditions on the end-of-document id), inputs longer than ``max_length`` lose tokens on the left,
-rolling log-likelihoods use lm-eval's disjoint windows, and ``generate_until`` reads its arguments with
+text is encoded as transformers' ``tokenizer(text)`` encodes it (a BOS first when the tokenizer adds one),
+context/continuation split by ``TemplateLM`` (trailing context spaces move to the continuation, so the
+continuation never holds the BOS; an empty context conditions on ``prefix_token_id``: the tokenizer's named
+BOS, else the end-of-document id, and its continuation is encoded without a BOS), inputs longer than
+``max_length`` lose tokens on the left, rolling log-likelihoods use lm-eval's disjoint windows, and ``generate_until`` reads its arguments with
 lm-eval's own ``normalize_gen_kwargs`` (``max_gen_toks`` and its aliases, default 256; ``until`` plus the
 end-of-document text), keeps the last ``max_length - max_gen_toks`` prompt tokens, decodes greedily, drops
 special tokens from the text and cuts it at the first stop string. Sampling is refused.
@@ -25,8 +27,7 @@ from __future__ import annotations
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from olmo_hybrid.eval.haystack import encode_ids
-from olmo_hybrid.eval.runner import EvalRunner
+from olmo_hybrid.eval.runner import EvalRunner, prefix_token_id
 
 
 @register_model("olmo-hybrid")
@@ -49,7 +50,7 @@ class OlmoHybridLM(TemplateLM):
         self.model, self.tokenizer_, self.max_gen_toks = model.eval(), tokenizer, int(max_gen_toks)
         length = int(max_length or model.config.max_seq_len)
         self.runner = EvalRunner(model, batch_size=int(batch_size), max_length=length,
-                                  prefix_id=tokenizer.eos_token_id, progress=False)
+                                  prefix_id=prefix_token_id(tokenizer), progress=False)
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs) -> OlmoHybridLM:
@@ -60,11 +61,15 @@ class OlmoHybridLM(TemplateLM):
         return self.tokenizer_.eos_token_id
 
     @property
+    def prefix_token_id(self) -> int:
+        return self.runner.prefix_id
+
+    @property
     def max_length(self) -> int:
         return self.runner.max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return encode_ids(self.tokenizer_, string)
+        return self.tokenizer_.encode(string, add_special_tokens=add_special_tokens is not False)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True, **kwargs) -> str:
         return self.tokenizer_.decode(tokens, skip_special_tokens=skip_special_tokens)

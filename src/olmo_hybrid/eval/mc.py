@@ -138,17 +138,20 @@ def _argmax(xs: list[float]) -> int:
 
 
 def bits_per_byte_of_texts(runner, tokenizer, texts: list[str], desc: str = "bpb") -> dict:
-    """Bits per UTF-8 byte of held-out documents, each scored from an end-of-document token, in
-    windows that overlap by half so every token sees at least ``max_length / 2`` tokens of context."""
+    """Bits per UTF-8 byte of held-out documents, each encoded as ``prepare`` writes it and its text tokens
+    scored from the document's start (the tokenizer's BOS, else an end-of-document token), in windows that
+    overlap by half so every token sees at least ``max_length / 2`` tokens of context."""
     total_nll, total_bytes, total_tokens = 0.0, 0, 0
+    bos = getattr(tokenizer, "bos_token_id", None)
     for i, text in enumerate(texts):
         ids = encode_ids(tokenizer, text)
-        if not ids:
+        start = int(bos is not None and ids[:1] == [bos])  # the BOS is context, not text
+        if len(ids) == start:
             continue
         stride = max(1, runner.max_length // 2)
-        total_nll += runner.rolling_nll(ids, stride=stride, desc=f"{desc} doc {i + 1}/{len(texts)}")
+        total_nll += runner.rolling_nll(ids, stride=stride, desc=f"{desc} doc {i + 1}/{len(texts)}", start=start)
         total_bytes += len(text.encode("utf-8"))
-        total_tokens += len(ids)
+        total_tokens += len(ids) - start
     if total_bytes == 0:
         raise ValueError("bits per byte: the held-out texts are empty")
     return {"bpb": total_nll / (total_bytes * math.log(2)), "nll_per_token": total_nll / total_tokens,

@@ -33,12 +33,20 @@ class Progress:
                   end=end, file=sys.stderr, flush=True)
 
 
+def prefix_token_id(tokenizer) -> int | None:
+    """The id an empty context is conditioned on, as lm-eval's ``HFLM.prefix_token_id`` picks it for the saved
+    tokenizer: transformers' ``bos_token_id`` (the named ``bos_token``) when there is one, else the eos id."""
+    bos = tokenizer.special_tokens_map.get("bos_token")
+    bos_id = tokenizer.backend.token_to_id(bos) if bos is not None else None
+    return tokenizer.eos_token_id if bos_id is None else bos_id
+
+
 @dataclass
 class EvalRunner:
     """Wraps a causal LM (``model(ids) -> logits [B,T,V]``) with a token budget per forward batch.
 
     ``max_length``: longest window scored at once (contexts are truncated from the left beyond it).
-    ``prefix_id``: the id conditioned on when a context is empty (end-of-document, as lm-eval does).
+    ``prefix_id``: the id conditioned on when a context is empty (``prefix_token_id(tokenizer)``, as lm-eval).
     """
 
     model: torch.nn.Module
@@ -101,19 +109,23 @@ class EvalRunner:
             yield lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())
 
     @torch.no_grad()
-    def rolling_nll(self, token_ids: list[int], stride: int | None = None, desc: str | None = None) -> float:
-        """Total NLL (nats) of a document, every token predicted exactly once.
+    def rolling_nll(self, token_ids: list[int], stride: int | None = None, desc: str | None = None,
+                    start: int = 0) -> float:
+        """Total NLL (nats) of a document, every token from ``start`` on predicted exactly once.
 
         Windows of ``stride`` predicted tokens, each conditioned on as many earlier tokens as fit in
-        ``max_length``; the first token is conditioned on ``prefix_id``. ``stride = max_length`` (the
-        default) is lm-eval's disjoint rolling windows; a smaller stride gives every token more context.
+        ``max_length``; the first token is conditioned on ``prefix_id`` (``start=0``) or on the tokens before
+        ``start`` (a BOS, say). ``stride = max_length`` (the default) is lm-eval's disjoint rolling windows; a
+        smaller stride gives every token more context.
         """
-        if self.prefix_id is None:
+        if not 0 <= start <= len(token_ids):
+            raise ValueError(f"rolling_nll: start={start} is outside the document's {len(token_ids)} tokens")
+        if self.prefix_id is None and start == 0:
             raise ValueError("rolling_nll needs prefix_id (the end-of-document id) to predict the first token")
         stride = stride or self.max_length
         if not 0 < stride <= self.max_length:
             raise ValueError(f"rolling_nll: stride must be in [1, max_length={self.max_length}], got {stride}")
-        requests, pos = [], 0
+        requests, pos = [], start
         while pos < len(token_ids):
             end = min(len(token_ids), pos + stride)
             ctx = token_ids[max(0, end - self.max_length - 1):pos]

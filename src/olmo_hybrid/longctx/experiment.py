@@ -275,7 +275,7 @@ class Runner:
         from olmo_hybrid.distributed import resolve_device
         from olmo_hybrid.eval.haystack import load_haystack
         from olmo_hybrid.eval.ruler import run_ruler
-        from olmo_hybrid.eval.runner import EvalRunner
+        from olmo_hybrid.eval.runner import EvalRunner, prefix_token_id
 
         r = self.cfg.ruler
         if self.minutes_left() < RULER_MINUTES:
@@ -287,7 +287,7 @@ class Runner:
         window = model.config.max_seq_len
         model.widen_window(piece.length)  # the unextended models are measured past their window
         runner = EvalRunner(model, batch_size=r.batch_size, max_length=max(piece.length, window),
-                            prefix_id=tok.eos_token_id, progress=False)
+                            prefix_id=prefix_token_id(tok), progress=False)
         self._haystack = self._haystack or load_haystack(r.haystack)
         result = run_ruler(runner, tok, self._haystack, r.tasks, [piece.length], r.samples, seed=r.seed,
                            max_new_tokens=r.max_new_tokens)

@@ -25,7 +25,7 @@ def end_token_ids(tokenizer, template: str, checkpoint_dir: str | Path | None = 
                 ids.update([eos] if isinstance(eos, int) else eos or [])
                 break
     if END_OF_TURN in template:
-        turn = tokenizer.encode(END_OF_TURN, allow_special=True)
+        turn = tokenizer.encode(END_OF_TURN, allow_special=True, add_special_tokens=False)
         if len(turn) == 1:
             ids.add(turn[0])
     return ids
