@@ -149,3 +149,26 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, name):
     want = ref.generate(prompt, max_new_tokens=16, do_sample=False)
     got = ours.generate(prompt, max_new_tokens=16)
     assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("layout", ["different-lm-head", "lm-head-only"])
+def test_tied_config_is_read_against_the_tensors_present_as_transformers_reads_it(tmp_path, layout):
+    """tie_word_embeddings true over a file whose lm_head.weight differs from the embedding loads untied, and over a
+    file with only lm_head.weight ties the embedding to it (transformers' tie_weights). Before: the first dropped
+    the LM head silently (other logits), the second was refused for a missing embedding."""
+    def change(state):
+        if layout == "lm-head-only":
+            state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+        else:
+            state["lm_head.weight"] = torch.randn_like(state["model.embed_tokens.weight"])
+
+    tf_model(tmp_path / "src", small(**CASES["tied-embeddings"]))
+    _edit(tmp_path / "src", change)
+    x = torch.randint(0, VOCAB, (2, 70))
+    with torch.no_grad():
+        want = tf_fp32(tmp_path / "src")(x).logits
+        ours = HybridLM.from_pretrained(tmp_path / "src")
+        assert ours.config.tie_embeddings == (layout == "lm-head-only")
+        assert rel_err(ours(x), want) < 1e-4
+        assert convert_main([str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+        assert torch.equal(tf_fp32(tmp_path / "out")(x).logits, want)  # the same model to transformers, bit for bit

@@ -4,6 +4,7 @@ the pattern-parametrized tests of test_model.py and tests/serve."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -86,6 +87,48 @@ def test_mismatched_mamba_configs_are_refused():
         config_from_hf({**hf, "model_type": "olmo_hybrid"})
     with pytest.raises(ConfigError, match="mamba_num_heads=6 disagrees"):
         config_from_hf({**hf, "mamba_num_heads": 6})
+
+
+# transformers' Mamba2Config fields that OlmoHybridConfig lacks -> (a value other than the one tiny() computes, what
+# our format does with it as mamba_<field>): "read" (a different model), "refused" (a ConfigError naming the key) or
+# "init" (initialisation only: the same model, accepted silently).
+MAMBA2_CONFIG_FIELDS = {
+    "num_heads": (16, "refused"), "head_dim": (6, "read"), "state_size": (7, "read"), "expand": (1, "read"),
+    "conv_kernel": (3, "read"), "n_groups": (4, "read"), "use_bias": (True, "read"), "use_conv_bias": (False, "read"),
+    "chunk_size": (128, "read"), "layer_norm_epsilon": (1e-6, "refused"), "time_step_limit": ([0.0, 0.1], "refused"),
+    "residual_in_fp32": (True, "refused"), "time_step_rank": (4, "init"), "time_step_min": (0.01, "init"),
+    "time_step_max": (0.2, "init"), "time_step_floor": (1e-3, "init"), "rescale_prenorm_residual": (True, "init"),
+}
+
+
+def test_every_mamba2_config_field_is_read_refused_or_initialisation_only(caplog):
+    """Our format is the only reader of its Mamba2 keys: none may be ignored, the way a time_step_limit was (the
+    layer then computed without the clamp the file asked for, with only a warning)."""
+    from transformers import Mamba2Config, OlmoHybridConfig
+
+    assert set(MAMBA2_CONFIG_FIELDS) == set(Mamba2Config.__annotations__) - set(OlmoHybridConfig.__annotations__)
+    base = {k: v for k, v in config_to_hf(tiny().config, torch.float32).items() if k != "mamba_num_heads"}
+    ours = config_from_hf(base)
+    for field, (value, outcome) in MAMBA2_CONFIG_FIELDS.items():
+        key = f"mamba_{field}"
+        if outcome == "refused":
+            with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r} ")):
+                config_from_hf({**base, key: value})
+        else:
+            with caplog.at_level("WARNING"):
+                caplog.clear()
+                got = config_from_hf({**base, key: value})
+            assert not caplog.records, key
+            assert (got != ours) == (outcome == "read"), key
+        if field != "head_dim":  # top-level head_dim is the attention's (test_hf_config.py)
+            with pytest.raises(ConfigError, match=re.escape(f"{field}={value!r} is not supported: a Mamba2Config")):
+                config_from_hf({**base, field: value})
+    # at the value implemented, the fixed fields load; an unknown mamba_ key does not
+    implemented = {"mamba_layer_norm_epsilon": 1e-5, "mamba_time_step_limit": [0, float("inf")],
+                   "mamba_residual_in_fp32": False}
+    assert config_from_hf({**base, **implemented}) == ours
+    with pytest.raises(ConfigError, match="mamba_norm_before_gate=True is not supported: not a Mamba2 setting"):
+        config_from_hf({**base, "mamba_norm_before_gate": True})
 
 
 def test_info_counts_mamba2_parameters_flops_and_state(tmp_path, capsys):

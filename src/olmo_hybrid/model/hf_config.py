@@ -13,17 +13,22 @@ Every key falls in one of three sets (the table is docs/architecture.md, "config
   the sets is one transformers' model does not read either: it is ignored with a warning naming it.
 
 Patterns with Mamba2 layers use this project's own ``model_type: olmo_hybrid_mamba2`` (module docstring of
-``model/hf_io.py``).
+``model/hf_io.py``). Its Mamba2 keys are transformers' Mamba2Config fields prefixed ``mamba_`` (the fields it shares
+with OlmoHybridConfig, such as hidden_size and hidden_act, stay top-level): read, refused unless at the one value
+our layer implements, or initialisation only; an unknown ``mamba_`` key, or a Mamba2Config name without the prefix,
+is refused by name there.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import torch
 
 from olmo_hybrid.config import ATTN, GDN, MAMBA, ConfigError, ModelConfig, coerce_field
+from olmo_hybrid.model.mamba2 import NORM_EPS
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,17 @@ MAMBA2_FIELDS = {"mamba_expand": "mamba_expand", "mamba_head_dim": "mamba_head_d
                  "mamba_state_size": "mamba_state_size", "mamba_n_groups": "mamba_n_groups",
                  "mamba_conv_kernel": "mamba_conv_size", "mamba_chunk_size": "mamba_chunk_size",
                  "mamba_use_bias": "mamba_proj_bias", "mamba_use_conv_bias": "mamba_conv_bias"}
+# The other Mamba2Config fields, prefixed alike, that change what the layer computes: our layer implements one value
+# of each (key -> (accepted values, what it is here)); any other value is refused by name, never ignored.
+MAMBA2_FIXED = {
+    "mamba_layer_norm_epsilon": ((NORM_EPS,), f"the gated norm's eps is {NORM_EPS}"),
+    "mamba_time_step_limit": (([0.0, math.inf],), "dt is not clamped (time_step_limit (0, inf))"),
+    "mamba_residual_in_fp32": ((False,), "the residual stream stays in the model's dtype"),
+}
+# Mamba2Config fields that only initialise weights (time_step_rank: nothing at all in transformers' Mamba2).
+MAMBA2_INIT_KEYS = {"mamba_time_step_rank", "mamba_time_step_min", "mamba_time_step_max", "mamba_time_step_floor",
+                    "mamba_rescale_prenorm_residual"}
+MAMBA2_KEYS = set(MAMBA2_FIELDS) | set(MAMBA2_FIXED) | MAMBA2_INIT_KEYS | {"mamba_num_heads"}
 
 # config.json key -> (ModelConfig field, transformers' default when the key is absent). Keys whose default depends
 # on other keys (head counts and dims, layer_types, RoPE) are read in config_from_hf.
@@ -63,13 +79,16 @@ METADATA_KEYS = {
     "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
     "id2label", "label2id", "problem_type", "auto_map", "attn_implementation", "_attn_implementation",
     "tokenizer_class", "linear_a_log_min", "linear_a_log_max", "linear_dt_min", "linear_dt_max",
-    "linear_dt_init_floor", "olmo_hybrid_note", "mamba_num_heads"}
+    "linear_dt_init_floor", "olmo_hybrid_note"}
 _ROPE_KEYS_TOP = {"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor",
                   "original_max_position_embeddings"}
 # The other keys read: defaults that depend on other keys, and keys refused unless at the value we implement.
 _OTHER_KEYS = {"layer_types", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads",
                "linear_key_head_dim", "linear_value_head_dim", "hidden_act", "attention_bias", "attention_dropout",
                "head_dim", "quantization_config"}
+# Mamba2Config names without our prefix (head_dim excepted: the attention's): in our format a file that has them was
+# written for another model, and reading it without them would build a different Mamba2 layer.
+MAMBA2_UNPREFIXED = {k.removeprefix("mamba_") for k in MAMBA2_KEYS} - _OTHER_KEYS - set(SIMPLE_FIELDS)
 
 
 def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
@@ -121,8 +140,7 @@ def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
     if heads is not None and heads != cfg.mamba_heads:
         raise ConfigError(f"{source}: mamba_num_heads={heads} disagrees with mamba_expand * hidden_size / "
                           f"mamba_head_dim = {cfg.mamba_heads}")
-    ignored = sorted(set(d) - set(SIMPLE_FIELDS) - METADATA_KEYS - _ROPE_KEYS_TOP - _OTHER_KEYS
-                     - set(MAMBA2_FIELDS))
+    ignored = sorted(set(d) - set(SIMPLE_FIELDS) - METADATA_KEYS - _ROPE_KEYS_TOP - _OTHER_KEYS - MAMBA2_KEYS)
     if ignored:
         log.warning("%s: ignoring %s: transformers' OlmoHybridForCausalLM does not read %s either",
                     source, ", ".join(ignored), "it" if len(ignored) == 1 else "them")
@@ -147,6 +165,23 @@ def _refuse_unimplemented(d: dict, source: str) -> None:
         hidden, heads = d.get("hidden_size", 3840), d.get("num_attention_heads", 30)
         if not (isinstance(heads, int) and heads > 0 and d["head_dim"] * heads == hidden):
             refuse("head_dim", f"the attention head dim here is hidden_size / num_attention_heads ({hidden} / {heads})")
+    if d.get("model_type") == MAMBA2_MODEL_TYPE:
+        _refuse_unimplemented_mamba2(d, refuse)
+
+
+def _refuse_unimplemented_mamba2(d: dict, refuse) -> None:
+    """Our own format names every Mamba2 setting (``mamba_`` + transformers' Mamba2Config name): one it does not
+    know, or a value of one our layer does not implement, is refused rather than ignored."""
+    for key, (accepted, here) in MAMBA2_FIXED.items():
+        value = list(d[key]) if isinstance(d.get(key), (list, tuple)) else d.get(key)
+        if key in d and value not in accepted:
+            refuse(key, f"{here}; accepted: {', '.join(map(repr, accepted))}")
+    for key in sorted(d):
+        if key.startswith("mamba_") and key not in MAMBA2_KEYS:
+            refuse(key, f"not a Mamba2 setting of the {MAMBA2_MODEL_TYPE} format (known: "
+                        f"{', '.join(sorted(MAMBA2_KEYS))})")
+        if key in MAMBA2_UNPREFIXED:
+            refuse(key, f"a Mamba2Config name: the {MAMBA2_MODEL_TYPE} format reads it as 'mamba_{key}'")
 
 
 TRANSFORMERS_DEFAULT_THETA = 10_000.0  # PreTrainedConfig.default_theta

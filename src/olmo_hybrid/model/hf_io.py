@@ -173,6 +173,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
     path = Path(path)
     cfg = read_config(path)
     tensors = canonical_state_dict(_read_tensors(path), cfg)
+    cfg = _tie_as_transformers(cfg, tensors, path)
     dtype = dtype or torch.float32
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
@@ -208,6 +209,22 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None, strict:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def _tie_as_transformers(cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: Path) -> ModelConfig:
+    """transformers' reading of ``tie_word_embeddings`` against the tensors present: a checkpoint holding both the
+    embedding and a *different* LM head loads untied (its config is wrong; dropping the head would change every
+    logit), and one holding only the LM head ties the embedding to it."""
+    if not cfg.tie_embeddings:
+        return cfg
+    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if head is not None and embed is None:
+        tensors["model.embed_tokens.weight"] = head
+    elif head is not None and not torch.equal(head, embed):
+        log.warning("%s: config.json ties the embeddings, but lm_head.weight and model.embed_tokens.weight differ: "
+                    "loading them untied, as transformers does (write tie_word_embeddings false to silence this)", path)
+        return dataclasses.replace(cfg, tie_embeddings=False)
+    return cfg
 
 
 def save_pretrained(model: HybridLM, path, dtype: torch.dtype | None = None, tokenizer=None,
