@@ -10,11 +10,13 @@ pytest.importorskip("uvicorn")
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 from serve_util import MODEL_NAME, PROMPT, error_of, greedy_by_full_forwards, openai_client, streamed_text  # noqa: E402
 
 from olmo_hybrid.checkpoint import load_model_and_tokenizer  # noqa: E402
 from olmo_hybrid.errors import DataError  # noqa: E402
 from olmo_hybrid.serve import protocol  # noqa: E402
+from olmo_hybrid.serve.detokenize import BYTE_LEVEL_ALPHABET  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Where did you sit?"}]
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -250,3 +252,37 @@ def test_model_health_and_error_routes(server):
                                  ("DELETE", "/health", 405)):
         r = httpx.request(method, url + path, trust_env=False)
         assert r.status_code == status and error_of(r)["message"].startswith(f"{method} {path}"), (method, path)
+
+
+def test_chat_logprob_bytes_rebuild_characters_split_across_tokens(server):
+    """``bytes`` is a token's own UTF-8 bytes (not those of its decoded text, a U+FFFD for a partial character),
+    so the bytes of all tokens together decode to the reply, as OpenAI documents."""
+    url, srv = server
+    client = openai_client(url)
+    messages = [{"role": "user", "content": "日本語 é"}]
+    split = 0
+    for seed in range(4):  # hot sampling from the byte-level vocabulary: characters split across tokens
+        out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=12, temperature=2.0,
+                                             seed=seed, logprobs=True, extra_body={"ignore_eos": True})
+        content = out.choices[0].logprobs.content
+        joined = b"".join(bytes(c.bytes) for c in content)
+        assert joined.decode("utf-8", errors="replace") == out.choices[0].message.content
+        split += sum(c.token == "\ufffd" for c in content)
+    assert split > 0  # the case this test is about occurred
+    assert set(BYTE_LEVEL_ALPHABET) == set(ByteLevel.alphabet()) and sorted(BYTE_LEVEL_ALPHABET.values()) == \
+        list(range(256))
+
+
+def test_streamed_completion_logprobs_equal_the_non_streamed(server):
+    """Tokens, logprobs and text offsets of a streamed completion are the non-streamed ones, also when text is held
+    back (a stop string that may be starting, a partial character)."""
+    url, _ = server
+    client = openai_client(url)
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=2.0, seed=5, logprobs=2, stop="zzzz",
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].logprobs
+    _, chunks = streamed_text(client.completions.create(stream=True, **kw))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == full.tokens
+    assert [x for p in parts for x in p.token_logprobs] == full.token_logprobs
+    assert [x for p in parts for x in p.text_offset] == full.text_offset
