@@ -286,3 +286,28 @@ def test_streamed_completion_logprobs_equal_the_non_streamed(server):
     assert [t for p in parts for t in p.tokens] == full.tokens
     assert [x for p in parts for x in p.token_logprobs] == full.token_logprobs
     assert [x for p in parts for x in p.text_offset] == full.text_offset
+
+
+def test_concurrent_mixed_requests_each_equal_their_lone_run(server):
+    """Streamed and non-streamed requests with different sampling settings, in flight together (8 at once on 4
+    slots: some wait), each give what they give alone: greedy ones do not depend on their batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, srv = server
+    client = openai_client(url)
+    settings = [dict(temperature=0), dict(temperature=1.2, seed=3, top_p=0.9), dict(temperature=0.7, seed=8,
+                                                                                    extra_body={"top_k": 4})]
+    prompts = ["the cat sat", "on the log, the dog", "A cat"]
+
+    def run(job):
+        prompt, kw, stream = job
+        out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=10, stream=stream, **kw)
+        return streamed_text(out)[0] if stream else out.choices[0].text
+
+    jobs = [(p, kw, stream) for p in prompts for kw in settings for stream in (False, True)]
+    lone = {(p, i): run((p, kw, False)) for p in prompts for i, kw in enumerate(settings)}
+    srv.engine.stats.max_running = 0
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == [lone[p, settings.index(kw)] for p, kw, _ in jobs]
+    assert srv.engine.stats.max_running >= 2  # they did share batches
