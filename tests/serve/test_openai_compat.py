@@ -10,11 +10,13 @@ pytest.importorskip("uvicorn")
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 from serve_util import MODEL_NAME, PROMPT, error_of, greedy_by_full_forwards, openai_client, streamed_text  # noqa: E402
 
 from olmo_hybrid.checkpoint import load_model_and_tokenizer  # noqa: E402
 from olmo_hybrid.errors import DataError  # noqa: E402
 from olmo_hybrid.serve import protocol  # noqa: E402
+from olmo_hybrid.serve.detokenize import BYTE_LEVEL_ALPHABET  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Where did you sit?"}]
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -250,3 +252,62 @@ def test_model_health_and_error_routes(server):
                                  ("DELETE", "/health", 405)):
         r = httpx.request(method, url + path, trust_env=False)
         assert r.status_code == status and error_of(r)["message"].startswith(f"{method} {path}"), (method, path)
+
+
+def test_chat_logprob_bytes_rebuild_characters_split_across_tokens(server):
+    """``bytes`` is a token's own UTF-8 bytes (not those of its decoded text, a U+FFFD for a partial character),
+    so the bytes of all tokens together decode to the reply, as OpenAI documents."""
+    url, srv = server
+    client = openai_client(url)
+    messages = [{"role": "user", "content": "日本語 é"}]
+    split = 0
+    for seed in range(4):  # hot sampling from the byte-level vocabulary: characters split across tokens
+        out = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=12, temperature=2.0,
+                                             seed=seed, logprobs=True, extra_body={"ignore_eos": True})
+        content = out.choices[0].logprobs.content
+        joined = b"".join(bytes(c.bytes) for c in content)
+        assert joined.decode("utf-8", errors="replace") == out.choices[0].message.content
+        split += sum(c.token == "\ufffd" for c in content)
+    assert split > 0  # the case this test is about occurred
+    assert set(BYTE_LEVEL_ALPHABET) == set(ByteLevel.alphabet()) and sorted(BYTE_LEVEL_ALPHABET.values()) == \
+        list(range(256))
+
+
+def test_streamed_completion_logprobs_equal_the_non_streamed(server):
+    """Tokens, logprobs and text offsets of a streamed completion are the non-streamed ones, also when text is held
+    back (a stop string that may be starting, a partial character)."""
+    url, _ = server
+    client = openai_client(url)
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=2.0, seed=5, logprobs=2, stop="zzzz",
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0].logprobs
+    _, chunks = streamed_text(client.completions.create(stream=True, **kw))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == full.tokens
+    assert [x for p in parts for x in p.token_logprobs] == full.token_logprobs
+    assert [x for p in parts for x in p.text_offset] == full.text_offset
+
+
+def test_concurrent_mixed_requests_each_equal_their_lone_run(server):
+    """Streamed and non-streamed requests with different sampling settings, in flight together (8 at once on 4
+    slots: some wait), each give what they give alone: greedy ones do not depend on their batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, srv = server
+    client = openai_client(url)
+    settings = [dict(temperature=0), dict(temperature=1.2, seed=3, top_p=0.9), dict(temperature=0.7, seed=8,
+                                                                                    extra_body={"top_k": 4})]
+    prompts = ["the cat sat", "on the log, the dog", "A cat"]
+
+    def run(job):
+        prompt, kw, stream = job
+        out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=10, stream=stream, **kw)
+        return streamed_text(out)[0] if stream else out.choices[0].text
+
+    jobs = [(p, kw, stream) for p in prompts for kw in settings for stream in (False, True)]
+    lone = {(p, i): run((p, kw, False)) for p in prompts for i, kw in enumerate(settings)}
+    srv.engine.stats.max_running = 0
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(run, jobs))
+    assert together == [lone[p, settings.index(kw)] for p, kw, _ in jobs]
+    assert srv.engine.stats.max_running >= 2  # they did share batches

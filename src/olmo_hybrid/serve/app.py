@@ -230,6 +230,7 @@ class Server:
         usage = parsed.include_usage
         text = TextStream(self.served.tokenizer, holdback=max((len(s) for s in gen.stop), default=1) - 1)
         eos = self.engine.eos_token_ids if not gen.ignore_eos else frozenset()
+        token_chars = 0  # characters of the tokens' own texts so far: what the legacy ``text_offset`` counts
         async for events in self._events(handle, arrived):
             entries, end = [], None
             for event in events:
@@ -248,7 +249,9 @@ class Server:
             piece = text.finish(end.text) if end is not None else text.release()
             if piece or entries:
                 logprobs = None if gen.logprobs is None else protocol.logprobs_payload(
-                    entries, self.served.tokenizer, chat, gen.logprobs, text.shown - len(piece))
+                    entries, self.served.tokenizer, chat, gen.logprobs, token_chars)
+                if logprobs is not None and not chat:
+                    token_chars += sum(len(t) for t in logprobs["tokens"])
                 yield protocol.chunk(rid, name, chat, created, piece, logprobs=logprobs, include_usage=usage,
                                      index=index)
             if end is not None:

@@ -8,13 +8,41 @@ request. :class:`TextStream` decodes a small window of recent tokens per new tok
 would cost quadratic time on long outputs); :meth:`TextStream.release` gives the text up to ``holdback``
 characters before the end, and :meth:`TextStream.finish` the rest of the engine's final text, so the
 concatenated stream equals the non-streamed text.
+
+:func:`token_bytes` gives a token's own bytes (OpenAI's logprobs ``bytes``), from which clients rebuild the
+characters that tokens split.
 """
 
 from __future__ import annotations
 
 import logging
 
+import tokenizers
+
 log = logging.getLogger(__name__)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary stands for (GPT-2's table: printable Latin-1
+    characters stand for themselves, the other bytes for the characters from U+0100 on, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes ``token`` stands for: under a byte-level BPE its own bytes, which may be part of a character
+    (whose decoded text is U+FFFD); otherwise (an added token, another kind of tokenizer) its text in UTF-8."""
+    backend = getattr(tokenizer, "backend", None)
+    if isinstance(backend, tokenizers.Tokenizer) and isinstance(backend.decoder, tokenizers.decoders.ByteLevel) \
+            and token not in backend.get_added_tokens_decoder():
+        piece = backend.id_to_token(token)
+        if piece is not None and all(c in BYTE_LEVEL_ALPHABET for c in piece):
+            return bytes(BYTE_LEVEL_ALPHABET[c] for c in piece)
+    return tokenizer.decode([token]).encode("utf-8")
 
 
 class TextStream:

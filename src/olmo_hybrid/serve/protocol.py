@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from olmo_hybrid.errors import DataError
 from olmo_hybrid.model.engine import MAX_TOP_LOGPROBS, RequestOutput, TokenLogprob
 from olmo_hybrid.model.sampling import SamplingParams
+from olmo_hybrid.serve.detokenize import token_bytes
 from olmo_hybrid.serve.scheduler import GenerationRequest
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "aborted": "abort"}
@@ -309,7 +310,7 @@ def logprobs_payload(entries: list[TokenLogprob], tokenizer, chat: bool, top: in
     if chat:
         def item(token, lp):
             s = text(token)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+            return {"token": s, "logprob": lp, "bytes": list(token_bytes(tokenizer, token))}
 
         return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top[:top]]}
                             for e in entries]}
