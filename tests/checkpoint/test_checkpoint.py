@@ -182,3 +182,18 @@ def test_loader_errors_name_the_file(tiny_checkpoints, tmp_path):
         ckpt.load_model_and_tokenizer(no_tok)
     model, tok = ckpt.load_model_and_tokenizer(no_tok, require_tokenizer=False)
     assert tok is None and not model.training
+
+
+def test_one_checkpoint_of_a_run_loads_by_its_path(tiny_checkpoints, hash_tree, capsys):
+    """``generate RUN/checkpoints/step_N`` used to say the run had 'no hf/ export and no usable checkpoint'."""
+    _, run = tiny_checkpoints
+    step = run / "checkpoints" / "step_000003"
+    before = hash_tree(run)
+    model, tok = ckpt.load_model_and_tokenizer(step)
+    reference, _ = ckpt.load_model_and_tokenizer(run, step=3)
+    assert tok is not None and tok.vocab_size == 270 and not model.training
+    ref = reference.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    assert main(["generate", str(step), "--prompt", "the cat", "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert capsys.readouterr().err == ""
+    assert hash_tree(run) == before

@@ -231,12 +231,62 @@ def test_truncated_last_metrics_line_is_trimmed_on_resume(run_copy):
     shutil.rmtree(run / "checkpoints" / "step_000004")
     notes = []
     Trainer(cfg, run, resume=True, log=notes.append).fit()
-    assert any("dropped its last line" in n for n in notes), notes
+    assert any("line 4 is incomplete" in n for n in notes), notes
     assert [r["step"] for r in read_metrics(metrics)] == [1, 2, 3, 4]
 
     metrics.write_text("".join(lines[:1]) + "{damaged\n" + "".join(lines[2:]))
-    with pytest.raises(ckpt.CheckpointError, match=r"metrics\.jsonl, line 2: not a JSON record"):
+    with pytest.raises(ckpt.CheckpointError, match=r"metrics\.jsonl line 2: not valid JSON"):
         read_metrics(metrics)
+
+    metrics.write_bytes(b"".join(l.encode() for l in lines[:1]) + lines[1].replace('"loss"', '"lo\xe9ss"')
+                        .encode("latin-1") + "".join(lines[2:]).encode())  # whole JSON, but not UTF-8
+    with pytest.raises(ckpt.CheckpointError, match=r"metrics\.jsonl line 2: not valid JSON \('utf-8' codec"):
+        read_metrics(metrics)
+    metrics.write_bytes("".join(lines[:3]).encode() + lines[3][:25].encode() + b"\xff")  # cut inside a byte sequence
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2, 3]
+
+
+def test_a_damaged_metrics_line_stops_a_resume_before_it_rewrites_the_file(run_copy, hash_tree):
+    """The log used to be read with undecodable bytes replaced and written back so: the damage spread silently."""
+    cfg, run = run_copy
+    metrics = run / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes().replace(b'"loss"', b'"lo\xe9ss"', 1))
+    before = hash_tree(run)
+    with pytest.raises(ckpt.CheckpointError, match=r"metrics\.jsonl line 1: not valid JSON"):
+        Trainer(cfg, run, resume=True, log=quiet).fit()
+    after = hash_tree(run)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_a_renamed_checkpoint_is_skipped_and_never_outlives_the_real_newest(run_copy, hash_tree):
+    """step_000002 renamed step_000010 was resumed from as the newest (step 2's state), and the rotation then
+    deleted the real step 4 while keeping it."""
+    cfg, run = run_copy
+    (run / "checkpoints" / "step_000002").rename(run / "checkpoints" / "step_000010")
+    kept = hash_tree(run / "checkpoints")
+    notes = []
+    Trainer(apply_overrides(cfg, ["trainer.steps=6", "trainer.keep_last_k=2"]), run, resume=True,
+            log=notes.append).fit()
+    assert any("step_000010 is not usable: its MANIFEST.json is step 2's" in n and "renamed?" in n for n in notes), notes
+    assert any("resumed from" in n and "step_000004" in n for n in notes), notes
+    after = hash_tree(run / "checkpoints")
+    assert {k: v for k, v in after.items() if not k.startswith("step_000006/")} == kept
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [4, 6]
+
+
+def test_resume_without_a_checkpoint_never_replaces_a_finished_export(run_copy, hash_tree):
+    """Checkpoints deleted (or a file in their place) but hf/ kept: --resume used to start from step 0 and
+    replace the export with a model trained from scratch."""
+    cfg, run = run_copy
+    shutil.rmtree(run / "checkpoints")
+    before = hash_tree(run)
+    with pytest.raises(ckpt.CheckpointError, match=r"holds a finished run \(hf/ export\) but no checkpoint"):
+        Trainer(cfg, run, resume=True, log=quiet)
+    (run / "checkpoints").write_text("not a directory")
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoints is a file, not the run's checkpoint directory"):
+        Trainer(cfg, run, resume=True, log=quiet)
+    (run / "checkpoints").unlink()
+    assert hash_tree(run) == before
 
 
 # --------------------------------------------------------------------------------------------------

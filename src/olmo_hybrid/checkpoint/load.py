@@ -2,7 +2,8 @@
 
 A checkpoint is either a Hugging Face directory (``config.json`` + safetensors, as written by
 ``HybridLM.save_pretrained``; its ``tokenizer.json`` when present) or a training run directory (its
-``hf/`` export when the run finished, else its newest checkpoint whose checksums verify).
+``hf/`` export when the run finished, else its newest checkpoint whose checksums verify), or one checkpoint
+of a run (``RUN/checkpoints/step_N``, with the run's tokenizer).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from olmo_hybrid.checkpoint.run_dir import CONFIG, HF_EXPORT, is_hf_dir, is_run_dir, list_checkpoints, read_run_config
+from olmo_hybrid.checkpoint.run_dir import (CONFIG, HF_EXPORT, MANIFEST, is_hf_dir, is_run_dir, list_checkpoints,
+                                            read_run_config)
 from olmo_hybrid.checkpoint.state import load_model_weights
 from olmo_hybrid.distributed import resolve_device
 from olmo_hybrid.errors import CheckpointError, ConfigError
@@ -78,10 +80,17 @@ def _load_hf(path: Path, dtype, device):
         raise CheckpointError(text if str(path) in text else f"{path}: {text}") from e
 
 
-def _load_run(path: Path, step: int | None, log):
+def _load_checkpoint(path: Path):
+    """The model of one training checkpoint (``RUN/checkpoints/step_N``), its checksums verified first."""
     from olmo_hybrid.config import ModelConfig, from_dict
     from olmo_hybrid.model import HybridLM
 
+    model = HybridLM(from_dict(ModelConfig, read_run_config(path)["model"], "model"), init=False)
+    load_model_weights(path, model)
+    return model
+
+
+def _load_run(path: Path, step: int | None, log):
     found = list_checkpoints(path, valid_only=False)
     if step is not None:
         found = [c for c in found if c.step == step]
@@ -89,9 +98,7 @@ def _load_run(path: Path, step: int | None, log):
             raise CheckpointError(f"run directory {path} has no checkpoint for step {step}")
     for info in reversed(found):
         try:
-            model = HybridLM(from_dict(ModelConfig, read_run_config(info.path)["model"], "model"), init=False)
-            load_model_weights(info.path, model)  # verifies the checksums first
-            return model
+            return _load_checkpoint(info.path)
         except CheckpointError as e:
             if step is not None:
                 raise
@@ -132,6 +139,9 @@ def load_model_and_tokenizer(path: str | Path, *, device: str | torch.device = "
         tok_source = tokenizer or (path if (path / "tokenizer.json").is_file() else None)
         if tok_source is None and model.config.vocab_size == load_tokenizer("dolma2").padded_vocab_size():
             tok_source = "dolma2"
+    elif (path / MANIFEST).is_file() and step is None:  # one checkpoint of a run, given directly
+        model = _load_checkpoint(path).to(device=device, dtype=dtype)
+        tok_source = tokenizer or _run_tokenizer_file(path.parent.parent)
     elif path.is_dir() and is_run_dir(path):
         if step is None and is_hf_dir(path / HF_EXPORT):
             model = _load_hf(path / HF_EXPORT, dtype, device)

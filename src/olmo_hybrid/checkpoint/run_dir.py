@@ -117,6 +117,9 @@ def validate_checkpoint(path: str | Path, checksums: bool = False, env: DistEnv 
     path = Path(path)
     meta, why = _read_manifest(path)
     entries = meta["files"] if meta else {}
+    named = _STEP_DIR.match(path.name)
+    if why is None and named and meta.get("step", int(named.group(1))) != int(named.group(1)):
+        why = f"its {MANIFEST} is step {meta['step']}'s, not the one its name says (renamed?)"
     for name, entry in entries.items():
         size = entry["size"] if isinstance(entry, dict) else entry
         f = path / name
@@ -181,6 +184,9 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
         raise CheckpointError("--resume and --overwrite contradict each other: continue the run or start it over")
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"--out {run_dir} is a file, not a directory")
+    if checkpoints_dir(run_dir).exists() and not checkpoints_dir(run_dir).is_dir():
+        raise CheckpointError(f"{checkpoints_dir(run_dir)} is a file, not the run's checkpoint directory: "
+                              "move it away, or choose another --out directory")
     for owned in run_dir.absolute().parents:  # what a run replaces or rotates away would take this run with it
         if owned in (checkpoints_dir(owned.parent), owned.parent / HF_EXPORT) and is_run_dir(owned.parent):
             raise CheckpointError(f"--out {run_dir} is inside {owned}, which the run in {owned.parent} replaces "
@@ -190,9 +196,12 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = F
     if not is_run_dir(run_dir):
         raise CheckpointError(f"--out {run_dir} is not empty and holds no training run (no checkpoints/, no "
                               f"{CONFIG} of a run): refusing to write into it; choose a new or empty directory")
+    done = list_checkpoints(run_dir, valid_only=False)
+    if resume and not done and (run_dir / HF_EXPORT).is_dir():  # a resume from step 0 would replace the export
+        raise CheckpointError(f"--resume: {run_dir} holds a finished run (hf/ export) but no checkpoint to continue "
+                              "from: pass --overwrite to start it over, or choose another --out directory")
     if resume or overwrite:
         return
-    done = list_checkpoints(run_dir, valid_only=False)
     what = (f"checkpoints up to {done[-1].path.name}" if done else
             "a finished run (hf/ export)" if (run_dir / HF_EXPORT).is_dir() else "the start of a run")
     raise CheckpointError(f"{run_dir} already holds {what}: pass --resume to continue it, --overwrite to start "

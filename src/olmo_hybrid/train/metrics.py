@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from olmo_hybrid.errors import CheckpointError, WriteError
-from olmo_hybrid.fsio import atomic_write_text, failure_reason
+from olmo_hybrid.fsio import atomic_write_text, failure_reason, read_jsonl
 
 
 def format_duration(seconds: float) -> str:
@@ -60,25 +60,9 @@ def peak_memory_gib(device) -> float | None:
 
 def read_metrics(path: str | Path, log=None) -> list[dict]:
     """The records of a metrics file. A last line cut short (the run was killed while writing it) is
-    dropped and reported through ``log``; a damaged line before it is a ``CheckpointError`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i < len(lines) - 1:  # followed by a newline: written whole, so damaged afterwards
-                raise CheckpointError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); fix or delete "
-                                      "that line") from e
-            if log is not None:
-                log(f"note: {path}: dropped its last line, cut short when the run was stopped "
-                    f"({len(line)} characters)")
-    return records
+    dropped and reported through ``log``; a damaged line before it (not JSON, not UTF-8) is a
+    ``CheckpointError`` naming it, never read with its bytes replaced."""
+    return [r for _, r in read_jsonl(path, log=log or (lambda _: None), error=CheckpointError)]
 
 
 @dataclass
