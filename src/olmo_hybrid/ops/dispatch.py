@@ -162,7 +162,7 @@ def use_backend(name: str, ops: tuple[str, ...] | None = None) -> Iterator[None]
         _chosen.reset(token)
         with _open_lock:
             blocks = _open_blocks[thread]
-            del blocks[max(i for i, b in enumerate(blocks) if b is chosen)]
+            blocks.remove(chosen)  # not always the last: async tasks of one thread close blocks in any order
             if not blocks:
                 del _open_blocks[thread]
 

@@ -42,7 +42,8 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, len_ptr, acc_ptr, ml_ptr, sq_b, sq_h, s
     dmask = d < D
     # torch.compile passes a Python float as fp64 (a direct launch as fp32): one fp32 value either way, so the
     # running max and sum keep one type and compiled and eager decode read the same scores.
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32) * tl.cast(scale_log2, tl.float32)
+    scale = tl.cast(scale_log2, tl.float32)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=dmask, other=0.0).to(tl.float32) * scale
     k_row = k_ptr + b.to(tl.int64) * sk_b + hk * sk_h
     v_row = v_ptr + b.to(tl.int64) * sv_b + hk * sv_h
     m_i = -float("inf")
