@@ -86,5 +86,14 @@ def test_compiled_decode_step_gives_the_eager_tokens_up_to_near_ties(graphs):
     outs = engine.generate(prompts, 24)
     found = [d for p, out in zip(prompts, outs) for d in greedy_disagreements(model, p, out.token_ids)]
     assert all(d.gap < 0.05 * d.spread for d in found), found  # fused kernels round differently: near-ties only
-    same = sum(a.token_ids == b.token_ids for a, b in zip(outs, eager))
-    assert same >= 3, (same, [o.token_ids for o in outs], [o.token_ids for o in eager])
+    # Where the compiled and eager tokens first part (the same prefix before it), the full forward must find the
+    # two nearly tied: a wrong state or position would part them at a gap of a standard deviation or more. How
+    # early they part says nothing: of 61 Gaussian logits, the top two are within 0.05 standard deviations about
+    # one time in ten, and the H100 run of 2026-12-08 parted 3 of 5 prompts within 4 tokens while every compiled
+    # token stayed within 0.05 of the argmax. 0.25: the bar of the engine's bf16 test above.
+    for p, a, b in zip(prompts, outs, eager):
+        j = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        if j is not None:
+            logits = teacher_forced_logits(model, p, a.token_ids[:j + 1])[j]
+            gap = abs(float(logits[a.token_ids[j]] - logits[b.token_ids[j]]))
+            assert gap < 0.25 * float(logits.std()), (j, a.token_ids, b.token_ids, gap, float(logits.std()))
