@@ -6,8 +6,9 @@ it is imported only when used, so ``olmo-hybrid info`` never pays for the traine
 Errors: a subcommand raises, the dispatcher reports. The project's own errors (``olmo_hybrid.errors``:
 config, data, checkpoint, bad arguments, failed writes), operating-system errors, bad values and missing
 optional packages are printed as one line, ``olmo-hybrid COMMAND: error: MESSAGE``, with exit code 2
-for bad arguments or config and 1 otherwise; Ctrl-C prints one line and exits with 130. Anything else is
-a bug and keeps its traceback. ``--debug`` (anywhere on the command line) or ``OLMO_HYBRID_DEBUG=1``
+for bad arguments or config and 1 otherwise; Ctrl-C prints one line and exits with 130; a reader of stdout
+that stops early (``olmo-hybrid info tiny --json | head -3``) ends the command quietly with 141, as a shell
+reports a process that SIGPIPE ended. Anything else is a bug and keeps its traceback. ``--debug`` (anywhere on the command line) or ``OLMO_HYBRID_DEBUG=1``
 prints the traceback of every error as well.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import sys
 import traceback
 
@@ -36,6 +38,7 @@ COMMANDS = {
     "sft": "supervised fine-tuning on chat conversations (loss on assistant turns)",
     "dpo": "direct preference optimisation on chosen/rejected pairs",
 }
+EXIT_READER_GONE = 141  # 128 + SIGPIPE
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "OLMO_HYBRID_DEBUG"
 # What a user can cause and fix: reported in one line. Everything else is a bug and keeps its traceback.
@@ -44,10 +47,28 @@ REPORTED = (OlmoHybridError, OSError, ValueError, ImportError)
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse in the project's error style: a bad argument raises ``UsageError`` (one line, exit code 2)
-    instead of printing the usage block."""
+    instead of printing the usage block; ``--help`` shows every option's default."""
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            _note_default(action)
+        return super().format_help()
+
+
+def _note_default(action: argparse.Action) -> None:
+    """Append ``(default: X)`` to an option's help, unless the help already names its default or there is none to
+    show (None or "": the help says what happens instead; False: an unset flag)."""
+    default = action.default
+    if not action.option_strings or default is False or default in (None, "", argparse.SUPPRESS):
+        return
+    if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or "default" in (action.help or "").lower():
+        return
+    shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+    note = f"(default: {shown or 'none'})".replace("%", "%%")  # help strings are %-formatted
+    action.help = f"{action.help} {note}" if action.help else note
 
 
 def _message(e: BaseException) -> str:
@@ -71,10 +92,29 @@ def run_command(name: str, argv: list[str], debug: bool = False) -> int:
         print(f"{prefix}: {_message(e) if str(e) else 'interrupted'}", file=sys.stderr)
         return 130
     except REPORTED as e:
+        if isinstance(e, BrokenPipeError) and _stdout_reader_gone():
+            return EXIT_READER_GONE
         if debug:
             traceback.print_exc()
         print(f"{prefix}: error: {_message(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on such a pipe's write end);
+    if so, later writes (Python's own flush at exit included) go to /dev/null, so that nothing more is reported."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (captured output)
+        return False
+    if not hasattr(select, "poll"):
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    if not dict(poll.poll(0)).get(fd, 0) & select.POLLERR:
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]  # the main job: train the tiny hybrid on the bundled corpus, then sample
     if argv[0] in ("-h", "--help"):
-        print(f"usage: olmo-hybrid COMMAND [ARGS] [{DEBUG_FLAG}]   (no command: train)\n\ncommands:")
-        for name, text in COMMANDS.items():
-            print(f"  {name:<10} {text}")
-        print(f"\nErrors are one line; {DEBUG_FLAG} or {DEBUG_ENV}=1 adds the traceback.")
+        width = max(map(len, COMMANDS))
+        lines = [f"usage: olmo-hybrid COMMAND [ARGS] [{DEBUG_FLAG}]   (no command: train)", "", "commands:",
+                 *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
+                 "", f"Errors are one line; {DEBUG_FLAG} or {DEBUG_ENV}=1 adds the traceback."]
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:
+            if _stdout_reader_gone():
+                return EXIT_READER_GONE
+            raise
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -38,11 +38,11 @@ def main(argv: list[str]) -> int:
     from olmo_hybrid.checkpoint import convert_checkpoint
 
     p = ArgumentParser(prog="olmo-hybrid convert", description=__doc__)
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="HF checkpoint directory (any accepted naming variant) or training run directory")
+    p.add_argument("dst", help="output directory: new, empty, or a HF checkpoint that --overwrite replaces")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="dtype of the written tensors (default: SRC's; a run directory's weights are fp32)")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MiB")
     p.add_argument("--overwrite", action="store_true", help="replace a HF checkpoint already in DST")
     p.add_argument("--verify", action="store_true", help="reload DST and compare logits on random tokens")
     args = p.parse_args(argv)

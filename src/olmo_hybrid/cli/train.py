@@ -24,7 +24,7 @@ EXAMPLES = """examples:
   olmo-hybrid train my_config.json trainer.seed=1 --out runs/seed1
   olmo-hybrid train --out runs/try --resume            # continue from the newest valid checkpoint
   olmo-hybrid train --out runs/try --overwrite         # start that run over (deletes its checkpoints)
-  torchrun --nproc-per-node=8 -m olmo_hybrid.train my_data.json --model 1b --out runs/1b trainer.compile=true \
+  torchrun --nproc-per-node=8 -m olmo_hybrid.train my_data.json --model 1b --out runs/1b trainer.compile=true \\
       trainer.activation_checkpointing=selective trainer.loss_chunk_tokens=8192   # FSDP2 on 8 GPUs
 """
 
@@ -39,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(TRAIN_PRESETS), help="base recipe (default: tiny)")
     p.add_argument("--model", help="a model preset (60m ... 1b, olmo-hybrid-7b; see `olmo-hybrid info`) replacing "
                                    "the recipe's model before overrides")
-    p.add_argument("--steps", type=int, help="shorthand for trainer.steps=N")
+    steps = ", ".join(f"{preset()['trainer']['steps']} for {name}" for name, preset in TRAIN_PRESETS.items())
+    p.add_argument("--steps", type=int, help=f"shorthand for trainer.steps=N (default: the preset's, {steps})")
     p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
-    p.add_argument("--save-interval", type=int, help="shorthand for trainer.save_interval=N")
-    p.add_argument("--device", help="shorthand for trainer.device=... (auto, cpu, cuda, cuda:1)")
-    p.add_argument("--seed", type=int, help="shorthand for trainer.seed=N")
+    p.add_argument("--save-interval", type=int,
+                   help="shorthand for trainer.save_interval=N (default: 0, only at the end)")
+    p.add_argument("--device", help="shorthand for trainer.device=... (auto, cpu, cuda, cuda:1; default: auto)")
+    p.add_argument("--seed", type=int, help="shorthand for trainer.seed=N (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run, deleting its checkpoints, export and metrics")
