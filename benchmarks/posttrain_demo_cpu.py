@@ -89,9 +89,11 @@ def judge(path, held_out, held_pairs) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", default="runs/tiny", help="the pretrained tiny run (trained first when absent)")
-    p.add_argument("--out", default="runs/posttrain-demo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source", default="runs/tiny",
+                   help="the pretrained tiny run, trained first when absent (default: runs/tiny)")
+    p.add_argument("--out", default="runs/posttrain-demo",
+                   help="directory of the SFT and DPO runs and summary.json (default: runs/posttrain-demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated questions and of both runs (default: 0)")
     p.add_argument("--quick", action="store_true", help="a tenth of the examples and a few steps: a smoke check")
     args = p.parse_args()
     n = {"held_out": 40, "sft": 200, "pairs": 100} if args.quick else {"held_out": 400, "sft": 2000, "pairs": 1000}

