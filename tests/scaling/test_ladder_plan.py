@@ -129,6 +129,19 @@ def test_plan_command_prints_flops_and_gpu_time(corpus_dir, tmp_path, capsys):
     assert "unknown architecture 'retnet'" in capsys.readouterr().err
 
 
+def test_plan_shows_only_the_runs_archs_and_sizes_select(corpus_dir, tmp_path, capsys):
+    """--plan ignored --archs / --sizes: it printed every run (an unknown name too), not what the ladder would
+    train."""
+    path = write_ladder(tmp_path / "ladder.json", corpus_dir)
+    assert main(["ladder", str(path), "--plan", "--archs", "transformer", "--sizes", "t48"]) == 0
+    out = capsys.readouterr().out
+    runs = [line.split()[0] for line in out.splitlines() if "__s0" in line]
+    assert runs == ["transformer__t48__s0"]
+    assert "1 sizes x 1 architectures x 1 seeds x 2 budgets = 2 points" in out
+    assert main(["ladder", str(path), "--plan", "--sizes", "t4096"]) == 2
+    assert "--sizes: t4096 not in the config" in capsys.readouterr().err
+
+
 def test_micro_sizes_follow_the_ladder_rule_and_span_8x():
     from olmo_hybrid.config import _ladder
 

@@ -9,6 +9,7 @@ interrupted phase resumes from its newest checkpoint. Method and config fields: 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -64,20 +65,34 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag}: give at least one name (comma-separated)")
 
 
+def selected_plan(plan, archs: list[str] | None, sizes: list[str] | None):
+    """The plan of the runs ``--archs`` / ``--sizes`` select (all when not given), as the ladder would train them:
+    what ``--plan`` prints, header, totals and warnings included."""
+    def chosen(arch: str, size: str) -> bool:
+        return (not archs or arch in archs) and (not sizes or size in sizes)
+
+    cfg = plan.config
+    left_out = tuple(f"{r.arch}/{r.size} " for r in plan.runs if not chosen(r.arch, r.size))
+    config = dataclasses.replace(cfg, architectures=[a for a in cfg.architectures if not archs or a in archs],
+                                 sizes=[s for s in cfg.sizes if not sizes or s in sizes])
+    return dataclasses.replace(plan, config=config, runs=[r for r in plan.runs if chosen(r.arch, r.size)],
+                               warnings=[w for w in plan.warnings if not left_out or not w.startswith(left_out)])
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     check_args(args)
     from olmo_hybrid.scaling.ladder import describe, load_ladder, plan_ladder
 
     plan = plan_ladder(load_ladder(args.config, args.overrides))
-    if args.plan:
-        print(describe(plan, peak_flops=args.peak_tflops * 1e12, mfu=args.mfu))
-        return 0
     for name, chosen, known in (("--archs", args.archs, plan.config.architectures),
                                 ("--sizes", args.sizes, plan.config.sizes)):
         unknown = sorted(set(chosen or ()) - set(known))
         if unknown:
             raise UsageError(f"{name}: {', '.join(unknown)} not in the config ({', '.join(known)})")
+    if args.plan:
+        print(describe(selected_plan(plan, args.archs, args.sizes), peak_flops=args.peak_tflops * 1e12, mfu=args.mfu))
+        return 0
     out = Path(args.out or f"runs/ladder-{plan.config.name}")
     from olmo_hybrid.scaling.runner import Progress, run_ladder
 
