@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap greedy decoding below each task's tokens_to_generate (faster; answers are short)")
     g = p.add_argument_group("mc")
     g.add_argument("--mc-tasks", type=_names, default=_names(DEFAULT_MC), help="task:variant names")
-    g.add_argument("--limit", type=int, default=None, help="first N questions per task")
+    g.add_argument("--limit", type=int, default=None, help="first N questions per task (per subject for mmlu)")
     g = p.add_argument_group("bpb")
     g.add_argument("--text", nargs="*", default=None, help="held-out .txt/.jsonl files (compressed ok)")
     g.add_argument("--max-docs", type=int, default=None)
@@ -128,8 +128,10 @@ def _mc(args, model, tok, runner, out: Path) -> dict:
 
     scores = {}
     for name in args.mc_tasks:
-        qs = load_questions(name, args.limit)
-        scores[name] = score_questions(runner, tok, qs, desc=f"mc {name}")
+        try:
+            scores[name] = score_questions(runner, tok, load_questions(name, args.limit), desc=f"mc {name}")
+        except (ValueError, KeyError) as e:
+            raise type(e)(f"task {name}: {e}") from e
     write_json_atomic(out / "mc.json", {"suite": "mc", "scores": scores})
     rows = [{"task": n, **s} for n, s in scores.items()]
     return scores, markdown_table(rows, ["task", "acc", "acc_norm", "acc_per_char", "num_questions"])
