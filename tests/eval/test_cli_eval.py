@@ -60,6 +60,10 @@ def test_eval_errors_are_clear(hf_dir, tmp_path, capsys):
     assert "unknown suite" in capsys.readouterr().err
     assert cli_main(["eval", str(hf_dir), "--suite", "ruler", "--lengths", "4096", "--out", str(tmp_path)]) == 2
     assert "exceed" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert cli_main(["eval", str(hf_dir), "--suite", "bpb", "--text", str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert f"held-out texts are empty (files: {empty})" in capsys.readouterr().err
 
 
 def test_eval_on_a_training_run_directory(tmp_path):

@@ -164,7 +164,10 @@ def _bpb(args, model, tok, runner, out: Path) -> dict:
 
     texts, source = _bpb_texts(args)
     texts = texts[:args.max_docs] if args.max_docs else texts
-    result = bits_per_byte_of_texts(runner, tok, texts) | {"source": source}
+    try:
+        result = bits_per_byte_of_texts(runner, tok, texts) | {"source": source}
+    except ValueError as e:
+        raise ValueError(f"{e} ({source})") from e
     write_json_atomic(out / "bpb.json", {"suite": "bpb", **result})
     row = {"bpb": f"{result['bpb']:.4f}", "nll_per_token": f"{result['nll_per_token']:.4f}",
            "tokens": result["tokens"], "bytes": result["bytes"]}
