@@ -75,6 +75,10 @@ def test_eval_errors_are_clear(hf_dir, tmp_path, capsys):
     assert "unknown suite" in capsys.readouterr().err
     assert cli_main(["eval", str(hf_dir), "--suite", "ruler", "--lengths", "4096", "--out", str(tmp_path)]) == 2
     assert "exceed" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert cli_main(["eval", str(hf_dir), "--suite", "bpb", "--text", str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert f"held-out texts are empty (files: {empty})" in capsys.readouterr().err
 
 
 def test_eval_on_a_training_run_directory(tmp_path):
@@ -107,3 +111,41 @@ def test_eval_on_a_training_run_directory(tmp_path):
     assert rc == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["suites"]["bpb"]["bpb"] > 0 and "512" in summary["suites"]["ruler"]["average"]
+
+
+def test_lengths_where_no_ruler_task_can_be_built_are_an_error(hf_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli_main(["eval", str(hf_dir), "--suite", "ruler", "--out", str(out), "--quiet", "--no-plot",
+                   "--ruler-tasks", "niah_single_1,vt", "--lengths", "60", "--samples", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "no RULER task could be built at --lengths 60" in err and "too short" in err
+    assert not (out / "results.json").exists()
+
+
+def test_a_rerun_keeps_the_suites_it_does_not_run_and_never_mixes_checkpoints(hf_dir, tmp_path, capsys):
+    import shutil
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 3)
+    out = tmp_path / "out"
+    bpb = ["eval", str(hf_dir), "--suite", "bpb", "--text", str(text), "--out", str(out), "--quiet"]
+    probes = ["eval", str(hf_dir), "--suite", "probes", "--probe-tasks", "parity", "--probe-steps", "2",
+              "--probe-train-len", "8", "--out", str(out), "--quiet", "--no-plot"]
+    assert cli_main(bpb) == 0 and cli_main(probes) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["suites"]) == {"bpb", "probes"}  # the second run used to drop bpb from the summary
+    md = (out / "results.md").read_text()
+    assert "## bpb" in md and "## probes" in md
+    assert cli_main(bpb) == 0  # rerunning a suite replaces its own results only
+    assert set(json.loads((out / "results.json").read_text())["suites"]) == {"bpb", "probes"}
+
+    other = tmp_path / "other"
+    shutil.copytree(hf_dir, other)
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    assert cli_main(["eval", str(other), "--suite", "bpb", "--text", str(text), "--out", str(out), "--quiet"]) == 2
+    assert "holds the results of checkpoint" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    (out / "results.json").write_text("not json")
+    assert cli_main(bpb) == 2 and "is not an evaluation results file" in capsys.readouterr().err

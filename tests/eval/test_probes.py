@@ -50,6 +50,20 @@ def test_modular_labels_evaluate_left_to_right():
         assert all(0 <= t < 5 for t in row[0::2]) and all(5 <= t < 8 for t in row[1::2])
 
 
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 64])
+def test_every_probe_gives_the_length_it_is_asked_for(length):
+    # modular used to give length - 1 tokens at even lengths (so "trained at 64" meant 63)
+    for name, task in TASKS.items():
+        try:
+            ids, labels = task.make(3, length, _gen())
+        except ValueError:
+            continue  # shorter than the task's minimum (mqar, state_recall)
+        assert ids.shape == labels.shape == (3, length), name
+        assert (labels != IGNORE).any(dim=1).all(), name
+    ids, labels = modular(2, length, _gen(), m=5)
+    assert (ids[:, -1] >= 5).all() if length % 2 == 0 else (ids[:, -1] < 5).all()
+
+
 def test_s5_composition_table_and_running_product():
     assert sorted(S5_PERMS) == sorted(itertools.permutations(range(5)))
     for a, b in [(3, 77), (119, 5), (42, 42)]:

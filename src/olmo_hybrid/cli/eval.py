@@ -16,6 +16,7 @@ CHECKPOINT is a Hugging Face directory or a training run directory. Each suite w
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap greedy decoding below each task's tokens_to_generate (faster; answers are short)")
     g = p.add_argument_group("mc")
     g.add_argument("--mc-tasks", type=_names, default=_names(DEFAULT_MC), help="task:variant names")
-    g.add_argument("--limit", type=int, default=None, help="first N questions per task")
+    g.add_argument("--limit", type=int, default=None, help="first N questions per task (per subject for mmlu)")
     g = p.add_argument_group("bpb")
     g.add_argument("--text", nargs="*", default=None,
                    help="held-out .txt/.jsonl files, compressed or not (default: the bundled corpus's held-out works)")
@@ -122,6 +123,11 @@ def _ruler(args, model, tok, runner, out: Path) -> dict:
                        seed=args.seed, qa_items=qa_items, max_new_tokens=args.ruler_max_new_tokens,
                        on_update=lambda partial: partial.save(out, plot=False))
     paths = result.save(out, plot=not args.no_plot)
+    empty = [n for n in args.lengths if n not in result.average]
+    if empty:
+        why = next(per[empty[0]] for per in result.skipped.values() if empty[0] in per)
+        raise ValueError(f"no RULER task could be built at --lengths {', '.join(map(str, empty))} (e.g. {why}); "
+                         f"choose longer lengths (what was scored is in {paths['json']})")
     md = f"Haystack: {result.haystack}; {args.samples} samples per task and length.\n\n{result.markdown()}"
     return {"average": {str(k): v for k, v in result.average.items()},
             "skipped": result.to_json()["skipped"], "json": str(paths["json"])}, md
@@ -133,8 +139,10 @@ def _mc(args, model, tok, runner, out: Path) -> dict:
 
     scores = {}
     for name in args.mc_tasks:
-        qs = load_questions(name, args.limit)
-        scores[name] = score_questions(runner, tok, qs, desc=f"mc {name}")
+        try:
+            scores[name] = score_questions(runner, tok, load_questions(name, args.limit), desc=f"mc {name}")
+        except (ValueError, KeyError) as e:
+            raise type(e)(f"task {name}: {e}") from e
     write_json_atomic(out / "mc.json", {"suite": "mc", "scores": scores})
     rows = [{"task": n, **s} for n, s in scores.items()]
     return scores, markdown_table(rows, ["task", "acc", "acc_norm", "acc_per_char", "num_questions"])
@@ -163,7 +171,10 @@ def _bpb(args, model, tok, runner, out: Path) -> dict:
     if args.max_docs and args.max_docs < len(texts):
         source += f" (the first {args.max_docs} of {len(texts)} documents: --max-docs)"
         texts = texts[:args.max_docs]
-    result = bits_per_byte_of_texts(runner, tok, texts) | {"source": source}
+    try:
+        result = bits_per_byte_of_texts(runner, tok, texts) | {"source": source}
+    except ValueError as e:
+        raise ValueError(f"{e} ({source})") from e
     write_json_atomic(out / "bpb.json", {"suite": "bpb", **result})
     row = {"bpb": f"{result['bpb']:.4f}", "nll_per_token": f"{result['nll_per_token']:.4f}",
            "tokens": result["tokens"], "bytes": result["bytes"]}
@@ -221,18 +232,23 @@ def main(argv: list[str]) -> int:
     from olmo_hybrid.fsio import atomic_write_text
 
     device = resolve_device(args.device, setting="--device")
-    model, tok = load_model_and_tokenizer(args.checkpoint, device=device, tokenizer=args.tokenizer)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    earlier = earlier_results(out, args.checkpoint)
+    model, tok = load_model_and_tokenizer(args.checkpoint, device=device, tokenizer=args.tokenizer)
     if args.max_length is not None and args.max_length > model.config.max_seq_len and not args.past_window:
         raise UsageError(f"--max-length {args.max_length} exceeds the model's window of {model.config.max_seq_len} "
                          "tokens (pass --past-window to measure there anyway)")
-    args.lengths = resolve_lengths(args.lengths, args.checkpoint, model)
+    args.lengths = list(dict.fromkeys(resolve_lengths(args.lengths, args.checkpoint, model)))  # 1x may be 1024
     if "ruler" in args.suite:
         _check_window(args, model)
     runner = EvalRunner(model, batch_size=args.batch_size, max_length=args.max_length or model.config.max_seq_len,
                          prefix_id=prefix_token_id(tok), progress=not args.quiet)
-    summary = {"checkpoint": str(args.checkpoint), "tokenizer": tok.name, "suites": {}, "seconds": {}}
-    sections = [f"# Evaluation of `{args.checkpoint}`"]
+    summary = {"checkpoint": str(Path(args.checkpoint).resolve()), "tokenizer": tok.name, "suites": {}, "seconds": {}, "markdown": {}}
+    for suite in earlier.get("suites", {}):  # suites not rerun keep their results; a rerun suite replaces its own
+        if suite not in args.suite:
+            for key in ("suites", "seconds", "markdown"):
+                if suite in earlier.get(key, {}):
+                    summary[key][suite] = earlier[key][suite]
     for suite in args.suite:
         start = time.time()
         fn = {"ruler": _ruler, "mc": _mc, "bpb": _bpb, "probes": _probes}[suite]
@@ -243,13 +259,33 @@ def main(argv: list[str]) -> int:
         except (FileNotFoundError, ImportError, ValueError, KeyError) as e:
             raise OlmoHybridError(f"suite {suite}: {e}") from e
         summary["seconds"][suite] = round(time.time() - start, 1)
-        sections.append(f"## {suite}\n\n{md}")
-        print(f"\n{sections[-1]}")
+        summary["markdown"][suite] = md
+        print(f"\n## {suite}\n\n{md}")
         # after every suite, so a later suite's failure keeps what finished
         write_json_atomic(out / "results.json", summary)
-        atomic_write_text(out / "results.md", "\n\n".join(sections) + "\n")
+        sections = [f"## {name}\n\n{text}" for name, text in summary["markdown"].items()]
+        atomic_write_text(out / "results.md", "\n\n".join([f"# Evaluation of `{args.checkpoint}`", *sections]) + "\n")
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}")
     return 0
+
+
+def earlier_results(out: Path, checkpoint: str) -> dict:
+    """The ``results.json`` an earlier run of this checkpoint left in ``out`` ({} if none): a rerun keeps the
+    suites it does not run. Results of another checkpoint, or a file that is not ours, are never overwritten."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("suites"), dict):
+            raise ValueError("no 'suites'")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"--out {out}: {path} is not an evaluation results file ({e}); move it or choose "
+                         "another --out") from e
+    if Path(earlier.get("checkpoint", "")).resolve() != Path(checkpoint).resolve():
+        raise UsageError(f"--out {out} holds the results of checkpoint {earlier.get('checkpoint')}, not {checkpoint}; "
+                         "choose another --out (or move them)")
+    return earlier
 
 
 def _check_window(args, model) -> None:

@@ -65,13 +65,16 @@ class HaystackText:
 def read_text_file(path: str | Path, max_chars: int = DEFAULT_MAX_CHARS) -> str:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"haystack file {p} does not exist (expected a UTF-8 .txt or .xz file)")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(f"haystack file {p} {what} (expected a UTF-8 .txt or .xz file)")
     opener = lzma.open if p.suffix == ".xz" else open
     try:
         with opener(p, "rt", encoding="utf-8") as f:
             text = f.read(max_chars)
     except UnicodeDecodeError as e:
         raise ValueError(f"haystack file {p} is not UTF-8 text ({e.reason})") from e
+    except (lzma.LZMAError, EOFError) as e:  # not xz data, or cut short
+        raise ValueError(f"haystack file {p} is not a readable .xz file ({e})") from e
     # Gutenberg splits separate books with this marker; it is not prose.
     return text.replace("<|endoftext|>", "\n")
 

@@ -74,8 +74,9 @@ def _mmlu_prompt(q, fmt: str) -> tuple[str, list[str]]:
 
 
 def mmlu_questions(fmt: str = "rc", shots: int = 5, subjects: list[str] | None = None,
-                   split: str = "test") -> list[MCQuestion]:
-    """MMLU in OLMES's cloze (``rc``) or lettered (``mc``) format with ``shots`` dev examples per subject."""
+                   split: str = "test", limit: int | None = None) -> list[MCQuestion]:
+    """MMLU in OLMES's cloze (``rc``) or lettered (``mc``) format with ``shots`` dev examples per subject;
+    ``limit``: the first questions of every subject (lm-eval's ``--limit`` on its per-subject tasks)."""
     if fmt not in ("rc", "mc"):
         raise ValueError(f"MMLU format must be 'rc' or 'mc', got {fmt!r}")
     out = []
@@ -85,7 +86,7 @@ def mmlu_questions(fmt: str = "rc", shots: int = 5, subjects: list[str] | None =
         for ex in packaged_data.read_mmlu(subject, "dev")[:shots]:
             prompt, conts = _mmlu_prompt(ex, fmt)
             shot_text += prompt + conts[ex.answer] + "\n\n"
-        for i, q in enumerate(packaged_data.read_mmlu(subject, split)):
+        for i, q in enumerate(packaged_data.read_mmlu(subject, split)[:limit]):
             prompt, conts = _mmlu_prompt(q, fmt)
             ctx = header + shot_text + prompt
             out.append(MCQuestion(f"{subject}/{i}", [(ctx, c) for c in conts], q.answer))
@@ -93,16 +94,18 @@ def mmlu_questions(fmt: str = "rc", shots: int = 5, subjects: list[str] | None =
 
 
 def load_questions(name: str, limit: int | None = None) -> list[MCQuestion]:
-    """``task:variant`` request file, or ``mmlu:rc_5shot`` / ``mmlu:mc_0shot`` / ``mmlu_<subject>:rc_5shot``."""
+    """``task:variant`` request file, or ``mmlu:rc_5shot`` / ``mmlu:mc_0shot`` / ``mmlu_<subject>:rc_5shot``.
+
+    ``limit``: the first questions of the task, or of every subject of MMLU (the first N of all MMLU would be
+    the first subjects only)."""
     task, _, variant = name.partition(":")
     if task == "mmlu" or task.startswith("mmlu_"):
         fmt, _, shots = variant.partition("_")
         if fmt not in ("rc", "mc") or not shots.endswith("shot") or not shots[:-4].isdigit():
             raise ValueError(f"MMLU task '{name}' must look like mmlu:rc_5shot or mmlu_<subject>:mc_0shot")
         subjects = [task[len("mmlu_"):]] if task.startswith("mmlu_") else None
-        qs = mmlu_questions(fmt, int(shots[:-4]), subjects)
-    else:
-        qs = questions_from_requests(name)
+        return mmlu_questions(fmt, int(shots[:-4]), subjects, limit=limit)
+    qs = questions_from_requests(name)
     return qs[:limit] if limit else qs
 
 
@@ -112,9 +115,12 @@ def score_questions(runner, tokenizer, questions: list[MCQuestion], desc: str = 
         raise ValueError("no questions to score")
     flat, owners = [], []
     for qi, q in enumerate(questions):
-        for ctx, cont in q.options:
+        for oi, (ctx, cont) in enumerate(q.options):
             flat.append(encode_pair(tokenizer, ctx, cont))
             owners.append(qi)
+            if not flat[-1][1]:  # an empty continuation, or one merged into the context's last token
+                raise ValueError(f"doc {q.doc_id} option {oi}: continuation {cont!r} has no tokens of its own "
+                                 "after the context; there is nothing to score")
     lls = runner.loglikelihood(flat, desc=desc)
     per_q: list[list[tuple[float, str]]] = [[] for _ in questions]
     for qi, (ll, _), opt in zip(owners, lls, (o for q in questions for o in q.options)):

@@ -48,9 +48,10 @@ def parity(batch: int, length: int, gen: torch.Generator | None = None):
 
 
 def modular(batch: int, length: int, gen: torch.Generator | None = None, m: int = 5):
-    """``length`` tokens (odd lengths end on a digit); digits 0..m-1, ops m (+), m+1 (-), m+2 (*)."""
+    """``length`` tokens, digit first (odd lengths end on a digit, even ones on an operator); digits 0..m-1, ops
+    m (+), m+1 (-), m+2 (*)."""
     _check(batch, length)
-    n_digits = (length + 1) // 2
+    n_digits = length // 2 + 1  # one digit more than fits when the length is even; cut below
     digits = torch.randint(0, m, (batch, n_digits), generator=gen)
     ops = torch.randint(0, 3, (batch, max(n_digits - 1, 0)), generator=gen)
     ids = torch.empty(batch, 2 * n_digits - 1, dtype=torch.long)
