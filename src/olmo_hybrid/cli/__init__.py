@@ -85,7 +85,9 @@ def run_command(name: str, argv: list[str], debug: bool = False) -> int:
     prefix = f"olmo-hybrid {name}" + ("" if rank == "0" else f" (rank {rank})")
     try:
         module = importlib.import_module(f"olmo_hybrid.cli.{name.replace('-', '_')}")
-        return int(module.main(argv) or 0)
+        rc = int(module.main(argv) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is reported below rather than at interpreter exit
+        return rc
     except KeyboardInterrupt as e:
         if debug:
             traceback.print_exc()
