@@ -94,8 +94,8 @@ def serve_child(args) -> None:
 @dataclasses.dataclass
 class Result:
     ok: bool
-    ttft: float = 0.0
-    tpot: float = 0.0
+    ttft: float | None = None  # None: the request's tokens had no visible text to time
+    tpot: float | None = None
     gaps: list = dataclasses.field(default_factory=list)
     tokens: int = 0
     error: str = ""
@@ -116,10 +116,13 @@ async def one_request(client, model: str, prompt: list[int], new: int) -> Result
                 tokens = chunk.usage.completion_tokens
     except Exception as e:  # a failed request is counted, not fatal to the run
         return Result(False, error=repr(e)[:200])
-    if not times:
-        return Result(False, error="no text received")
-    tpot = (times[-1] - times[0]) / max(1, tokens - 1)
-    return Result(True, times[0] - t0, tpot, [b - a for a, b in zip(times, times[1:])], tokens)
+    if not tokens:
+        return Result(False, error="no tokens generated")
+    # Tokens whose text is empty (special tokens) count, but cannot be timed: no TTFT without text, no time per
+    # token from fewer than two timed chunks.
+    ttft = times[0] - t0 if times else None
+    tpot = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else None
+    return Result(True, ttft, tpot, [b - a for a, b in zip(times, times[1:])], tokens)
 
 
 async def run_workload(url: str, model: str, prompts: list[list[int]], new: int, concurrency: int,
@@ -227,7 +230,8 @@ def bench_system(args, system: str, vocab: int) -> list[str]:
             peak = after.get('olmo_hybrid_memory_bytes{kind="device_peak_allocated"}')
             row = (f"| {system} | {kind} | {len(good)}/{len(prompts)} | {len(good) / wall:.2f} | "
                    f"{tokens / wall:,.0f} | "
-                   f"{percentiles([r.ttft for r in good])} | {percentiles([r.tpot for r in good])} | "
+                   f"{percentiles([r.ttft for r in good if r.ttft is not None])} | "
+                   f"{percentiles([r.tpot for r in good if r.tpot is not None])} | "
                    f"{percentiles([g for r in good for g in r.gaps])} | "
                    f"{'-' if peak is None else f'{peak / 2**30:.1f} GiB'} | "
                    f"{f'{hit / queried:.0%}' if queried else '-'} |")

@@ -22,6 +22,11 @@ on the same inputs. ``--model-triton-seeds`` adds our kernels (slow in the inter
 
 from __future__ import annotations
 
+import os
+
+# A CPU script: Triton's interpreter runs the kernels, and must be chosen before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import argparse
 import copy
 import math

@@ -11,6 +11,11 @@ the fp32 gradient of the torch backend, for the GDN gate parameters and a projec
 
 from __future__ import annotations
 
+import os
+
+# A CPU script: Triton's interpreter runs the kernels, and must be chosen before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import copy
 
 import torch

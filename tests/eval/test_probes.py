@@ -180,3 +180,19 @@ def test_test_sequences_never_repeat_training_sequences(task, monkeypatch):
     evaluate_probe(Lookup(), cfg)
     assert len(seen["train"]) == 48 and len(seen["test"]) == 48
     assert not seen["train"] & seen["test"]
+
+
+def test_probes_without_out_never_rewrite_the_committed_results(tmp_path, monkeypatch):
+    import pathlib
+    import shutil
+
+    from olmo_hybrid.eval.probes import main
+
+    committed = pathlib.Path(__file__).resolve().parents[2] / "docs" / "probes" / "parity.json"
+    (tmp_path / "docs" / "probes").mkdir(parents=True)
+    shutil.copy(committed, tmp_path / "docs" / "probes" / "parity.json")
+    before = (tmp_path / "docs" / "probes" / "parity.json").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--merge", str(committed), "--no-plot"]) == 0
+    assert (tmp_path / "runs" / "probes" / "parity.json").exists()
+    assert (tmp_path / "docs" / "probes" / "parity.json").read_bytes() == before

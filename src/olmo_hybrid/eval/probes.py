@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", choices=sorted(TASKS), default="parity")
     p.add_argument("--models", default="gdn,gdn-noneg,hybrid,transformer",
                    help=f"comma-separated, from {', '.join(MODEL_VARIANTS)}")
-    p.add_argument("--out", default="docs/probes", help="directory for <task>.json and <task>.png")
+    p.add_argument("--out", default="runs/probes", help="directory for <task>.json and <task>.png (the committed "
+                   "results in docs/probes are rewritten only when named)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge per-model result files into --out and exit")
     p.add_argument("--threads", type=int, default=1,
