@@ -8,8 +8,8 @@ config, data, checkpoint, bad arguments, failed writes), operating-system errors
 optional packages are printed as one line, ``olmo-hybrid COMMAND: error: MESSAGE``, with exit code 2
 for bad arguments or config and 1 otherwise; Ctrl-C prints one line and exits with 130; a reader of stdout
 that stops early (``olmo-hybrid info tiny --json | head -3``) ends the command quietly with 141, as a shell
-reports a process that SIGPIPE ended. Anything else is a bug and keeps its traceback. ``--debug`` (anywhere on the command line) or ``OLMO_HYBRID_DEBUG=1``
-prints the traceback of every error as well.
+reports a process that SIGPIPE ended. Anything else is a bug and keeps its traceback. ``--debug`` (anywhere on
+the command line) or ``OLMO_HYBRID_DEBUG=1`` prints the traceback of every error as well.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def _stdout_reader_gone() -> bool:
     poll.register(fd, select.POLLOUT)
     if not dict(poll.poll(0)).get(fd, 0) & select.POLLERR:
         return False
-    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
     return True
 
 
